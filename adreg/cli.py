@@ -1,0 +1,285 @@
+"""The ``adreg`` command line: fit, promote, models, serve, predict, quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from adreg.errors import AdregError  # noqa: E402
+
+KEY_ORDER = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "threshold",
+             "fit_seconds", "latency_ms_per_image")
+
+
+def _parse_param(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    if not rows:
+        return
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+# -- fit ---------------------------------------------------------------------------------------------
+def add_fit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--category", required=True, help="product category, e.g. bottle (model name adreg-<category>)")
+    p.add_argument("--method", default="subspace", help="anomaly method (default: subspace)")
+    p.add_argument("--train-dir", help="MVTec category folder or folder of good images "
+                                       "(default: the bundled data for --category)")
+    p.add_argument("--val-dir", help="validation folder: good/ and optional defect sub-folders")
+    p.add_argument("--test-dir", help="test folder: good/ and defect sub-folders (MVTec layout)")
+    p.add_argument("--k-shot", type=int, default=1, help="number of good images to fit on (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shot selection and augmentation")
+    p.add_argument("--backbone", default="efficientnet-lite0",
+                   help="efficientnet-lite0 (offline default), efficientnet-lite2, or hf:<hub id or local dir>")
+    p.add_argument("--layers", type=int, nargs="+", help="backbone layers (Lite0 blocks, default 4 10; "
+                                                          "HF hidden_states indices, default -4 -5)")
+    p.add_argument("--image-size", type=int, help="square input size (default 320 for CNNs, 448 for ViTs)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="backbone precision on CUDA")
+    p.add_argument("--augment", default="rotate", help="comma list of none,rotate,hflip,vflip,affine,color")
+    p.add_argument("--aug-count", type=int, default=30, help="augmented copies per shot (default 30)")
+    p.add_argument("--pca-ev", type=float, help="SubspaceAD explained-variance ratio to keep (default 0.99)")
+    p.add_argument("--param", type=_parse_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="other method hyper-parameter, repeatable")
+    p.add_argument("--threshold-quantile", type=float, default=0.99,
+                   help="quantile of good validation scores used as threshold (default 0.99)")
+    p.add_argument("--holdout", type=int, default=20,
+                   help="good training images held out to calibrate the threshold when there is no --val-dir")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--register", action="store_true", help="register the model as a new version of adreg-<category>")
+    p.add_argument("--promote", metavar="ALIAS", help="after registering, point ALIAS (e.g. staging) at it")
+
+
+def fit_options_from_args(args):
+    from adreg.fitting import FitOptions
+
+    method_params = dict(args.param)
+    if args.pca_ev is not None:
+        method_params["pca_ev"] = args.pca_ev
+    return FitOptions(
+        category=args.category, method=args.method, train_dir=args.train_dir, val_dir=args.val_dir,
+        test_dir=args.test_dir, k_shot=args.k_shot, seed=args.seed, backbone=args.backbone, layers=args.layers,
+        image_size=args.image_size, precision=args.precision, augment=args.augment, aug_count=args.aug_count,
+        threshold_quantile=args.threshold_quantile, holdout=args.holdout, batch_size=args.batch_size,
+        device=args.device, method_params=method_params)
+
+
+def run_fit(opts, register: bool, promote_alias: str | None = None, tracking_uri: str | None = None):
+    """Fit, log, optionally register and promote; prints a summary; returns (result, logged)."""
+    from adreg import registry, tracking
+    from adreg.fitting import fit_category
+
+    uri = tracking.configure(tracking_uri)
+    result = fit_category(opts)
+    logged = tracking.log_fit(result)
+    metrics = result.metrics()
+    print(f"\nfitted {opts.method} for {opts.category!r}: {len(result.shots)} shot(s), "
+          f"threshold {result.detector.threshold.value:.4g} ({result.detector.threshold.rule}, "
+          f"from {result.calibration_source})")
+    _print_table([{k: f"{metrics[k]:.4f}" for k in KEY_ORDER if k in metrics}],
+                 [k for k in KEY_ORDER if k in metrics])
+    print(f"run: {logged.run_id} (tracking: {uri})")
+    if register or promote_alias:
+        logged.version = registry.register(logged.model_uri, logged.run_id, opts.category, metrics)
+        logged.registered_name = registry.model_name(opts.category)
+        print(f"registered {logged.registered_name} version {logged.version}")
+        if promote_alias:
+            promo = registry.promote(opts.category, logged.version, promote_alias, reason="fit --promote")
+            print(f"promoted version {promo.version} to {promo.alias!r}: {promo.model_uri}")
+    return result, logged
+
+
+def cmd_fit(args) -> int:
+    run_fit(fit_options_from_args(args), args.register, args.promote, args.tracking_uri)
+    return 0
+
+
+# -- registry ----------------------------------------------------------------------------------------
+def cmd_promote(args) -> int:
+    from adreg import registry, tracking
+
+    tracking.configure(args.tracking_uri)
+    promo = registry.promote(args.category, args.version, args.alias, reason=args.reason or "")
+    was = f"(was version {promo.previous})" if promo.previous else "(new alias)"
+    print(f"{promo.alias} -> {registry.model_name(args.category)} version {promo.version} {was}")
+    print(f"model URI: {promo.model_uri}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from adreg import registry, tracking
+
+    tracking.configure(args.tracking_uri)
+    rows = registry.list_versions()
+    if not rows:
+        print("no models registered yet; run `adreg fit --category NAME --register`")
+        return 0
+    _print_table(rows, ["category", "version", "aliases", "method", "image_auroc", "pixel_auroc", "aupro",
+                        "image_f1_max", "threshold", "created"])
+    return 0
+
+
+# -- serving and prediction --------------------------------------------------------------------------
+def serve_command(model_uri: str, host: str, port: int, workers: int = 1) -> list[str]:
+    mlflow_bin = shutil.which("mlflow") or "mlflow"
+    return [mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "--host", host, "--port", str(port), "--workers", str(workers)]
+
+
+def serve_env(tracking_uri: str, device: str, return_map: bool) -> dict:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_DISABLE_TELEMETRY="true",
+               SERVING_MODEL_CONFIG=json.dumps({"device": device, "return_map": return_map}))
+    # uvicorn must be on PATH for `mlflow models serve`; it sits beside this interpreter.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def cmd_serve(args) -> int:
+    from adreg import registry, tracking
+
+    uri = tracking.configure(args.tracking_uri)
+    model_uri = registry.model_uri(args.category, args.alias, args.version)
+    cmd = serve_command(model_uri, args.host, args.port, args.workers)
+    print(f"serving {model_uri} on http://{args.host}:{args.port}/invocations (device {args.device})")
+    print("$ " + shlex.join(cmd), flush=True)
+    return subprocess.call(cmd, env=serve_env(uri, args.device, args.return_map))
+
+
+def cmd_predict(args) -> int:
+    import mlflow
+    import pandas as pd
+
+    from adreg import registry, tracking
+    from adreg.images import file_to_b64
+
+    tracking.configure(args.tracking_uri)
+    model_uri = registry.model_uri(args.category, args.alias, args.version)
+    model = mlflow.pyfunc.load_model(model_uri, model_config={"device": args.device,
+                                                              "return_map": bool(args.save_maps)})
+    paths = [Path(p) for p in args.images]
+    payload = []
+    for p in paths:
+        try:
+            payload.append(file_to_b64(p))
+        except OSError as exc:
+            payload.append("")
+            print(f"warning: {p}: {exc.strerror}", file=sys.stderr)
+    out = model.predict(pd.DataFrame({"image": payload}))
+    rows = []
+    for p, (_, r) in zip(paths, out.iterrows()):
+        row = {"image": str(p), "score": "" if r["error"] else f"{r['score']:.5g}",
+               "anomalous": "" if r["error"] else ("YES" if r["is_anomaly"] else "no"), "error": r["error"]}
+        if args.save_maps and not r["error"]:
+            import base64
+
+            target = Path(args.save_maps) / f"{p.stem}_map.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(base64.b64decode(r["anomaly_map"]))
+            row["map"] = str(target)
+        rows.append(row)
+    print(f"{model_uri} (threshold {out['threshold'].iloc[0]:.4g})")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(rows, list(rows[0]))
+    return 1 if any(r["error"] for r in rows) else 0
+
+
+# -- quickstart ---------------------------------------------------------------------------------------
+def cmd_quickstart(args) -> int:
+    from adreg.fitting import FitOptions
+
+    opts = FitOptions(category=args.category, k_shot=args.k_shot, seed=args.seed, train_dir=args.train_dir)
+    result, logged = run_fit(opts, register=True, promote_alias="production", tracking_uri=args.tracking_uri)
+    from adreg import tracking
+
+    uri = tracking.configure(args.tracking_uri)
+    print("\nnext:")
+    print(f"  mlflow ui --backend-store-uri {uri}          # browse runs and the registry")
+    print(f"  adreg models                                   # versions, aliases, metrics")
+    print(f"  adreg predict {args.category} IMAGE...          # score images in-process")
+    print(f"  adreg serve {args.category} --port 5000         # REST: models:/adreg-{args.category}@production")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adreg", description=__doc__)
+    parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI, "
+                                               "else sqlite in $ADREG_HOME or ./adreg-store)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="fit, evaluate and log a detector for one category")
+    add_fit_arguments(p)
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("promote", help="point an alias (production, staging) at a registered version")
+    p.add_argument("category")
+    p.add_argument("--version", required=True)
+    p.add_argument("--alias", default="production")
+    p.add_argument("--reason", help="recorded on the version's tags")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("models", help="table of registered categories, versions, aliases and metrics")
+    p.set_defaults(func=cmd_models)
+
+    for name, helptext in (("serve", "serve a registered model over REST with `mlflow models serve`"),
+                           ("predict", "score image files in-process with a registered model")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("category")
+        if name == "predict":
+            p.add_argument("images", nargs="+", help="image files")
+            p.add_argument("--save-maps", metavar="DIR", help="write anomaly maps as PNGs into DIR")
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.add_argument("--alias", default="production")
+        p.add_argument("--version", help="a version number instead of the alias")
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        if name == "serve":
+            p.add_argument("--host", default="127.0.0.1")
+            p.add_argument("--port", type=int, default=5000)
+            p.add_argument("--workers", type=int, default=1)
+            p.add_argument("--return-map", action="store_true", help="include anomaly maps in responses")
+        p.set_defaults(func=cmd_serve if name == "serve" else cmd_predict)
+
+    p = sub.add_parser("quickstart", help="fit 1-shot bottle on the bundled data, register, promote to production")
+    p.add_argument("--category", default="bottle")
+    p.add_argument("--train-dir")
+    p.add_argument("--k-shot", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AdregError as exc:
+        print(f"adreg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Dataset layouts and the few-shot split.
+
+Two layouts are understood:
+
+* MVTec AD: ``<root>/train/good``, ``<root>/test/<good|defect>``, ``<root>/ground_truth/<defect>/<stem>_mask.png``.
+* A custom product folder: a folder of good images, with optional ``val/`` and ``test/`` folders beside
+  it (or given explicitly) holding ``good/`` and defect sub-folders. Masks are found as MVTec does it,
+  as ``<stem>_mask.png`` beside the image, or as ``<stem>.png`` beside a ``.jpg`` image.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from adreg.errors import DataError
+from adreg.images import list_images
+
+GOOD_NAMES = ("good", "ok", "normal")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image: label 0 = good, 1 = defective; ``mask_path`` only for defective ones."""
+
+    path: Path
+    label: int
+    defect: str
+    mask_path: Path | None = None
+
+
+@dataclass
+class CategoryData:
+    """The images adreg needs for one category: good training images, and optional val/test sets."""
+
+    train: list[Path]
+    val: list[Sample] = field(default_factory=list)
+    test: list[Sample] = field(default_factory=list)
+    source: str = ""
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def default_data_root() -> Path:
+    """Where the bundled real datasets live: ``$ADREG_DATA_ROOT`` or ``../shared/datasets``."""
+    env = os.environ.get("ADREG_DATA_ROOT")
+    return Path(env) if env else repo_root().parent / "shared" / "datasets"
+
+
+def default_category_dir(category: str) -> Path | None:
+    """The MVTec folder of ``category`` in the bundled data, if there is one."""
+    candidate = default_data_root() / "mvtec_ad" / category
+    return candidate if (candidate / "train" / "good").is_dir() else None
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DataError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise DataError(f"{what} {path} is not a folder")
+    return path
+
+
+def find_mask(image: Path, defect: str) -> Path | None:
+    """Locate the ground-truth mask of a defective image, or None."""
+    folder = image.parent
+    candidates = [
+        folder.parent.parent / "ground_truth" / defect / f"{image.stem}_mask.png",
+        folder / f"{image.stem}_mask.png",
+    ]
+    if image.suffix.lower() != ".png":
+        candidates.append(folder / f"{image.stem}.png")
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def read_labelled_folder(folder: str | Path, what: str = "folder") -> list[Sample]:
+    """Samples of a folder with a ``good`` sub-folder and one sub-folder per defect type.
+
+    A folder with images directly inside (no sub-folders) is read as all good.
+    """
+    folder = _require_dir(Path(folder), what)
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and p.name != "ground_truth")
+    samples: list[Sample] = []
+    if not subdirs:
+        samples = [Sample(p, 0, "good") for p in list_images(folder)]
+    for sub in subdirs:
+        label = 0 if sub.name.lower() in GOOD_NAMES else 1
+        for p in list_images(sub):
+            samples.append(Sample(p, label, "good" if label == 0 else sub.name,
+                                  find_mask(p, sub.name) if label else None))
+    if not samples:
+        raise DataError(f"{what} {folder} holds no images (looked for {', '.join(GOOD_NAMES[:1])}/ and defect sub-folders)")
+    return samples
+
+
+def resolve_dataset(train_dir: str | Path, val_dir: str | Path | None = None,
+                    test_dir: str | Path | None = None) -> CategoryData:
+    """Read a category's folders; ``train_dir`` is an MVTec category root or a folder of good images."""
+    train_dir = _require_dir(Path(train_dir), "training folder")
+    if (train_dir / "train" / "good").is_dir():  # MVTec category root
+        good_dir, base = train_dir / "train" / "good", train_dir
+        source = f"mvtec:{train_dir}"
+    else:
+        good_dir, base = train_dir, train_dir.parent
+        source = f"folder:{train_dir}"
+    train = list_images(good_dir)
+    if not train:
+        raise DataError(f"training folder {good_dir} holds no images ({', '.join(('png', 'jpg', 'bmp', 'tif'))} ...)")
+    if val_dir is None and (base / "val").is_dir():
+        val_dir = base / "val"
+    if test_dir is None and (base / "test").is_dir():
+        test_dir = base / "test"
+    val = read_labelled_folder(val_dir, "validation folder") if val_dir is not None else []
+    test = read_labelled_folder(test_dir, "test folder") if test_dir is not None else []
+    return CategoryData(train=train, val=val, test=test, source=source)
+
+
+def split_shots(train: list[Path], k_shot: int, seed: int, holdout: int) -> tuple[list[Path], list[Path]]:
+    """Pick ``k_shot`` training images with ``seed``; return them and up to ``holdout`` others.
+
+    The held-out good images calibrate the threshold when no validation folder exists; they are never
+    shots, so the threshold is not fitted on the images that define "normal".
+    """
+    if k_shot < 1:
+        raise DataError(f"--k-shot must be at least 1, got {k_shot}")
+    if k_shot > len(train):
+        raise DataError(f"--k-shot {k_shot} is larger than the {len(train)} training images available")
+    order = list(train)
+    random.Random(seed).shuffle(order)
+    shots, rest = order[:k_shot], order[k_shot:]
+    return sorted(shots), sorted(rest[:holdout])
+
+
+def load_mask(sample: Sample, size: tuple[int, int]) -> np.ndarray:
+    """Binary mask (H, W) at ``size`` = (width, height); all zeros for good or mask-less samples."""
+    w, h = size
+    if sample.mask_path is None:
+        return np.zeros((h, w), dtype=bool)
+    try:
+        mask = Image.open(sample.mask_path).convert("L")
+    except OSError as exc:
+        raise DataError(f"mask {sample.mask_path}: not readable ({exc})") from None
+    with Image.open(sample.path) as img:
+        if img.size != mask.size:
+            raise DataError(f"mask {sample.mask_path} is {mask.size}, its image {sample.path} is {img.size}")
+    mask = mask.resize((w, h), Image.NEAREST)
+    return np.asarray(mask) > 127

