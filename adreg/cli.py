@@ -178,22 +178,23 @@ def cmd_predict(args) -> int:
     model = mlflow.pyfunc.load_model(model_uri, model_config={"device": args.device,
                                                               "return_map": bool(args.save_maps)})
     paths = [Path(p) for p in args.images]
-    payload = []
-    for p in paths:
+    payload, read_errors = [], {}
+    for i, p in enumerate(paths):
         try:
             payload.append(file_to_b64(p))
         except OSError as exc:
             payload.append("")
-            print(f"warning: {p}: {exc.strerror}", file=sys.stderr)
+            read_errors[i] = f"{p}: {exc.strerror or exc}"
     out = model.predict(pd.DataFrame({"image": payload}))
     rows = []
-    for p, (_, r) in zip(paths, out.iterrows()):
-        row = {"image": str(p), "score": "" if r["error"] else f"{r['score']:.5g}",
-               "anomalous": "" if r["error"] else ("YES" if r["is_anomaly"] else "no"), "error": r["error"]}
-        if args.save_maps and not r["error"]:
+    for i, (p, (_, r)) in enumerate(zip(paths, out.iterrows())):
+        error = read_errors.get(i) or r["error"].replace(f"row {i}", str(p), 1)
+        row = {"image": str(p), "score": "" if error else f"{r['score']:.5g}",
+               "anomalous": "" if error else ("YES" if r["is_anomaly"] else "no"), "error": error}
+        if args.save_maps and not error:
             import base64
 
-            target = Path(args.save_maps) / f"{p.stem}_map.png"
+            target = Path(args.save_maps) / f"{i:03d}_{p.parent.name}_{p.stem}_map.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(base64.b64decode(r["anomaly_map"]))
             row["map"] = str(target)

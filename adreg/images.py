@@ -29,8 +29,11 @@ def _open(source, label: str, max_pixels: int) -> Image.Image:
             img.load()
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"{label}: not a readable image (unknown or corrupt format)") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageDecodeError(f"{label}: image is too large (decompression bomb guard)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"{label}: not a readable image ({exc})") from None
     if min(img.size) < MIN_SIDE:
         raise ImageDecodeError(f"{label}: image is {img.size[0]}x{img.size[1]}, smaller than {MIN_SIDE} px on a side")

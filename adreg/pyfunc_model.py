@@ -62,7 +62,8 @@ class AnomalyDetectorModel(mlflow.pyfunc.PythonModel):
         # with respect to cudnn autotuning state and our batching, so predictions are serialised.
         self._lock = threading.Lock()
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    # pd.DataFrame hints tell MLflow to keep using the logged signature (no type-hint schema inference)
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if isinstance(model_input, dict):
             model_input = pd.DataFrame(model_input)
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
@@ -85,4 +86,8 @@ class AnomalyDetectorModel(mlflow.pyfunc.PythonModel):
                 rows[i].update(score=score, is_anomaly=bool(score > threshold))
                 if self.return_map:
                     rows[i]["anomaly_map"] = encode_map(pred.maps[j], threshold, images[j].size, self.map_max_side)
-        return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+        out = pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+        # keep failed rows' score/is_anomaly as None (JSON null), not NaN (invalid JSON)
+        for col in ("score", "is_anomaly"):
+            out[col] = out[col].astype(object).where(out[col].notna(), None)
+        return out
