@@ -103,6 +103,19 @@ def _scores_csv(result: FitResult) -> str:
     return buf.getvalue()
 
 
+def _without_conflicts(run_id: str, params: dict) -> dict:
+    """Params safe to log on ``run_id``: under ``mlflow run`` the project's own parameters are already
+    logged (e.g. ``train_dir=''``), so a differing resolved value goes in as ``resolved.<key>``."""
+    existing = mlflow.MlflowClient().get_run(run_id).data.params
+    out = {}
+    for key, value in params.items():
+        if key not in existing:
+            out[key] = value
+        elif existing[key] != value:
+            out[f"resolved.{key}"] = value
+    return out
+
+
 @dataclass
 class LoggedFit:
     run_id: str
@@ -125,8 +138,9 @@ def log_fit(result: FitResult, run_name: str | None = None) -> LoggedFit:
     with mlflow.start_run(experiment_id=experiment_id(opts.category), run_name=name) as run:
         mlflow.set_tags({"adreg.category": opts.category, "adreg.method": opts.method,
                          "adreg.backbone": opts.backbone, "adreg.data_source": result.data.source})
-        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in opts.params().items()})
-        mlflow.log_params({"threshold_rule": det.threshold.rule, "threshold_source": result.calibration_source})
+        params = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in opts.params().items()}
+        params.update({"threshold_rule": det.threshold.rule, "threshold_source": result.calibration_source})
+        mlflow.log_params(_without_conflicts(run.info.run_id, params))
         mlflow.log_metrics(result.metrics())
         mlflow.log_dict({"shots": [str(p) for p in result.shots], "threshold": vars(det.threshold)},
                         "fit/shots_and_threshold.json")

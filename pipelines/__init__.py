@@ -1,0 +1,1 @@
+"""Entry points run by MLproject and by hand: fit, evaluate, benchmark."""

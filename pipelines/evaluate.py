@@ -1,0 +1,64 @@
+"""Evaluate a registered model (by alias or version) on a labelled test folder and log the result.
+
+    python -m pipelines.evaluate bottle --alias production --test-dir ../shared/datasets/mvtec_ad/bottle/test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+
+from adreg import registry, tracking
+from adreg.data import default_category_dir, read_labelled_folder
+from adreg.detector import AnomalyDetector
+from adreg.errors import AdregError, DataError
+from adreg.evaluation import evaluate
+
+
+def load_registered_detector(model_uri: str, device: str = "auto") -> AnomalyDetector:
+    """The detector inside a registered pyfunc model, loaded directly (no REST, no pyfunc wrapper)."""
+    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    configs = list(local.rglob("detector/config.json"))
+    if not configs:
+        raise AdregError(f"{model_uri} holds no adreg detector artifact")
+    return AnomalyDetector.load(configs[0].parent, device=device)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("category")
+    p.add_argument("--alias", default="production")
+    p.add_argument("--version")
+    p.add_argument("--test-dir", help="good/ + defect folders (default: the bundled MVTec test set)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tracking-uri")
+    args = p.parse_args(argv)
+    try:
+        tracking.configure(args.tracking_uri)
+        uri = registry.model_uri(args.category, args.alias, args.version or None)
+        test_dir = args.test_dir
+        if not test_dir:
+            root = default_category_dir(args.category)
+            if root is None:
+                raise DataError(f"no --test-dir given and no bundled data for {args.category!r}")
+            test_dir = root / "test"
+        detector = load_registered_detector(uri, args.device)
+        result = evaluate(detector, read_labelled_folder(test_dir, "test folder"), detector.threshold.value)
+        with mlflow.start_run(experiment_id=tracking.experiment_id(args.category),
+                              run_name=f"evaluate-{args.category}"):
+            mlflow.set_tags({"adreg.category": args.category, "adreg.evaluated_model": uri})
+            mlflow.log_param("test_dir", str(test_dir))
+            mlflow.log_metrics(result.metrics)
+        print(json.dumps({"model": uri, **{k: round(v, 5) for k, v in result.metrics.items()}}, indent=2))
+    except AdregError as exc:
+        print(f"adreg: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

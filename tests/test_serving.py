@@ -1,0 +1,79 @@
+"""End to end over REST: a real `mlflow models serve` process on 127.0.0.1, started via `adreg serve`."""
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from PIL import Image
+
+from adreg.images import encode_png_b64, file_to_b64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(use_registered, tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    cmd = [sys.executable, "-m", "adreg.cli", "--tracking-uri", use_registered["uri"], "serve", "bottle",
+           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--return-map"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail("server exited early:\n" + (tmp_path / "serve.log").read_text()[-3000:])
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("server did not come up:\n" + (tmp_path / "serve.log").read_text()[-3000:])
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _post(url, images):
+    body = {"dataframe_split": {"columns": ["image"], "data": [[b] for b in images]}}
+    return requests.post(f"{url}/invocations", json=body, timeout=120)
+
+
+def test_rest_scores_maps_and_errors(server, bottle_dir):
+    good = file_to_b64(bottle_dir / "test" / "good" / "005.png")
+    bad_path = bottle_dir / "test" / "broken_large" / "004.png"
+    wide = Image.open(bad_path).convert("RGB").crop((0, 150, 900, 750))  # 900x600: aspect 3:2
+    resp = _post(server, [good, file_to_b64(bad_path), encode_png_b64(wide), "bm90IGFuIGltYWdl"])
+    assert resp.status_code == 200, resp.text[:500]
+    rows = resp.json()["predictions"]
+    assert rows[1]["score"] > rows[0]["score"]
+    assert rows[1]["is_anomaly"] is True and rows[0]["is_anomaly"] is False
+    square = Image.open(io.BytesIO(base64.b64decode(rows[1]["anomaly_map"])))
+    assert square.size[0] == square.size[1] and square.mode == "L"
+    wide_map = Image.open(io.BytesIO(base64.b64decode(rows[2]["anomaly_map"])))
+    assert wide_map.size[0] / wide_map.size[1] == pytest.approx(1.5, rel=0.01)
+    assert rows[3]["error"].startswith("row 3: not a readable image") and rows[3]["score"] is None
+    # a request without the image column is refused with a 4xx, not a 500
+    resp = requests.post(f"{server}/invocations", json={"dataframe_split": {"columns": ["img"], "data": [["x"]]}},
+                         timeout=60)
+    assert 400 <= resp.status_code < 500
