@@ -1,0 +1,129 @@
+"""The adreg command line as a user runs it: real subprocesses, real store, real data."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from adreg.cli import main
+from adreg.images import file_to_b64
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _adreg(*args, uri, timeout=600):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, ADREG_PROGRESS="0")
+    return subprocess.run([sys.executable, "-m", "adreg.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def _small_product(bottle_dir, root: Path, n_good=4) -> Path:
+    """A custom-layout product folder (good/ + val/ + test/) built from a few real bottle images."""
+    for sub in ("good", "val/good", "val/defect", "test/good", "test/broken_large"):
+        (root / sub).mkdir(parents=True)
+    goods = sorted((bottle_dir / "train" / "good").iterdir())
+    for p in goods[:n_good]:
+        shutil.copy(p, root / "good")
+    for p in goods[n_good:n_good + 3]:
+        shutil.copy(p, root / "val" / "good")
+    shutil.copy(bottle_dir / "test" / "contamination" / "001.png", root / "val" / "defect")
+    for name in ("000.png", "001.png", "002.png"):
+        shutil.copy(bottle_dir / "test" / "good" / name, root / "test" / "good")
+        shutil.copy(bottle_dir / "test" / "broken_large" / name, root / "test" / "broken_large")
+    return root
+
+
+def test_fit_register_promote_models_predict(bottle_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    product = _small_product(bottle_dir, tmp_path / "widget")
+    r = _adreg("fit", "--method", "subspace", "--category", "widget", "--train-dir", str(product / "good"),
+               "--k-shot", "2", "--seed", "3", "--aug-count", "4", "--register", "--promote", "staging", uri=uri)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "registered adreg-widget version 1" in r.stdout
+    assert "f1_optimal" in r.stdout and "validation folder" in r.stdout
+    r = _adreg("promote", "widget", "--version", "1", "--alias", "production", uri=uri)
+    assert r.returncode == 0 and "production -> adreg-widget version 1" in r.stdout
+    r = _adreg("models", uri=uri)
+    assert "widget" in r.stdout and "production,staging" in r.stdout
+    imgs = [str(product / "test" / "good" / "000.png"), str(product / "test" / "broken_large" / "000.png")]
+    r = _adreg("predict", "widget", *imgs, "--save-maps", str(tmp_path / "maps"), uri=uri)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fit", "--category", "bottle", "--k-shot", "500"], "larger than the 209 training images"),
+    (["fit", "--category", "gizmo"], "no bundled data for category 'gizmo'"),
+    (["fit", "--category", "bad name!"], "category 'bad name!' must be"),
+    (["fit", "--category", "bottle", "--backbone", "resnet"], "unknown backbone"),
+    (["serve", "gizmo"], "unknown category 'gizmo'"),
+    (["predict", "gizmo", "x.png"], "unknown category 'gizmo'"),
+])
+def test_bad_input_gives_one_clear_line_not_a_traceback(tracking_uri, capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_empty_train_folder(tracking_uri, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["fit", "--category", "x", "--train-dir", str(tmp_path / "empty")]) == 2
+    assert "holds no images" in capsys.readouterr().err
+
+
+def test_hf_backbone_fit_log_and_serve_offline(bottle_dir, tmp_path, tracking_uri):
+    """The transformers path end to end on a tiny random DINOv2 saved to a local folder: the folder is
+    bundled into the logged model, which then loads and scores with the folder gone."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    from adreg import registry, tracking
+    from adreg.fitting import FitOptions, fit_category
+
+    torch.manual_seed(0)
+    vit_dir = tmp_path / "tiny-dinov2"
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                             patch_size=14, image_size=112)).save_pretrained(vit_dir)
+    product = _small_product(bottle_dir, tmp_path / "widget")
+    opts = FitOptions(category="widget", train_dir=str(product / "good"), k_shot=2, backbone=f"hf:{vit_dir}",
+                      layers=[-1, -2], image_size=112, aug_count=2, method_params={"layer_combine": "mean"})
+    result = fit_category(opts, show_progress=False)
+    assert result.detector.method.summary()["feature_dim"] == 32
+    logged = tracking.log_fit(result)
+    version = registry.register(logged.model_uri, logged.run_id, "widget", result.metrics())
+    shutil.rmtree(vit_dir)
+    model = mlflow.pyfunc.load_model(f"models:/adreg-widget/{version}")
+    img = product / "test" / "good" / "000.png"
+    out = model.predict(pd.DataFrame({"image": [file_to_b64(img)]}))
+    assert out.loc[0, "error"] == ""
+    from adreg.images import load_image
+
+    assert out.loc[0, "score"] == pytest.approx(float(result.detector.predict([load_image(img)]).scores[0]), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_mlflow_run_fit_entry_point(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, ADREG_PROGRESS="0")
+    r = subprocess.run(["mlflow", "run", str(ROOT), "-e", "fit", "--env-manager", "local", "--experiment-name",
+                        "adreg-bottle", "-P", "category=bottle", "-P", "promote=staging"],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mv = mlflow.MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("adreg-bottle", "staging")
+    assert str(mv.version) == "1"
+
+
+@pytest.mark.slow
+def test_quickstart_in_a_fresh_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(ADREG_HOME=str(tmp_path / "store"), ADREG_PROGRESS="0")
+    r = subprocess.run([sys.executable, "-m", "adreg.cli", "quickstart"], capture_output=True, text=True,
+                       timeout=900, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "models:/adreg-bottle@production" in r.stdout
+    assert (tmp_path / "store" / "mlflow.db").is_file() and (tmp_path / "store" / "artifacts").is_dir()
