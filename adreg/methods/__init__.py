@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from adreg.errors import ConfigError
 from adreg.methods.base import AnomalyMethod
+from adreg.methods.knn import PatchKNN
+from adreg.methods.rad import RAD
 from adreg.methods.subspace import SubspaceAD
 
-METHODS: dict[str, type[AnomalyMethod]] = {SubspaceAD.name: SubspaceAD}
+METHODS: dict[str, type[AnomalyMethod]] = {cls.name: cls for cls in (SubspaceAD, RAD, PatchKNN)}
 
 
 def build_method(name: str, **params) -> AnomalyMethod:

@@ -1,0 +1,183 @@
+"""Benchmark methods x shots x seeds on a real category, one backbone, all in one run.
+
+    python -m pipelines.benchmark --methods subspace,rad,knn --shots 1,2,4 --seeds 0,1,2,3,4
+
+Backbone features of the test set are extracted once and shared by every method and seed (they do
+not depend on either); shot features once per (k, seed), shared by the methods. Per-image latency is
+backbone time + the method's scoring + post-processing. Writes results.csv and results.md to --out,
+logs one MLflow run per (method, k, seed) with --log-mlflow, and rewrites the README's benchmark
+table with --update-readme.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adreg.augment import augment_shots, parse_augmentations
+from adreg.backbones import build_backbone
+from adreg.data import default_category_dir, load_mask, resolve_dataset, split_shots
+from adreg.images import load_image
+from adreg.methods import build_method
+from adreg.metrics import evaluate_scores
+from adreg.postprocess import anomaly_maps, image_scores
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+REPORTED = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "fit_seconds", "ms_per_image", "state_mib"]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def score_features(method, feats, size: int, sigma: float, top: float, batch: int = 8):
+    """Image scores and maps of pre-extracted features, batched like the detector does."""
+    scores, maps = [], []
+    for start in range(0, len(feats), batch):
+        m = anomaly_maps(method.score_patches(feats[start:start + batch]), size, sigma)
+        scores.append(image_scores(m, top))
+        maps.append(m)
+    return torch.cat(scores).numpy(), torch.cat(maps).numpy()
+
+
+def state_mib(method) -> float:
+    return sum(t.numel() * t.element_size() for t in method.state_tensors().values()) / 2 ** 20
+
+
+def run(args) -> list[dict]:
+    torch.set_num_threads(args.threads) if args.threads else None
+    data_dir = args.data or default_category_dir(args.category)
+    data = resolve_dataset(data_dir)
+    backbone = build_backbone(args.backbone, layers=_ints(args.layers) if args.layers else None,
+                              image_size=args.image_size)
+    size = backbone.image_size
+    test = data.test
+    labels = np.array([s.label for s in test])
+    masks = np.stack([load_mask(s, (size, size)) for s in test])
+    t0 = time.perf_counter()
+    test_feats = backbone.extract([load_image(s.path) for s in test], args.batch_size)
+    backbone_ms = (time.perf_counter() - t0) / len(test) * 1000
+    print(f"{len(test)} test images, backbone {backbone.spec()} {backbone_ms:.1f} ms/image", flush=True)
+    kinds = parse_augmentations(args.augment)
+    rows = []
+    for k in _ints(args.shots):
+        for seed in _ints(args.seeds):
+            shots, _ = split_shots(data.train, min(k, len(data.train)), seed, 0)
+            torch.manual_seed(seed)
+            t0 = time.perf_counter()
+            train = augment_shots([load_image(p) for p in shots], kinds, args.aug_count, seed)
+            train_feats = backbone.extract(train, args.batch_size)
+            feature_s = time.perf_counter() - t0
+            for name in args.methods.split(","):
+                method = build_method(name, **json.loads(args.method_params).get(name, {}))
+                t1 = time.perf_counter()
+                method.fit(train_feats)
+                fit_s = feature_s + time.perf_counter() - t1
+                t2 = time.perf_counter()
+                scores, maps = score_features(method, test_feats, size, args.sigma, args.top_fraction)
+                method_ms = (time.perf_counter() - t2) / len(test) * 1000
+                metrics = evaluate_scores(labels, scores, masks, maps)
+                row = {"category": args.category, "method": name, "k_shot": k, "seed": seed,
+                       "n_train_images": len(train), "fit_seconds": fit_s,
+                       "ms_per_image": backbone_ms + method_ms, "state_mib": state_mib(method), **metrics}
+                rows.append(row)
+                print(f"k={k} seed={seed} {name:9s} img {metrics['image_auroc']:.4f} pix {metrics['pixel_auroc']:.4f} "
+                      f"pro {metrics['aupro']:.4f} fit {fit_s:.1f}s {row['ms_per_image']:.1f} ms/img", flush=True)
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["k_shot"]), []).append(r)
+    out = []
+    for (method, k), rs in groups.items():
+        entry = {"method": method, "k_shot": k, "seeds": len(rs)}
+        for key in REPORTED:
+            vals = [r[key] for r in rs]
+            entry[key] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        out.append(entry)
+    return out
+
+
+def markdown(summary: list[dict], args) -> str:
+    head = ("| method | k | seeds | image AUROC | pixel AUROC | AUPRO@0.3 | image F1-max | fit s | ms/image | state MiB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for e in summary:
+        cells = [f"{e[k][0]:.4f} ± {e[k][1]:.4f}" for k in REPORTED[:4]]
+        cells += [f"{e['fit_seconds'][0]:.1f}", f"{e['ms_per_image'][0]:.1f}", f"{e['state_mib'][0]:.2f}"]
+        lines.append(f"| {e['method']} | {e['k_shot']} | {e['seeds']} | " + " | ".join(cells) + " |")
+    note = (f"\n{args.category}, backbone {args.backbone} ({args.image_size or 'default'} px), augment "
+            f"{args.augment} x{args.aug_count}, seeds {args.seeds}; {platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}, device cpu. "
+            f"Command: `python -m pipelines.benchmark {' '.join(sys.argv[1:])}`\n")
+    return head + "\n".join(lines) + "\n" + note
+
+
+def log_to_mlflow(rows: list[dict]) -> None:
+    import mlflow
+
+    from adreg import tracking
+
+    tracking.configure()
+    exp = tracking.experiment_id("benchmark")
+    for r in rows:
+        with mlflow.start_run(experiment_id=exp, run_name=f"{r['method']}-k{r['k_shot']}-seed{r['seed']}"):
+            mlflow.log_params({k: r[k] for k in ("category", "method", "k_shot", "seed")})
+            mlflow.log_metrics({k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and k != "seed"})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--category", default="bottle")
+    p.add_argument("--data", help="MVTec-layout category folder (default: the bundled one)")
+    p.add_argument("--methods", default="subspace,rad,knn")
+    p.add_argument("--method-params", default="{}", help='JSON per method, e.g. {"rad": {"radius": 2}}')
+    p.add_argument("--shots", default="1")
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--layers", help="comma list of backbone layers")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--augment", default="rotate")
+    p.add_argument("--aug-count", type=int, default=30)
+    p.add_argument("--sigma", type=float, default=4.0)
+    p.add_argument("--top-fraction", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="bench-results")
+    p.add_argument("--log-mlflow", action="store_true")
+    p.add_argument("--update-readme", action="store_true")
+    args = p.parse_args(argv)
+    rows = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown(summarise(rows), args)
+    (out / "results.md").write_text(table)
+    print("\n" + table)
+    if args.log_mlflow:
+        log_to_mlflow(rows)
+    if args.update_readme:
+        text = README.read_text()
+        if START in text and END in text:
+            pre, rest = text.split(START, 1)
+            README.write_text(pre + START + "\n" + table + END + rest.split(END, 1)[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
