@@ -62,6 +62,11 @@ def _post(url, images):
 def test_rest_scores_maps_and_errors(server, bottle_dir):
     good = file_to_b64(bottle_dir / "test" / "good" / "005.png")
     bad_path = bottle_dir / "test" / "broken_large" / "004.png"
+    from serving.client import AdregClient
+
+    client = AdregClient(server)
+    assert client.ready()
+    via_client = client.predict([bottle_dir / "test" / "good" / "005.png", bad_path])
     wide = Image.open(bad_path).convert("RGB").crop((0, 150, 900, 750))  # 900x600: aspect 3:2
     resp = _post(server, [good, file_to_b64(bad_path), encode_png_b64(wide), "bm90IGFuIGltYWdl"])
     assert resp.status_code == 200, resp.text[:500]
@@ -72,6 +77,8 @@ def test_rest_scores_maps_and_errors(server, bottle_dir):
     assert square.size[0] == square.size[1] and square.mode == "L"
     wide_map = Image.open(io.BytesIO(base64.b64decode(rows[2]["anomaly_map"])))
     assert wide_map.size[0] / wide_map.size[1] == pytest.approx(1.5, rel=0.01)
+    assert [r.score for r in via_client] == pytest.approx([rows[0]["score"], rows[1]["score"]])
+    assert via_client[1].anomaly_map.size == square.size and via_client[1].is_anomaly
     assert rows[3]["error"].startswith("row 3: not a readable image") and rows[3]["score"] is None
     # a request without the image column is refused with a 4xx, not a 500
     resp = requests.post(f"{server}/invocations", json={"dataframe_split": {"columns": ["img"], "data": [["x"]]}},

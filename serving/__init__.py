@@ -1,0 +1,1 @@
+"""Serving helpers: a REST client for models served by `adreg serve` / `mlflow models serve`."""
