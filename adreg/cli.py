@@ -1,4 +1,4 @@
-"""The ``adreg`` command line: fit, promote, models, serve, predict, quickstart."""
+"""The ``adreg`` command line: fit, promote, rollback, history, compare, models, serve, predict, quickstart."""
 
 from __future__ import annotations
 
@@ -105,25 +105,82 @@ def run_fit(opts, register: bool, promote_alias: str | None = None, tracking_uri
         logged.registered_name = registry.model_name(opts.category)
         print(f"registered {logged.registered_name} version {logged.version}")
         if promote_alias:
-            promo = registry.promote(opts.category, logged.version, promote_alias, reason="fit --promote")
-            print(f"promoted version {promo.version} to {promo.alias!r}: {promo.model_uri}")
+            from adreg import lifecycle
+
+            if result.evaluation is None:
+                raise AdregError("--promote needs a test set to run the promotion gate on; give --test-dir")
+            promo, report = lifecycle.promote_gated(opts.category, logged.version, promote_alias,
+                                                    reason="fit --promote", device=opts.device,
+                                                    candidate_metrics=result.evaluation.metrics)
+            if promo is None:
+                print(f"not promoted to {promote_alias!r}: " + "; ".join(report.failures))
+                logged.promoted = False
+            else:
+                print(f"promoted version {promo.version} to {promo.alias!r}: {promo.model_uri}")
+                logged.promoted = True
     return result, logged
 
 
 def cmd_fit(args) -> int:
-    run_fit(fit_options_from_args(args), args.register, args.promote, args.tracking_uri)
-    return 0
+    _, logged = run_fit(fit_options_from_args(args), args.register, args.promote, args.tracking_uri)
+    return 1 if logged.promoted is False else 0
 
 
 # -- registry ----------------------------------------------------------------------------------------
 def cmd_promote(args) -> int:
-    from adreg import registry, tracking
+    from adreg import lifecycle, registry, tracking
 
     tracking.configure(args.tracking_uri)
-    promo = registry.promote(args.category, args.version, args.alias, reason=args.reason or "")
+    policy = lifecycle.GatePolicy(args.min_image_auroc, args.min_pixel_auroc, args.tolerance)
+    promo, report = lifecycle.promote_gated(args.category, args.version, args.alias, policy, force=args.force,
+                                            reason=args.reason or "", eval_dir=args.eval_dir, device=args.device)
+    rows = [{"model": f"v{args.version} (candidate)", **{k: f"{report.candidate.get(k, float('nan')):.4f}"
+                                                         for k in lifecycle.COMPARED}}]
+    if report.baseline is not None:
+        rows.append({"model": f"v{report.baseline_version} (current {args.alias})",
+                     **{k: f"{report.baseline.get(k, float('nan')):.4f}" for k in lifecycle.COMPARED}})
+    print(f"gate on {report.eval_set} (floors: image {policy.min_image_auroc}, pixel {policy.min_pixel_auroc}; "
+          f"tolerance {policy.tolerance})")
+    _print_table(rows, ["model", *lifecycle.COMPARED])
+    for failure in report.failures:
+        print(f"  gate: {failure}")
+    if promo is None:
+        print(f"REFUSED: version {args.version} stays out of {args.alias!r} (use --force to override, recorded)")
+        return 1
     was = f"(was version {promo.previous})" if promo.previous else "(new alias)"
-    print(f"{promo.alias} -> {registry.model_name(args.category)} version {promo.version} {was}")
+    forced = " FORCED past a failed gate" if not report.passed else ""
+    print(f"{promo.alias} -> {registry.model_name(args.category)} version {promo.version} {was}{forced}")
     print(f"model URI: {promo.model_uri}")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from adreg import lifecycle, tracking
+
+    tracking.configure(args.tracking_uri)
+    promo = lifecycle.rollback(args.category, args.alias, reason=args.reason or "")
+    print(f"rolled back {promo.alias}: version {promo.previous} -> version {promo.version} ({promo.model_uri})")
+    return 0
+
+
+def cmd_history(args) -> int:
+    from adreg import lifecycle, tracking
+
+    tracking.configure(args.tracking_uri)
+    rows = lifecycle.history_rows(args.category)
+    if not rows:
+        print(f"no promotions recorded for {args.category!r}")
+        return 0
+    _print_table(rows, ["at", "action", "alias", "version", "from", "by", "reason", "gate"])
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from adreg import lifecycle, tracking
+
+    tracking.configure(args.tracking_uri)
+    rows = lifecycle.compare(args.category, args.v1, args.v2)
+    _print_table(rows, list(rows[0]))
     return 0
 
 
@@ -215,6 +272,8 @@ def cmd_quickstart(args) -> int:
     result, logged = run_fit(opts, register=True, promote_alias="production", tracking_uri=args.tracking_uri)
     from adreg import tracking
 
+    if not logged.promoted:
+        return 1
     uri = tracking.configure(args.tracking_uri)
     print("\nnext:")
     print(f"  mlflow ui --backend-store-uri {uri}          # browse runs and the registry")
@@ -234,12 +293,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_fit_arguments(p)
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("promote", help="point an alias (production, staging) at a registered version")
+    p = sub.add_parser("promote", help="gate-checked: point an alias (staging, production) at a registered version")
     p.add_argument("category")
     p.add_argument("--version", required=True)
     p.add_argument("--alias", default="production")
-    p.add_argument("--reason", help="recorded on the version's tags")
+    p.add_argument("--reason", help="recorded in the history and on the version's tags")
+    p.add_argument("--min-image-auroc", type=float, default=0.90, help="gate floor (default 0.90)")
+    p.add_argument("--min-pixel-auroc", type=float, default=0.90, help="gate floor (default 0.90)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="allowed drop against the alias's current version on the same images (default 0.01)")
+    p.add_argument("--eval-dir", help="evaluate on this labelled folder instead of the set logged with the version")
+    p.add_argument("--force", action="store_true", help="promote even if the gate fails (recorded)")
+    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="point an alias back at the version it held before")
+    p.add_argument("category")
+    p.add_argument("--alias", default="production")
+    p.add_argument("--reason")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("history", help="promotions and rollbacks of a category: who, when, why, gate results")
+    p.add_argument("category")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("compare", help="metrics and differing parameters of two versions side by side")
+    p.add_argument("category")
+    p.add_argument("v1")
+    p.add_argument("v2")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("models", help="table of registered categories, versions, aliases and metrics")
     p.set_defaults(func=cmd_models)

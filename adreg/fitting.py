@@ -58,7 +58,8 @@ class FitOptions:
     method_params: dict = field(default_factory=dict)
 
     def params(self) -> dict:
-        flat = {k: v for k, v in asdict(self).items() if k != "method_params"}
+        flat = {k: v for k, v in asdict(self).items() if k not in ("method_params", "device")}
+        flat["fit_device"] = self.device  # "device" is the served model's model_config key
         flat.update({f"method.{k}": v for k, v in self.method_params.items()})
         return flat
 

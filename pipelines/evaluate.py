@@ -8,24 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-
 import mlflow
 
 from adreg import registry, tracking
 from adreg.data import default_category_dir, read_labelled_folder
-from adreg.detector import AnomalyDetector
 from adreg.errors import AdregError, DataError
 from adreg.evaluation import evaluate
-
-
-def load_registered_detector(model_uri: str, device: str = "auto") -> AnomalyDetector:
-    """The detector inside a registered pyfunc model, loaded directly (no REST, no pyfunc wrapper)."""
-    local = Path(mlflow.artifacts.download_artifacts(model_uri))
-    configs = list(local.rglob("detector/config.json"))
-    if not configs:
-        raise AdregError(f"{model_uri} holds no adreg detector artifact")
-    return AnomalyDetector.load(configs[0].parent, device=device)
+from adreg.lifecycle import load_detector
 
 
 def main(argv=None) -> int:
@@ -46,7 +35,7 @@ def main(argv=None) -> int:
             if root is None:
                 raise DataError(f"no --test-dir given and no bundled data for {args.category!r}")
             test_dir = root / "test"
-        detector = load_registered_detector(uri, args.device)
+        detector = load_detector(uri, args.device)
         result = evaluate(detector, read_labelled_folder(test_dir, "test folder"), detector.threshold.value)
         with mlflow.start_run(experiment_id=tracking.experiment_id(args.category),
                               run_name=f"evaluate-{args.category}"):

@@ -27,11 +27,11 @@ def main(argv=None) -> int:
     add_fit_arguments(parser)
     args = parser.parse_args(drop_empty_options(sys.argv[1:] if argv is None else list(argv)))
     try:
-        run_fit(fit_options_from_args(args), args.register, args.promote, args.tracking_uri)
+        _, logged = run_fit(fit_options_from_args(args), args.register, args.promote, args.tracking_uri)
     except AdregError as exc:
         print(f"adreg: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if logged.promoted is False else 0
 
 
 if __name__ == "__main__":

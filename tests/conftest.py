@@ -68,3 +68,76 @@ def use_registered(registered_bottle, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registered_bottle["uri"])
     tracking.configure(registered_bottle["uri"])
     return registered_bottle
+
+
+# -- stores: sqlite and a real PostgreSQL server -------------------------------------------------------
+def _start_postgres(base: Path):
+    """Start a throwaway PostgreSQL cluster on 127.0.0.1 (as the postgres user when running as root)."""
+    import glob
+    import pwd
+    import shutil
+    import socket
+    import subprocess
+
+    initdbs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or ([shutil.which("initdb")] if shutil.which("initdb") else [])
+    if not initdbs:
+        return None
+    bindir = Path(initdbs[-1]).parent
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = base / "data"
+    subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",
+                    f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"],
+                   check=True, capture_output=True)
+    stop = [*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]
+    return f"postgresql://postgres@127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """Base URI of a PostgreSQL server: $ADREG_TEST_POSTGRES_URI, or one started here for the session."""
+    import subprocess
+    import tempfile
+
+    if os.environ.get("ADREG_TEST_POSTGRES_URI"):
+        yield os.environ["ADREG_TEST_POSTGRES_URI"].rstrip("/")
+        return
+    started = _start_postgres(Path(tempfile.mkdtemp(prefix="adreg-pg-")))
+    if started is None:
+        if os.environ.get("ADREG_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL server binaries not found (apt-get install postgresql)")
+        pytest.skip("PostgreSQL server binaries not installed (.ci/run installs them)")
+    uri, stop = started
+    yield uri
+    subprocess.run(stop, capture_output=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_uri(request, tmp_path, monkeypatch):
+    """A fresh, empty MLflow tracking + registry store on each backend."""
+    from adreg import tracking
+
+    if request.param == "sqlite":
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    else:
+        import uuid
+
+        import psycopg
+
+        base = request.getfixturevalue("postgres_server")
+        name = f"adreg_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        uri = f"{base}/{name}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("ADREG_HOME", str(tmp_path / "home"))
+    tracking.configure(uri)
+    return uri

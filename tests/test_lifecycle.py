@@ -1,0 +1,153 @@
+"""Quality-gated promotion, rollback, history, concurrency and faults, on sqlite and PostgreSQL."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from adreg import lifecycle, registry, tracking
+from adreg.errors import RegistryError
+from adreg.lifecycle import GatePolicy
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBSET = {"good": 6, "broken_large": 4, "broken_small": 4, "contamination": 4}
+
+
+@pytest.fixture(scope="session")
+def eval_subset(bottle_dir, tmp_path_factory) -> Path:
+    """A small MVTec-layout test set (6 good, 12 defective with masks) keeping gate evaluations quick."""
+    root = tmp_path_factory.mktemp("subset")
+    for defect, n in SUBSET.items():
+        (root / "test" / defect).mkdir(parents=True)
+        if defect != "good":
+            (root / "ground_truth" / defect).mkdir(parents=True)
+        for i in range(n):
+            shutil.copy(bottle_dir / "test" / defect / f"{i:03d}.png", root / "test" / defect)
+            if defect != "good":
+                shutil.copy(bottle_dir / "ground_truth" / defect / f"{i:03d}_mask.png", root / "ground_truth" / defect)
+    return root / "test"
+
+
+@pytest.fixture(scope="session")
+def two_fits(bottle_dir, eval_subset):
+    """A SubspaceAD and a RAD fit; on the subset RAD's AUPRO is higher by more than the 0.005 tolerance."""
+    from adreg.fitting import FitOptions, fit_category
+
+    fits = {m: fit_category(FitOptions(category="bottle", method=m, train_dir=str(bottle_dir),
+                                       test_dir=str(eval_subset), device="cpu"), show_progress=False)
+            for m in ("subspace", "rad")}
+    assert fits["rad"].evaluation.metrics["aupro"] > fits["subspace"].evaluation.metrics["aupro"] + 0.005
+    return fits
+
+
+def _register(result) -> str:
+    logged = tracking.log_fit(result)
+    return registry.register(logged.model_uri, logged.run_id, "bottle", result.metrics())
+
+
+POLICY = GatePolicy(min_image_auroc=0.9, min_pixel_auroc=0.9, tolerance=0.005)
+
+
+def test_gate_refuses_regression_force_is_recorded_and_rollback_walks_back(store_uri, two_fits):
+    v1, v2, v3 = _register(two_fits["subspace"]), _register(two_fits["rad"]), _register(two_fits["subspace"])
+    promo, report = lifecycle.promote_gated("bottle", v1, "production", POLICY)
+    assert promo is not None and report.baseline is None and promo.previous is None
+    promo, report = lifecycle.promote_gated("bottle", v2, "production", POLICY, reason="better pixels")
+    assert promo is not None and report.baseline_version == v1 and report.candidate["aupro"] > report.baseline["aupro"]
+    promo, report = lifecycle.promote_gated("bottle", v3, "production", POLICY)
+    assert promo is None and any("aupro" in f and "regresses" in f for f in report.failures)
+    assert registry._get_model("bottle").aliases["production"] == int(v2)
+    promo, report = lifecycle.promote_gated("bottle", v3, "production", POLICY, force=True, reason="hotfix")
+    assert promo is not None and not report.passed
+    tags = mlflow.MlflowClient().get_model_version("adreg-bottle", v3).tags
+    assert tags["adreg.promoted.production.action"] == "force"
+    assert tags["adreg.promoted.production.from_version"] == v2
+    assert '"gate_passed": false' in tags["adreg.promoted.production.details"]
+    assert tags["adreg.promoted.production.by"] and tags["adreg.promoted.production.at"]
+
+    assert lifecycle.rollback("bottle").version == v2
+    assert lifecycle.rollback("bottle").version == v1
+    with pytest.raises(RegistryError, match="no earlier version"):
+        lifecycle.rollback("bottle")
+    actions = [(e["action"], e["version"]) for e in registry.history("bottle")]
+    assert actions == [("promote", v1), ("promote", v2), ("refused", v3), ("force", v3),
+                       ("rollback", v2), ("rollback", v1)]
+    rows = lifecycle.history_rows("bottle")
+    assert rows[1]["reason"] == "better pixels" and rows[2]["gate"].startswith("FAILED")
+
+
+def test_absolute_floors_apply_without_a_baseline(store_uri, two_fits):
+    v = _register(two_fits["subspace"])
+    promo, report = lifecycle.promote_gated("bottle", v, "staging", GatePolicy(min_pixel_auroc=0.999))
+    assert promo is None and report.failures == [
+        f"pixel_auroc {report.candidate['pixel_auroc']:.4f} is below the floor 0.9990"]
+    with pytest.raises(RegistryError, match="no alias 'staging'"):
+        registry.model_uri("bottle", "staging")
+
+
+def test_compare_side_by_side(store_uri, two_fits):
+    v1, v2 = _register(two_fits["subspace"]), _register(two_fits["rad"])
+    rows = {r["what"]: r for r in lifecycle.compare("bottle", v1, v2)}
+    m1, m2 = two_fits["subspace"].evaluation.metrics, two_fits["rad"].evaluation.metrics
+    assert rows["aupro"][f"v{v1}"] == f"{m1['aupro']:.4f}" and rows["aupro"][f"v{v2}"] == f"{m2['aupro']:.4f}"
+    assert rows["aupro"]["delta"] == f"{m2['aupro'] - m1['aupro']:+.4f}"
+    assert rows["param method"][f"v{v1}"] == "subspace" and rows["param method"][f"v{v2}"] == "rad"
+
+
+def test_deleted_versions_are_reported_and_skipped(store_uri, two_fits):
+    v1, v2, v3 = (_register(two_fits["subspace"]) for _ in range(3))
+    for v in (v1, v2, v3):
+        registry.promote("bottle", v, "production")
+    mlflow.MlflowClient().delete_model_version("adreg-bottle", v2)
+    assert lifecycle.rollback("bottle").version == v1  # v2 is gone: skipped, and said so
+    assert "skipped deleted versions " + v2 in registry.history("bottle")[-1]["reason"]
+    mlflow.MlflowClient().delete_model_version("adreg-bottle", v1)
+    with pytest.raises(RegistryError, match=f"pointed at version {v1}, which has been deleted"):
+        registry.model_uri("bottle", "production")
+
+
+CONCURRENT_REGISTER = """
+import sys
+from adreg import registry, tracking
+tracking.configure(sys.argv[1])
+for _ in range(3):
+    print(registry.register(sys.argv[2], sys.argv[3], "bottle"), flush=True)
+"""
+
+
+def test_concurrent_registrations_get_distinct_versions(store_uri, two_fits):
+    logged = tracking.log_fit(two_fits["subspace"])
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_REGISTER, store_uri, logged.model_uri, logged.run_id],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    versions = [int(v) for o in outs for v in o[0].split()]
+    assert sorted(versions) == [1, 2, 3, 4, 5, 6]
+
+
+def test_fit_killed_midway_leaves_no_registered_version(store_uri, tmp_path):
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store_uri, ADREG_PROGRESS="0")
+    proc = subprocess.Popen([sys.executable, "-m", "adreg.cli", "fit", "--category", "bottle", "--register",
+                             "--promote", "production"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    client = mlflow.MlflowClient()
+    deadline = time.monotonic() + 300
+    runs = []
+    while time.monotonic() < deadline and not runs:
+        exp = client.get_experiment_by_name("adreg-bottle")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # dies while logging the run
+    proc.wait()
+    assert runs, "the fit never started logging"
+    run = client.get_run(runs[0].info.run_id)
+    assert run.data.tags.get("adreg.model_complete") != "true"
+    assert registry.categories() == [] or registry.list_versions() == []
+    with pytest.raises(RegistryError, match="no completely logged model"):
+        registry.register(f"runs:/{run.info.run_id}/model", run.info.run_id, "bottle")
