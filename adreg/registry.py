@@ -75,7 +75,8 @@ def register(model_uri: str, run_id: str, category: str, metrics: dict | None = 
     tags = {f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items() if k in KEY_METRICS}
     tags.update({"adreg.method": run.data.tags.get("adreg.method", ""),
                  "adreg.backbone": run.data.tags.get("adreg.backbone", "")})
-    mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags)
+    model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None  # a LoggedModel
+    mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
     deadline = time.monotonic() + timeout_s
     while mv.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -1,0 +1,68 @@
+"""adreg against a real `mlflow server` (sqlite backend, proxied artifacts) over http://127.0.0.1."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import requests
+
+from adreg import lifecycle, registry, tracking
+from adreg.images import file_to_b64, load_image
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", (tmp_path / "server-artifacts").as_uri(), "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail("mlflow server exited:\n" + (tmp_path / "server.log").read_text()[-3000:])
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not come up:\n" + (tmp_path / "server.log").read_text()[-3000:])
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        tracking.configure(url)
+        yield url, tmp_path / "server-artifacts"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_fit_register_gate_and_load_through_a_tracking_server(mlflow_server, bottle_fit, bottle_dir):
+    url, artifacts = mlflow_server
+    logged = tracking.log_fit(bottle_fit)
+    version = registry.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
+    promo, report = lifecycle.promote_gated("bottle", version, "production")  # gate re-evaluates via the server
+    assert promo is not None and report.passed
+    assert report.candidate["image_auroc"] == pytest.approx(bottle_fit.evaluation.metrics["image_auroc"])
+    assert any(p.name == "state.safetensors" for p in Path(artifacts).rglob("*")), "artifacts proxied to the server"
+    model = mlflow.pyfunc.load_model("models:/adreg-bottle@production", model_config={"device": "cpu"})
+    img = bottle_dir / "test" / "broken_small" / "000.png"
+    out = model.predict(pd.DataFrame({"image": [file_to_b64(img)]}))
+    expected = bottle_fit.detector.predict([load_image(img)]).scores[0]
+    assert out.loc[0, "score"] == pytest.approx(float(expected), rel=1e-5)
