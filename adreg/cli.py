@@ -204,9 +204,10 @@ def serve_command(model_uri: str, host: str, port: int, workers: int = 1) -> lis
             "--host", host, "--port", str(port), "--workers", str(workers)]
 
 
-def serve_env(tracking_uri: str, device: str, return_map: bool) -> dict:
+def serve_env(tracking_uri: str, device: str, return_map: bool, precision: str = "fp32") -> dict:
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_DISABLE_TELEMETRY="true",
-               SERVING_MODEL_CONFIG=json.dumps({"device": device, "return_map": return_map}))
+               SERVING_MODEL_CONFIG=json.dumps({"device": device, "return_map": return_map,
+                                                "precision": precision}))
     # uvicorn must be on PATH for `mlflow models serve`; it sits beside this interpreter.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
@@ -220,7 +221,7 @@ def cmd_serve(args) -> int:
     cmd = serve_command(model_uri, args.host, args.port, args.workers)
     print(f"serving {model_uri} on http://{args.host}:{args.port}/invocations (device {args.device})")
     print("$ " + shlex.join(cmd), flush=True)
-    return subprocess.call(cmd, env=serve_env(uri, args.device, args.return_map))
+    return subprocess.call(cmd, env=serve_env(uri, args.device, args.return_map, args.precision))
 
 
 def cmd_predict(args) -> int:
@@ -262,6 +263,19 @@ def cmd_predict(args) -> int:
     else:
         _print_table(rows, list(rows[0]))
     return 1 if any(r["error"] for r in rows) else 0
+
+
+def cmd_serve_bundle(args) -> int:
+    from adreg import bundle, registry, tracking
+
+    tracking.configure(args.tracking_uri)
+    logged = bundle.build_router(args.categories, args.alias)
+    print(f"registered {logged.registered_name} version {logged.version}: categories {', '.join(args.categories)} "
+          f"(each at @{args.alias})")
+    promo = registry.promote(bundle.ROUTER, logged.version, args.promote, reason="serve-bundle")
+    print(f"{promo.alias} -> version {promo.version}: serve it with `adreg serve router` ({promo.model_uri}); "
+          "requests carry a 'category' column beside 'image'")
+    return 0
 
 
 # -- quickstart ---------------------------------------------------------------------------------------
@@ -342,7 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--port", type=int, default=5000)
             p.add_argument("--workers", type=int, default=1)
             p.add_argument("--return-map", action="store_true", help="include anomaly maps in responses")
+            p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                           help="backbone precision on CUDA")
         p.set_defaults(func=cmd_serve if name == "serve" else cmd_predict)
+
+    p = sub.add_parser("serve-bundle", help="bundle several categories into one router model (one backbone "
+                                             "per backbone config), register it as adreg-router")
+    p.add_argument("categories", nargs="+")
+    p.add_argument("--alias", default="production", help="which version of each category to bundle")
+    p.add_argument("--promote", default="production", help="alias to point at the new router version")
+    p.set_defaults(func=cmd_serve_bundle)
 
     p = sub.add_parser("quickstart", help="fit 1-shot bottle on the bundled data, register, promote to production")
     p.add_argument("--category", default="bottle")

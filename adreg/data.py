@@ -3,6 +3,7 @@
 Two layouts are understood:
 
 * MVTec AD: ``<root>/train/good``, ``<root>/test/<good|defect>``, ``<root>/ground_truth/<defect>/<stem>_mask.png``.
+* Magnetic-Tile-Defect (``MT_*/Imgs``): a seeded split, see ``mtd_split``.
 * A custom product folder: a folder of good images, with optional ``val/`` and ``test/`` folders beside
   it (or given explicitly) holding ``good/`` and defect sub-folders. Masks are found as MVTec does it,
   as ``<stem>_mask.png`` beside the image, or as ``<stem>.png`` beside a ``.jpg`` image.
@@ -55,9 +56,35 @@ def default_data_root() -> Path:
 
 
 def default_category_dir(category: str) -> Path | None:
-    """The MVTec folder of ``category`` in the bundled data, if there is one."""
-    candidate = default_data_root() / "mvtec_ad" / category
-    return candidate if (candidate / "train" / "good").is_dir() else None
+    """The bundled folder of ``category`` (MVTec ``mvtec_ad/<category>``, or ``mtd``), if there is one."""
+    root = default_data_root()
+    candidate = root / "mvtec_ad" / category
+    if (candidate / "train" / "good").is_dir():
+        return candidate
+    candidate = root / category
+    return candidate if is_mtd(candidate) else None
+
+
+def is_mtd(folder: Path) -> bool:
+    return (Path(folder) / "MT_Free" / "Imgs").is_dir()
+
+
+def mtd_split(root: str | Path, split_seed: int = 0, n_val: int = 20, n_test_good: int = 100) -> CategoryData:
+    """Magnetic-Tile-Defect has no official split: a seeded one. Good tiles (MT_Free) are shuffled with
+    ``split_seed`` into ``n_test_good`` test, ``n_val`` validation and the rest training images; every
+    defective tile is a test image, with its mask (``X.png`` beside ``X.jpg``, anti-aliased: > 127)."""
+    root = Path(root)
+    good = list_images(root / "MT_Free" / "Imgs")
+    random.Random(split_seed).shuffle(good)
+    test_good, val_good, train = good[:n_test_good], good[n_test_good:n_test_good + n_val], sorted(good[n_test_good + n_val:])
+    test = [Sample(p, 0, "good") for p in sorted(test_good)]
+    for defect_dir in sorted(root.glob("MT_*")):
+        if defect_dir.name == "MT_Free":
+            continue
+        defect = defect_dir.name[3:].lower()
+        test += [Sample(p, 1, defect, find_mask(p, defect)) for p in list_images(defect_dir / "Imgs")]
+    return CategoryData(train=train, val=[Sample(p, 0, "good") for p in sorted(val_good)], test=test,
+                        source=f"mtd:{root}:split{split_seed}")
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -104,6 +131,11 @@ def resolve_dataset(train_dir: str | Path, val_dir: str | Path | None = None,
                     test_dir: str | Path | None = None) -> CategoryData:
     """Read a category's folders; ``train_dir`` is an MVTec category root or a folder of good images."""
     train_dir = _require_dir(Path(train_dir), "training folder")
+    if is_mtd(train_dir):
+        data = mtd_split(train_dir)
+        data.val = read_labelled_folder(val_dir, "validation folder") if val_dir is not None else data.val
+        data.test = read_labelled_folder(test_dir, "test folder") if test_dir is not None else data.test
+        return data
     if (train_dir / "train" / "good").is_dir():  # MVTec category root
         good_dir, base = train_dir / "train" / "good", train_dir
         source = f"mvtec:{train_dir}"

@@ -56,13 +56,25 @@ class _Bar:
 
             self.bar = tqdm(total=total, desc=desc, unit="img", leave=False)
 
-    def __call__(self, n: int) -> None:
+    def __call__(self, n: int, **postfix) -> None:
         if self.bar is not None:
             self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def synthesize_cutpaste(views: Sequence[Image.Image], seed: int) -> list[Image.Image]:
+    """One CutPaste-corrupted copy of each view (alternating patch and scar), reproducible from ``seed``."""
+    import random
+
+    from adreg.cutpaste import cutpaste, foreground_mask
+
+    rng = random.Random(seed + 7919)
+    return [cutpaste(v, rng, "normal" if i % 2 == 0 else "scar", foreground_mask(v))[0] for i, v in enumerate(views)]
 
 
 @dataclass
@@ -110,11 +122,18 @@ class AnomalyDetector:
         bar = _Bar(len(train), "features (fit)", show_progress)
         feats = self.backbone.extract(train, self.batch_size, progress=bar)
         bar.close()
+        synthetic = None
+        if self.method.synthesis == "cutpaste":
+            corrupted = synthesize_cutpaste(train, self.seed)
+            bar = _Bar(len(corrupted), "features (CutPaste)", show_progress)
+            synthetic = self.backbone.extract(corrupted, self.batch_size, progress=bar)
+            bar.close()
         t1 = time.perf_counter()
-        bar = _Bar(len(train), f"fitting {self.method.name}", show_progress)
-        self.method.to("cpu").fit(feats, progress=bar)
+        steps = self.method.params.get("steps", len(train))
+        bar = _Bar(steps, f"fitting {self.method.name}", show_progress)
+        self.method.to(self.backbone.device).fit(feats, progress=bar, synthetic=synthetic)
         bar.close()
-        self.method.to(self.backbone.device)
+        self.method.to(self.backbone.device)  # state computed on the CPU (e.g. PCA) joins the backbone
         t2 = time.perf_counter()
         self.fit_info = {"n_shots": len(images), "n_train_images": len(train), "feature_seconds": t1 - t0,
                          "method_fit_seconds": t2 - t1, "fit_seconds": t2 - t0}
@@ -123,20 +142,25 @@ class AnomalyDetector:
     @torch.inference_mode()
     def predict(self, images: Sequence[Image.Image], show_progress: bool = False) -> Prediction:
         """Scores and smoothed maps for PIL images, in batches."""
-        scores, maps = [], []
+        parts = []
         bar = _Bar(len(images), "scoring", show_progress)
-        size = self.backbone.image_size
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            feats = self.backbone.extract(chunk, self.batch_size).to(self.backbone.device)
-            m = anomaly_maps(self.method.score_patches(feats), size, self.sigma)
-            scores.append(image_scores(m, self.top_fraction).cpu())
-            maps.append(m.cpu())
+            parts.append(self.predict_features(self.backbone.extract(chunk, self.batch_size)))
             bar(len(chunk))
         bar.close()
-        if not scores:
+        size = self.backbone.image_size
+        if not parts:
             return Prediction(np.zeros(0, np.float32), np.zeros((0, size, size), np.float32))
-        return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy())
+        return Prediction(np.concatenate([p.scores for p in parts]), np.concatenate([p.maps for p in parts]))
+
+    @torch.inference_mode()
+    def predict_features(self, feats) -> Prediction:
+        """Scores and maps from already extracted backbone features (lets several detectors share one
+        backbone pass, as the multi-category router does)."""
+        m = anomaly_maps(self.method.score_patches(feats.to(self.backbone.device)), self.backbone.image_size,
+                         self.sigma)
+        return Prediction(image_scores(m, self.top_fraction).cpu().numpy(), m.cpu().numpy())
 
     def to(self, device: str | torch.device) -> "AnomalyDetector":
         device = resolve_device(device) if isinstance(device, str) else device
@@ -177,7 +201,10 @@ class AnomalyDetector:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, device: str = "auto") -> "AnomalyDetector":
+    def load(cls, directory: str | Path, device: str = "auto", precision: str | None = None,
+             backbones: dict[str, Backbone] | None = None) -> "AnomalyDetector":
+        """Load a saved detector. ``precision`` overrides the backbone's (fp16/bf16 on CUDA); detectors
+        loaded with the same ``backbones`` dict share one instance per identical backbone spec."""
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
             raise ConfigError(f"{directory} is not a saved adreg detector (no {CONFIG_FILE})")
@@ -188,7 +215,15 @@ class AnomalyDetector:
         bundled = spec.pop("bundled", False)
         if bundled:
             spec["name"] = "hf:" + str(directory / BUNDLED_BACKBONE_DIR)
-        backbone = build_backbone(**spec)
+        if precision:
+            spec["precision"] = precision
+        key = json.dumps(spec, sort_keys=True)
+        if backbones is not None and key in backbones:
+            backbone = backbones[key]
+        else:
+            backbone = build_backbone(**spec).to(resolve_device(device))
+            if backbones is not None:
+                backbones[key] = backbone
         method = build_method(cfg["method"], **cfg["method_params"])
         method.load_state_tensors(load_file(str(directory / STATE_FILE)))
         aug = cfg["augmentation"]

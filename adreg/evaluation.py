@@ -19,7 +19,7 @@ class EvalResult:
     samples: list[Sample]
     scores: np.ndarray
     maps: np.ndarray = field(repr=False)
-    masks: np.ndarray | None = field(default=None, repr=False)
+    masks: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # sample index -> mask (defective)
 
     def rows(self, threshold: float | None = None) -> list[dict]:
         """Per-image table: path, label, defect type, score (and decision when a threshold is given)."""
@@ -53,10 +53,11 @@ def evaluate(detector: AnomalyDetector, samples: list[Sample], threshold: float 
                "n_test_defective": float(labels.sum())}
     size = (maps.shape[2], maps.shape[1])
     with_mask = [i for i, s in enumerate(samples) if s.label == 0 or s.mask_path is not None]
-    masks = None
+    masks: dict[int, np.ndarray] = {}
     if any(samples[i].mask_path is not None for i in with_mask):
-        masks = np.stack([load_mask(samples[i], size) for i in with_mask])
-        metrics.update(evaluate_scores(labels, scores, masks, maps[with_mask]))
+        stacked = np.stack([load_mask(samples[i], size) for i in with_mask])
+        metrics.update(evaluate_scores(labels, scores, stacked, maps[with_mask]))
+        masks = {i: m for i, m in zip(with_mask, stacked) if samples[i].label == 1}
     else:
         metrics.update(evaluate_scores(labels, scores))
     if threshold is not None and labels.size:

@@ -96,6 +96,8 @@ def load_category_data(opts: FitOptions) -> CategoryData:
 def fit_category(opts: FitOptions, show_progress: bool = True) -> FitResult:
     """Fit, calibrate and (when a test set exists) evaluate one detector."""
     check_category(opts.category)
+    if opts.category == "router":
+        raise ConfigError("'router' is reserved for the multi-category router model; choose another category name")
     device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
     data = load_category_data(opts)

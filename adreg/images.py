@@ -91,9 +91,12 @@ def file_to_b64(path: str | Path) -> str:
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name (masks named *_mask are skipped)."""
+    """Image files directly inside ``folder``, sorted by name.
+
+    Masks are skipped: ``*_mask.*`` files, and a ``X.png`` beside a ``X.jpg`` (the Magnetic-Tile layout).
+    """
     folder = Path(folder)
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.stem.endswith("_mask")
-    )
+    files = [p for p in folder.iterdir()
+             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.stem.endswith("_mask")]
+    non_png_stems = {p.stem for p in files if p.suffix.lower() != ".png"}
+    return sorted(p for p in files if not (p.suffix.lower() == ".png" and p.stem in non_png_stems))

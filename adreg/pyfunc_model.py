@@ -7,7 +7,7 @@ when ``return_map`` is on, else empty) and ``error`` (empty when the row was sco
 its own error and does not fail the others.
 
 ``model_config`` keys (overridable at serve time with SERVING_MODEL_CONFIG): ``device`` auto/cpu/cuda,
-``return_map`` bool, ``map_max_side`` (longest side of returned maps, px), ``max_image_pixels``.
+``precision`` fp32/fp16/bf16 (backbone autocast on CUDA), ``return_map`` bool, ``map_max_side`` (longest side of returned maps, px), ``max_image_pixels``.
 Map pixels are uint8 with 128 at the decision threshold (value = clip(128 * map / threshold, 0, 255)).
 """
 
@@ -17,15 +17,25 @@ import threading
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 import pandas as pd
 from PIL import Image
 
 from adreg.errors import AdregError
 from adreg.images import DEFAULT_MAX_PIXELS, decode_image_b64, encode_png_b64
 
+class BadRequest(MlflowException, AdregError):
+    """A request the model cannot take at all: MLflow's server answers 400 with this message and no
+    stack trace (other exceptions come back with one)."""
+
+    def __init__(self, message: str):
+        MlflowException.__init__(self, message, error_code=INVALID_PARAMETER_VALUE)
+
+
 IMAGE_COLUMN = "image"
 OUTPUT_COLUMNS = ["score", "is_anomaly", "threshold", "anomaly_map", "error"]
-DEFAULT_MODEL_CONFIG = {"device": "auto", "return_map": False, "map_max_side": 512,
+DEFAULT_MODEL_CONFIG = {"device": "auto", "precision": "fp32", "return_map": False, "map_max_side": 512,
                         "max_image_pixels": DEFAULT_MAX_PIXELS}
 
 
@@ -45,49 +55,74 @@ def encode_map(amap: np.ndarray, threshold: float, original_size: tuple[int, int
     return encode_png_b64(Image.fromarray(scaled).resize(size, Image.BILINEAR))
 
 
-class AnomalyDetectorModel(mlflow.pyfunc.PythonModel):
+class ServedModelBase(mlflow.pyfunc.PythonModel):
+    """What the single-category model and the multi-category router share: config, decoding, output."""
+
+    def _read_config(self, context) -> dict:
+        cfg = {**DEFAULT_MODEL_CONFIG, **(context.model_config or {})}
+        self.return_map = as_bool(cfg["return_map"])
+        self.map_max_side = int(cfg["map_max_side"])
+        self.max_image_pixels = int(cfg["max_image_pixels"])
+        # MLflow's server may call predict from several threads; the backbone and our batching are
+        # not re-entrant, so predictions are serialised (one request's rows are batched together).
+        self._lock = threading.Lock()
+        return cfg
+
+    def _decode_rows(self, model_input, columns: tuple[str, ...] = (IMAGE_COLUMN,)):
+        if isinstance(model_input, dict):
+            model_input = pd.DataFrame(model_input)
+        missing = [c for c in columns if not isinstance(model_input, pd.DataFrame) or c not in model_input.columns]
+        if missing:
+            raise BadRequest(f"input must be a table with column(s) {', '.join(columns)}; "
+                             f"missing: {', '.join(missing)}")
+        if len(model_input) == 0:
+            raise BadRequest("empty request: send at least one row")
+        rows = [{"score": None, "is_anomaly": None, "threshold": None, "anomaly_map": "", "error": ""}
+                for _ in range(len(model_input))]
+        images: dict[int, Image.Image] = {}
+        for i, value in enumerate(model_input[IMAGE_COLUMN].tolist()):
+            try:
+                images[i] = decode_image_b64(value, f"row {i}", self.max_image_pixels)
+            except AdregError as exc:
+                rows[i]["error"] = str(exc)
+        return model_input, rows, images
+
+    def _fill(self, row: dict, score: float, threshold: float, amap: np.ndarray, size) -> None:
+        row.update(score=score, is_anomaly=bool(score > threshold), threshold=threshold)
+        if self.return_map:
+            row["anomaly_map"] = encode_map(amap, threshold, size, self.map_max_side)
+
+    @staticmethod
+    def _frame(rows: list[dict]) -> pd.DataFrame:
+        out = pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+        # keep failed rows' values as None (JSON null), not NaN (invalid JSON)
+        for col in ("score", "is_anomaly", "threshold"):
+            out[col] = out[col].astype(object).where(out[col].notna(), None)
+        return out
+
+
+class AnomalyDetectorModel(ServedModelBase):
     """Wraps ``adreg.detector.AnomalyDetector`` loaded from the ``detector`` artifact."""
 
     def load_context(self, context) -> None:
         from adreg.detector import AnomalyDetector
 
-        cfg = {**DEFAULT_MODEL_CONFIG, **(context.model_config or {})}
-        self.return_map = as_bool(cfg["return_map"])
-        self.map_max_side = int(cfg["map_max_side"])
-        self.max_image_pixels = int(cfg["max_image_pixels"])
-        self.detector = AnomalyDetector.load(context.artifacts["detector"], device=str(cfg["device"]))
+        cfg = self._read_config(context)
+        self.detector = AnomalyDetector.load(context.artifacts["detector"], device=str(cfg["device"]),
+                                             precision=str(cfg["precision"]))
         if self.detector.threshold is None:
             raise AdregError("the saved detector has no threshold; it was not calibrated")
-        # MLflow's server may call predict from several threads; torch modules are not re-entrant
-        # with respect to cudnn autotuning state and our batching, so predictions are serialised.
-        self._lock = threading.Lock()
 
     # pd.DataFrame hints tell MLflow to keep using the logged signature (no type-hint schema inference)
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        if isinstance(model_input, dict):
-            model_input = pd.DataFrame(model_input)
-        if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
-            raise AdregError(f"input must be a table with an '{IMAGE_COLUMN}' column of base64-encoded images")
+        _, rows, images = self._decode_rows(model_input)
         threshold = float(self.detector.threshold.value)
-        rows = [{"score": None, "is_anomaly": None, "threshold": threshold, "anomaly_map": "", "error": ""}
-                for _ in range(len(model_input))]
-        images, index = [], []
-        for i, value in enumerate(model_input[IMAGE_COLUMN].tolist()):
-            try:
-                images.append(decode_image_b64(value, f"row {i}", self.max_image_pixels))
-                index.append(i)
-            except AdregError as exc:
-                rows[i]["error"] = str(exc)
+        for row in rows:
+            row["threshold"] = threshold
         if images:
+            index = list(images)
             with self._lock:
-                pred = self.detector.predict(images)
+                pred = self.detector.predict([images[i] for i in index])
             for j, i in enumerate(index):
-                score = float(pred.scores[j])
-                rows[i].update(score=score, is_anomaly=bool(score > threshold))
-                if self.return_map:
-                    rows[i]["anomaly_map"] = encode_map(pred.maps[j], threshold, images[j].size, self.map_max_side)
-        out = pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
-        # keep failed rows' score/is_anomaly as None (JSON null), not NaN (invalid JSON)
-        for col in ("score", "is_anomaly"):
-            out[col] = out[col].astype(object).where(out[col].notna(), None)
-        return out
+                self._fill(rows[i], float(pred.scores[j]), threshold, pred.maps[j], images[i].size)
+        return self._frame(rows)

@@ -37,7 +37,7 @@ def _client() -> mlflow.MlflowClient:
 
 def categories() -> list[str]:
     models = _client().search_registered_models(filter_string=f"name LIKE '{PREFIX}%'")
-    return sorted(m.name[len(PREFIX):] for m in models)
+    return sorted(m.name[len(PREFIX):] for m in models if m.name != PREFIX + "router")
 
 
 def _get_model(category: str):

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -119,6 +120,18 @@ def _scores_csv(result: FitResult) -> str:
     return buf.getvalue()
 
 
+def _log_curves(run_id: str, curves: dict[str, list[float]]) -> None:
+    """Training curves as metric series (one value per step), sent in batches."""
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    for key, values in curves.items():
+        metrics = [Metric(key, float(v), now, step) for step, v in enumerate(values)]
+        for start in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[start:start + 1000])
+
+
 def _without_conflicts(run_id: str, params: dict) -> dict:
     """Params safe to log on ``run_id``: under ``mlflow run`` the project's own parameters are already
     logged (e.g. ``train_dir=''``), so a differing resolved value goes in as ``resolved.<key>``."""
@@ -159,6 +172,7 @@ def log_fit(result: FitResult, run_name: str | None = None) -> LoggedFit:
         params.update({"threshold_rule": det.threshold.rule, "threshold_source": result.calibration_source})
         mlflow.log_params(_without_conflicts(run.info.run_id, params))
         mlflow.log_metrics(result.metrics())
+        _log_curves(run.info.run_id, det.method.curves)
         mlflow.log_dict({"shots": [str(p) for p in result.shots], "threshold": vars(det.threshold)},
                         "fit/shots_and_threshold.json")
         if result.evaluation is not None:
@@ -167,6 +181,13 @@ def log_fit(result: FitResult, run_name: str | None = None) -> LoggedFit:
             mlflow.log_dict({"source": result.data.source, "samples": [sample_record(s) for s in result.data.test]},
                             EVAL_MANIFEST)
         with tempfile.TemporaryDirectory() as tmp:
+            if result.evaluation is not None:
+                from adreg.reports import save_report
+
+                ev = result.evaluation
+                save_report(Path(tmp) / "report", ev.samples, ev.scores, ev.maps, det.threshold.value, ev.masks,
+                            title=f"{opts.category} {opts.method} k={opts.k_shot}")
+                mlflow.log_artifacts(str(Path(tmp) / "report"), "report")
             detector_dir = det.save(Path(tmp) / "detector")
             extra = ["transformers"] if opts.backbone.startswith("hf:") else []
             info = mlflow.pyfunc.log_model(

@@ -1,12 +1,13 @@
-"""Benchmark methods x shots x seeds on a real category, one backbone, all in one run.
+"""Benchmark methods x shots x seeds on real categories, one backbone, all in one run.
 
-    python -m pipelines.benchmark --methods subspace,rad,knn --shots 1,2,4 --seeds 0,1,2,3,4
+    python -m pipelines.benchmark --datasets bottle,mtd --methods subspace,rad,knn --shots 1,2,4,8
 
-Backbone features of the test set are extracted once and shared by every method and seed (they do
-not depend on either); shot features once per (k, seed), shared by the methods. Per-image latency is
-backbone time + the method's scoring + post-processing. Writes results.csv and results.md to --out,
-logs one MLflow run per (method, k, seed) with --log-mlflow, and rewrites the README's benchmark
-table with --update-readme.
+Backbone features of a test set are extracted once and shared by every method and seed (they do
+not depend on either); shot features once per (k, seed), shared by the methods; both are cached on
+disk (adreg.feature_cache), so a re-run skips the backbone. Per-image latency is measured backbone time
++ the method's scoring + post-processing. Writes results.csv, results.md and report pictures (seed 0)
+to --out, logs one MLflow run per (dataset, method, k, seed) with --log-mlflow (pictures as artifacts),
+and rewrites the README's benchmark table with --update-readme.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ import torch
 from adreg.augment import augment_shots, parse_augmentations
 from adreg.backbones import build_backbone
 from adreg.data import default_category_dir, load_mask, resolve_dataset, split_shots
+from adreg.detector import synthesize_cutpaste
+from adreg.feature_cache import cached_features
 from adreg.images import load_image
 from adreg.methods import build_method
 from adreg.metrics import evaluate_scores
 from adreg.postprocess import anomaly_maps, image_scores
+from adreg.reports import save_report
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
@@ -54,55 +58,84 @@ def state_mib(method) -> float:
     return sum(t.numel() * t.element_size() for t in method.state_tensors().values()) / 2 ** 20
 
 
-def run(args) -> list[dict]:
-    torch.set_num_threads(args.threads) if args.threads else None
-    data_dir = args.data or default_category_dir(args.category)
+def run_dataset(args, dataset: str, backbone, out: Path) -> list[dict]:
+    data_dir = args.data if args.data else default_category_dir(dataset)
+    if data_dir is None:
+        raise SystemExit(f"no bundled data for {dataset!r}; pass --data")
     data = resolve_dataset(data_dir)
-    backbone = build_backbone(args.backbone, layers=_ints(args.layers) if args.layers else None,
-                              image_size=args.image_size)
     size = backbone.image_size
     test = data.test
     labels = np.array([s.label for s in test])
     masks = np.stack([load_mask(s, (size, size)) for s in test])
     t0 = time.perf_counter()
-    test_feats = backbone.extract([load_image(s.path) for s in test], args.batch_size)
-    backbone_ms = (time.perf_counter() - t0) / len(test) * 1000
-    print(f"{len(test)} test images, backbone {backbone.spec()} {backbone_ms:.1f} ms/image", flush=True)
+    test_feats, hit = cached_features(backbone, [s.path for s in test], lambda: [load_image(s.path) for s in test],
+                                      {"kind": "test"}, args.batch_size, not args.no_cache)
+    if hit:  # time the backbone on a sample so latency is real even on a cache hit
+        t0 = time.perf_counter()
+        backbone.extract([load_image(s.path) for s in test[:16]], args.batch_size)
+        backbone_ms = (time.perf_counter() - t0) / min(16, len(test)) * 1000
+    else:
+        backbone_ms = (time.perf_counter() - t0) / len(test) * 1000
+    print(f"{dataset}: {len(data.train)} train / {len(test)} test images ({labels.sum()} defective), "
+          f"backbone {backbone.spec()} {backbone_ms:.1f} ms/image (cache {'hit' if hit else 'miss'})", flush=True)
     kinds = parse_augmentations(args.augment)
+    methods = args.methods.split(",")
     rows = []
     for k in _ints(args.shots):
         for seed in _ints(args.seeds):
             shots, _ = split_shots(data.train, min(k, len(data.train)), seed, 0)
-            torch.manual_seed(seed)
+            derivation = {"augment": list(kinds), "aug_count": args.aug_count, "seed": seed}
+            make_views = lambda: augment_shots([load_image(p) for p in shots], kinds, args.aug_count, seed)  # noqa: E731
             t0 = time.perf_counter()
-            train = augment_shots([load_image(p) for p in shots], kinds, args.aug_count, seed)
-            train_feats = backbone.extract(train, args.batch_size)
+            train_feats, _ = cached_features(backbone, shots, make_views, derivation, args.batch_size, not args.no_cache)
             feature_s = time.perf_counter() - t0
-            for name in args.methods.split(","):
+            synthetic = None
+            if any(build_method(m).synthesis == "cutpaste" for m in methods):
+                synthetic, _ = cached_features(backbone, shots, lambda: synthesize_cutpaste(make_views(), seed),
+                                               {**derivation, "synthesis": "cutpaste"}, args.batch_size,
+                                               not args.no_cache)
+            for name in methods:
                 method = build_method(name, **json.loads(args.method_params).get(name, {}))
+                torch.manual_seed(seed)
                 t1 = time.perf_counter()
-                method.fit(train_feats)
+                method.fit(train_feats, synthetic=synthetic if method.synthesis else None)
                 fit_s = feature_s + time.perf_counter() - t1
                 t2 = time.perf_counter()
                 scores, maps = score_features(method, test_feats, size, args.sigma, args.top_fraction)
                 method_ms = (time.perf_counter() - t2) / len(test) * 1000
                 metrics = evaluate_scores(labels, scores, masks, maps)
-                row = {"category": args.category, "method": name, "k_shot": k, "seed": seed,
-                       "n_train_images": len(train), "fit_seconds": fit_s,
+                row = {"dataset": dataset, "method": name, "k_shot": k, "seed": seed,
+                       "n_train_images": len(shots) * (1 + args.aug_count if kinds else 1), "fit_seconds": fit_s,
                        "ms_per_image": backbone_ms + method_ms, "state_mib": state_mib(method), **metrics}
                 rows.append(row)
-                print(f"k={k} seed={seed} {name:9s} img {metrics['image_auroc']:.4f} pix {metrics['pixel_auroc']:.4f} "
-                      f"pro {metrics['aupro']:.4f} fit {fit_s:.1f}s {row['ms_per_image']:.1f} ms/img", flush=True)
+                print(f"{dataset} k={k} seed={seed} {name:9s} img {metrics['image_auroc']:.4f} "
+                      f"pix {metrics['pixel_auroc']:.4f} pro {metrics['aupro']:.4f} fit {fit_s:.1f}s "
+                      f"{row['ms_per_image']:.1f} ms/img", flush=True)
+                if seed == _ints(args.seeds)[0] and not args.no_pictures:
+                    folder = out / "pictures" / f"{dataset}-{name}-k{k}"
+                    mask_of = {i: masks[i] for i in range(len(test)) if test[i].label == 1}
+                    save_report(folder, test, scores, maps, None, mask_of, n_examples=12,
+                                title=f"{dataset} {name} k={k}")
+                    row["pictures"] = str(folder)
     return rows
+
+
+def run(args) -> list[dict]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backbone = build_backbone(args.backbone, layers=_ints(args.layers) if args.layers else None,
+                              image_size=args.image_size)
+    out = Path(args.out)
+    return [row for dataset in args.datasets.split(",") for row in run_dataset(args, dataset, backbone, out)]
 
 
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["k_shot"]), []).append(r)
+        groups.setdefault((r["dataset"], r["method"], r["k_shot"]), []).append(r)
     out = []
-    for (method, k), rs in groups.items():
-        entry = {"method": method, "k_shot": k, "seeds": len(rs)}
+    for (dataset, method, k), rs in groups.items():
+        entry = {"dataset": dataset, "method": method, "k_shot": k, "seeds": len(rs)}
         for key in REPORTED:
             vals = [r[key] for r in rs]
             entry[key] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
@@ -111,14 +144,14 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict], args) -> str:
-    head = ("| method | k | seeds | image AUROC | pixel AUROC | AUPRO@0.3 | image F1-max | fit s | ms/image | state MiB |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| data | method | k | seeds | image AUROC | pixel AUROC | AUPRO@0.3 | image F1-max | fit s | ms/image "
+            "| state MiB |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for e in summary:
         cells = [f"{e[k][0]:.4f} ± {e[k][1]:.4f}" for k in REPORTED[:4]]
         cells += [f"{e['fit_seconds'][0]:.1f}", f"{e['ms_per_image'][0]:.1f}", f"{e['state_mib'][0]:.2f}"]
-        lines.append(f"| {e['method']} | {e['k_shot']} | {e['seeds']} | " + " | ".join(cells) + " |")
-    note = (f"\n{args.category}, backbone {args.backbone} ({args.image_size or 'default'} px), augment "
+        lines.append(f"| {e['dataset']} | {e['method']} | {e['k_shot']} | {e['seeds']} | " + " | ".join(cells) + " |")
+    note = (f"\n{args.datasets}, backbone {args.backbone} ({args.image_size or 'default'} px), augment "
             f"{args.augment} x{args.aug_count}, seeds {args.seeds}; {platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}, device cpu. "
             f"Command: `python -m pipelines.benchmark {' '.join(sys.argv[1:])}`\n")
@@ -133,15 +166,17 @@ def log_to_mlflow(rows: list[dict]) -> None:
     tracking.configure()
     exp = tracking.experiment_id("benchmark")
     for r in rows:
-        with mlflow.start_run(experiment_id=exp, run_name=f"{r['method']}-k{r['k_shot']}-seed{r['seed']}"):
-            mlflow.log_params({k: r[k] for k in ("category", "method", "k_shot", "seed")})
+        with mlflow.start_run(experiment_id=exp, run_name=f"{r['dataset']}-{r['method']}-k{r['k_shot']}-seed{r['seed']}"):
+            mlflow.log_params({k: r[k] for k in ("dataset", "method", "k_shot", "seed")})
             mlflow.log_metrics({k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and k != "seed"})
+            if r.get("pictures"):
+                mlflow.log_artifacts(r["pictures"], "report")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--category", default="bottle")
-    p.add_argument("--data", help="MVTec-layout category folder (default: the bundled one)")
+    p.add_argument("--datasets", default="bottle", help="comma list of bundled categories: bottle, mtd")
+    p.add_argument("--data", help="a category folder instead of the bundled one (with a single dataset)")
     p.add_argument("--methods", default="subspace,rad,knn")
     p.add_argument("--method-params", default="{}", help='JSON per method, e.g. {"rad": {"radius": 2}}')
     p.add_argument("--shots", default="1")
@@ -157,11 +192,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="bench-results")
     p.add_argument("--log-mlflow", action="store_true")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--no-pictures", action="store_true")
     p.add_argument("--update-readme", action="store_true")
     args = p.parse_args(argv)
-    rows = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rows = run(args)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
         writer.writeheader()

@@ -2,56 +2,19 @@
 
 import base64
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import requests
 from PIL import Image
 
 from adreg.images import encode_png_b64, file_to_b64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers import adreg_server
 
 
 @pytest.fixture()
 def server(use_registered, tmp_path):
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "w")
-    cmd = [sys.executable, "-m", "adreg.cli", "--tracking-uri", use_registered["uri"], "serve", "bottle",
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--return-map"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail("server exited early:\n" + (tmp_path / "serve.log").read_text()[-3000:])
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("server did not come up:\n" + (tmp_path / "serve.log").read_text()[-3000:])
+    with adreg_server(use_registered["uri"], "bottle", tmp_path / "serve.log", "--return-map") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def _post(url, images):

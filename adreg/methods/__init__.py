@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from adreg.errors import ConfigError
 from adreg.methods.base import AnomalyMethod
+from adreg.methods.foundad import FoundAD
 from adreg.methods.knn import PatchKNN
 from adreg.methods.rad import RAD
 from adreg.methods.subspace import SubspaceAD
 
-METHODS: dict[str, type[AnomalyMethod]] = {cls.name: cls for cls in (SubspaceAD, RAD, PatchKNN)}
+METHODS: dict[str, type[AnomalyMethod]] = {cls.name: cls for cls in (SubspaceAD, RAD, FoundAD, PatchKNN)}
 
 
 def build_method(name: str, **params) -> AnomalyMethod:

@@ -23,11 +23,14 @@ class AnomalyMethod(ABC):
     """Base class: hyper-parameters in ``__init__`` (sklearn style), state from ``fit``."""
 
     name: ClassVar[str]
+    #: "cutpaste" when fit() also needs features of synthetically corrupted views (see AnomalyDetector.fit)
+    synthesis: ClassVar[str | None] = None
 
     def __init__(self, **params):
         self.params = dict(params)
         self._fitted = False
         self.device = torch.device("cpu")
+        self.curves: dict[str, list[float]] = {}  # training curves, logged as MLflow metric series
 
     def get_params(self) -> dict:
         return dict(self.params)
@@ -41,8 +44,8 @@ class AnomalyMethod(ABC):
             raise NotFittedError(f"{type(self).__name__} is not fitted yet")
 
     @abstractmethod
-    def fit(self, features: Features, progress=None) -> "AnomalyMethod":
-        """Learn what normal looks like from features of normal images."""
+    def fit(self, features: Features, progress=None, synthetic: Features | None = None) -> "AnomalyMethod":
+        """Learn what normal looks like from features of normal images (``synthetic``: see ``synthesis``)."""
 
     @abstractmethod
     def score_patches(self, features: Features) -> torch.Tensor:

@@ -1,0 +1,7 @@
+"""Model-from-code entry point of the multi-category router."""
+
+import mlflow
+
+from adreg.router_model import CategoryRouterModel
+
+mlflow.models.set_model(CategoryRouterModel())

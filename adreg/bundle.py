@@ -1,0 +1,68 @@
+"""Building the multi-category router: the aliased version of each category, bundled into one pyfunc
+model registered as ``adreg-router`` (served like any other: ``adreg serve router``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+from PIL import Image
+
+from adreg import registry, tracking
+from adreg.errors import AdregError
+from adreg.router_model import CATEGORY_COLUMN, MANIFEST
+
+ROUTER = "router"  # registered as adreg-router; reserved, not a category name
+
+
+def router_signature() -> ModelSignature:
+    out = tracking.signature().outputs
+    return ModelSignature(inputs=Schema([ColSpec("string", CATEGORY_COLUMN), ColSpec("string", "image")]), outputs=out)
+
+
+def build_router(categories: list[str], alias: str = "production") -> tracking.LoggedFit:
+    """Bundle ``categories`` (each at ``alias``) into one router model, log it and register it."""
+    from adreg.images import encode_png_b64
+    from adreg.pyfunc_model import DEFAULT_MODEL_CONFIG
+
+    if not categories:
+        raise AdregError("name at least one category to bundle")
+    if len(set(categories)) != len(categories):
+        raise AdregError("a category is named twice")
+    client = mlflow.MlflowClient()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "detectors"
+        root.mkdir()
+        manifest = {"alias": alias, "categories": {}}
+        for category in categories:
+            uri = registry.model_uri(category, alias)
+            version = str(client.get_model_version_by_alias(registry.model_name(category), alias).version)
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.model_name(category)}/{version}",
+                                                             dst_path=str(Path(tmp) / "download" / category)))
+            config = next(local.rglob("detector/config.json"), None)
+            if config is None:
+                raise AdregError(f"{uri} holds no adreg detector artifact")
+            shutil.copytree(config.parent, root / category)
+            manifest["categories"][category] = {"dir": category, "version": version, "source": uri}
+        (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        example = pd.DataFrame({CATEGORY_COLUMN: [categories[0]],
+                                "image": [encode_png_b64(Image.new("RGB", (64, 64), "gray"))]})
+        with mlflow.start_run(experiment_id=tracking.experiment_id(ROUTER), run_name="router-" + "-".join(categories)) as run:
+            mlflow.set_tags({"adreg.kind": "router", "adreg.categories": ",".join(categories)})
+            mlflow.log_dict(manifest, "router_manifest.json")
+            info = mlflow.pyfunc.log_model(
+                name=tracking.MODEL_NAME_IN_RUN, python_model=str(tracking.PACKAGE_DIR / "_router_code.py"),
+                artifacts={"detectors": str(root)}, code_paths=[str(tracking.PACKAGE_DIR)],
+                signature=router_signature(), input_example=example, pip_requirements=tracking.pip_requirements(),
+                model_config=dict(DEFAULT_MODEL_CONFIG), metadata={"adreg_categories": categories})
+            mlflow.set_tag("adreg.model_complete", "true")
+    logged = tracking.LoggedFit(run_id=run.info.run_id, model_uri=info.model_uri)
+    logged.version = registry.register(info.model_uri, run.info.run_id, ROUTER)
+    logged.registered_name = registry.model_name(ROUTER)
+    return logged
