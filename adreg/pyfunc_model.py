@@ -13,7 +13,7 @@ Map pixels are uint8 with 128 at the decision threshold (value = clip(128 * map 
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import numpy as np
@@ -63,10 +63,16 @@ class ServedModelBase(mlflow.pyfunc.PythonModel):
         self.return_map = as_bool(cfg["return_map"])
         self.map_max_side = int(cfg["map_max_side"])
         self.max_image_pixels = int(cfg["max_image_pixels"])
-        # MLflow's server may call predict from several threads; the backbone and our batching are
-        # not re-entrant, so predictions are serialised (one request's rows are batched together).
-        self._lock = threading.Lock()
+        # MLflow's server calls predict from a pool of threads. Inference runs on ONE dedicated thread:
+        # that serialises it (the backbone and our batching are not re-entrant) and keeps torch/oneDNN's
+        # per-thread kernel caches warm; a cold pool thread made the first requests of each batch
+        # shape several times slower.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adreg-inference")
         return cfg
+
+    def _run(self, fn, *args):
+        """Run ``fn(*args)`` on the inference thread and wait for it."""
+        return self._executor.submit(fn, *args).result()
 
     def _decode_rows(self, model_input, columns: tuple[str, ...] = (IMAGE_COLUMN,)):
         if isinstance(model_input, dict):
@@ -121,8 +127,7 @@ class AnomalyDetectorModel(ServedModelBase):
             row["threshold"] = threshold
         if images:
             index = list(images)
-            with self._lock:
-                pred = self.detector.predict([images[i] for i in index])
+            pred = self._run(self.detector.predict, [images[i] for i in index])
             for j, i in enumerate(index):
                 self._fill(rows[i], float(pred.scores[j]), threshold, pred.maps[j], images[i].size)
         return self._frame(rows)

@@ -48,24 +48,28 @@ class CategoryRouterModel(ServedModelBase):
                                     f"{', '.join(sorted(self.detectors))}")
             elif i in images:
                 by_category[category].append(i)
-        with self._lock:
-            for members in self.groups.values():
-                index = [i for c in members for i in by_category.get(c, [])]
-                if not index:
-                    continue
-                backbone = self.detectors[members[0]].backbone
-                feats = backbone.extract([images[i] for i in index], batch_size=max(8, len(index)))
-                position = {i: j for j, i in enumerate(index)}
-                for category in members:
-                    rows_of = by_category.get(category, [])
-                    if not rows_of:
-                        continue
-                    det = self.detectors[category]
-                    pred = det.predict_features(feats[[position[i] for i in rows_of]])
-                    threshold = float(det.threshold.value)
-                    for j, i in enumerate(rows_of):
-                        self._fill(rows[i], float(pred.scores[j]), threshold, pred.maps[j], images[i].size)
+        self._run(self._score_groups, rows, images, by_category)
         return self._frame(rows)
+
+    def _score_groups(self, rows, images, by_category) -> None:
+        """One backbone pass per backbone instance over all rows of its categories, then each category."""
+        for members in self.groups.values():
+            index = [i for c in members for i in by_category.get(c, [])]
+            if not index:
+                continue
+            backbone = self.detectors[members[0]].backbone
+            feats = backbone.extract([images[i] for i in index], batch_size=max(8, len(index)))
+            position = {i: j for j, i in enumerate(index)}
+            for category in members:
+                rows_of = by_category.get(category, [])
+                if not rows_of:
+                    continue
+                det = self.detectors[category]
+                pred = det.predict_features(feats[[position[i] for i in rows_of]])
+                threshold = float(det.threshold.value)
+                for j, i in enumerate(rows_of):
+                    self._fill(rows[i], float(pred.scores[j]), threshold, pred.maps[j], images[i].size)
+
 
     def categories(self) -> list[str]:
         return sorted(self.detectors)

@@ -1,0 +1,255 @@
+"""Bounded load test of served models on 127.0.0.1: single-category servers vs the router.
+
+    python -m serving.loadtest --out bench-results/serving        # prepares its own store
+
+It fits one bottle detector, registers it under N category names (bottle-1 ... bottle-8: a stand-in
+for a plant with 8 products, all on the same backbone), bundles them into the router, then measures:
+
+* latency p50/p95/p99 and throughput with 1, 4 and 16 concurrent clients (one image per request),
+  single-category server vs router (rows spread over the categories);
+* REST overhead: one client, batch of 8 images, REST vs in-process ``predict`` of the same model;
+* resident memory (whole process group) of N single-category servers vs one router, N = 1, 4, 8.
+
+Every loop is bounded by a request count and a time limit; all servers bind 127.0.0.1 and are stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from adreg.data import default_category_dir
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`adreg serve CATEGORY` in its own process group."""
+
+    def __init__(self, uri: str, category: str, log_dir: Path):
+        self.port = _port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_dir / f"{category}-{self.port}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "adreg.cli", "--tracking-uri", uri, "serve", category,
+                                      "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"],
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: see {self.log.name}")
+            try:
+                if requests.get(f"{self.url}/ping", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server on {self.url} did not start")
+
+    def rss_mib(self) -> float:
+        """Resident memory of every process in the server's session (CLI, mlflow, uvicorn worker)."""
+        total = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                if os.getsid(int(pid)) != self.proc.pid:
+                    continue
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except (OSError, ProcessLookupError):
+                continue
+        return total / 1024
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log.close()
+
+
+def prepare_store(store: Path, n_categories: int) -> tuple[str, list[str]]:
+    from adreg import bundle, registry, tracking
+    from adreg.fitting import FitOptions, fit_category
+    import dataclasses
+
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    tracking.configure(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    result = fit_category(FitOptions(category="bottle-1", train_dir=str(default_category_dir("bottle")), k_shot=1,
+                                     seed=0, device="cpu"), show_progress=False)
+    names = [f"bottle-{i}" for i in range(1, n_categories + 1)]
+    for name in names:
+        r = dataclasses.replace(result, options=dataclasses.replace(result.options, category=name))
+        logged = tracking.log_fit(r)
+        registry.promote(name, registry.register(logged.model_uri, logged.run_id, name), "production")
+    router = bundle.build_router(names)
+    registry.promote("router", router.version, "production")
+    return uri, names
+
+
+def load(url: str, payloads: list[dict], clients: int, max_requests: int, max_seconds: float) -> dict:
+    """Send up to ``max_requests`` requests from ``clients`` threads (stops at ``max_seconds``)."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    counter = iter(range(max_requests))
+    deadline = time.monotonic() + max_seconds
+
+    def worker():
+        session = requests.Session()
+        while time.monotonic() < deadline:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            t0 = time.perf_counter()
+            resp = session.post(f"{url}/invocations", json=payloads[i % len(payloads)], timeout=120)
+            resp.raise_for_status()
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    return {"requests": len(latencies), "p50_ms": q[49] * 1000, "p95_ms": q[94] * 1000, "p99_ms": q[98] * 1000,
+            "throughput_rps": len(latencies) / wall}
+
+
+def body(columns: list[str], rows: list[list[str]]) -> dict:
+    return {"dataframe_split": {"columns": columns, "data": rows}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench-results/serving")
+    p.add_argument("--categories", type=int, default=8)
+    p.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    p.add_argument("--seconds", type=float, default=90, help="time limit per concurrency level")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("ADREG_PROGRESS", "0")
+    store = Path(tempfile.mkdtemp(prefix="adreg-loadtest-"))
+    uri, names = prepare_store(store, args.categories)
+    test_dir = default_category_dir("bottle") / "test"
+    images = [base64.b64encode(p.read_bytes()).decode() for p in sorted(test_dir.rglob("*.png"))[:32]]
+    results: dict = {"latency": [], "overhead": {}, "memory": []}
+    servers: list[Server] = []
+    try:
+        single, router = Server(uri, names[0], store), Server(uri, "router", store)
+        servers += [single, router]
+        single.wait()
+        router.wait()
+        single_payloads = [body(["image"], [[img]]) for img in images]
+        router_payloads = [body(["category", "image"], [[names[i % len(names)], img]]) for i, img in enumerate(images)]
+        for url, payloads in ((single.url, single_payloads), (router.url, router_payloads)):  # warm up
+            load(url, payloads, 1, 2, 60)
+        for clients in (1, 4, 16):
+            for kind, url, payloads in (("single", single.url, single_payloads), ("router", router.url, router_payloads)):
+                r = load(url, payloads, clients, args.requests, args.seconds)
+                results["latency"].append({"server": kind, "clients": clients, **r})
+                print(json.dumps(results["latency"][-1]), flush=True)
+
+        # REST overhead at batch 8 vs in-process predict of the same registered model
+        import mlflow
+        import pandas as pd
+
+        batch = images[:8]
+        model = mlflow.pyfunc.load_model(f"models:/adreg-{names[0]}@production", model_config={"device": "cpu"})
+        frame = pd.DataFrame({"image": batch})
+        timings = []
+        for i in range(13):  # 3 warm-up calls, then the median of 10
+            t0 = time.perf_counter()
+            model.predict(frame)
+            timings.append(time.perf_counter() - t0)
+        inproc = statistics.median(timings[3:])
+        batch_body = [body(["image"], [[b] for b in batch])]
+        load(single.url, batch_body, 1, 3, 120)  # warm-up at this batch shape
+        rest = load(single.url, batch_body, 1, 10, 120)
+        results["overhead"] = {"batch": 8, "in_process_ms": inproc * 1000, "rest_p50_ms": rest["p50_ms"],
+                               "overhead_pct": (rest["p50_ms"] / 1000 - inproc) / inproc * 100}
+        print(json.dumps(results["overhead"]), flush=True)
+        for s in servers:
+            s.stop()
+        servers = []
+
+        # resident memory: N single-category servers vs one router with N categories
+        for n in (1, 4, 8):
+            if n > len(names):
+                break
+            from adreg import bundle, registry
+
+            router_n = bundle.build_router(names[:n])
+            registry.promote("router", router_n.version, "production")
+            group = [Server(uri, name, store) for name in names[:n]]
+            rtr = Server(uri, "router", store)
+            servers = group + [rtr]
+            for s in servers:
+                s.wait()
+            for s in servers:  # one request each, so everything is loaded and touched
+                requests.post(f"{s.url}/invocations", timeout=120, json=(
+                    router_payloads[0] if s is rtr else single_payloads[0])).raise_for_status()
+            singles = sum(s.rss_mib() for s in group)
+            results["memory"].append({"categories": n, "single_servers_mib": singles, "router_mib": rtr.rss_mib(),
+                                      "one_single_server_mib": group[0].rss_mib()})
+            print(json.dumps(results["memory"][-1]), flush=True)
+            for s in servers:
+                s.stop()
+            servers = []
+    finally:
+        for s in servers:
+            s.stop()
+    (out / "serving.json").write_text(json.dumps(results, indent=2))
+    (out / "serving.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+def markdown(results: dict) -> str:
+    lines = ["| server | clients | requests | p50 ms | p95 ms | p99 ms | req/s |", "|---|---|---|---|---|---|---|"]
+    for r in results["latency"]:
+        lines.append(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
+                     f"{r['p99_ms']:.0f} | {r['throughput_rps']:.2f} |")
+    o = results.get("overhead") or {}
+    if o:
+        lines += ["", f"REST overhead at batch {o['batch']}: in-process {o['in_process_ms']:.0f} ms, REST p50 "
+                      f"{o['rest_p50_ms']:.0f} ms -> **{o['overhead_pct']:.1f}%**"]
+    if results["memory"]:
+        lines += ["", "| categories | N single servers MiB | router MiB | router / one single server |",
+                  "|---|---|---|---|"]
+        for m in results["memory"]:
+            lines.append(f"| {m['categories']} | {m['single_servers_mib']:.0f} | {m['router_mib']:.0f} | "
+                         f"{m['router_mib'] / m['one_single_server_mib']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
