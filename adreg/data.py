@@ -43,6 +43,7 @@ class CategoryData:
     val: list[Sample] = field(default_factory=list)
     test: list[Sample] = field(default_factory=list)
     source: str = ""
+    root: Path | None = None  # the folder the data was resolved from
 
 
 def repo_root() -> Path:
@@ -133,6 +134,7 @@ def resolve_dataset(train_dir: str | Path, val_dir: str | Path | None = None,
     train_dir = _require_dir(Path(train_dir), "training folder")
     if is_mtd(train_dir):
         data = mtd_split(train_dir)
+        data.root = train_dir
         data.val = read_labelled_folder(val_dir, "validation folder") if val_dir is not None else data.val
         data.test = read_labelled_folder(test_dir, "test folder") if test_dir is not None else data.test
         return data
@@ -151,7 +153,7 @@ def resolve_dataset(train_dir: str | Path, val_dir: str | Path | None = None,
         test_dir = base / "test"
     val = read_labelled_folder(val_dir, "validation folder") if val_dir is not None else []
     test = read_labelled_folder(test_dir, "test folder") if test_dir is not None else []
-    return CategoryData(train=train, val=val, test=test, source=source)
+    return CategoryData(train=train, val=val, test=test, source=source, root=train_dir)
 
 
 def split_shots(train: list[Path], k_shot: int, seed: int, holdout: int) -> tuple[list[Path], list[Path]]:

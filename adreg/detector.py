@@ -77,6 +77,39 @@ def synthesize_cutpaste(views: Sequence[Image.Image], seed: int) -> list[Image.I
     return [cutpaste(v, rng, "normal" if i % 2 == 0 else "scar", foreground_mask(v))[0] for i, v in enumerate(views)]
 
 
+def resolve_auxiliary_dir(aux: str) -> Path:
+    """``aux`` is a bundled dataset name (mtd, bottle, ...) or a folder."""
+    from adreg.data import default_category_dir
+
+    path = default_category_dir(aux) or Path(aux)
+    if not path.is_dir():
+        raise ConfigError(f"auxiliary dataset {aux!r} is neither a bundled dataset (mtd, bottle) nor a folder")
+    return path
+
+
+def load_auxiliary(aux: str, backbone: Backbone, batch_size: int, show_progress: bool):
+    """Features, image labels and patch-grid defect fractions of an auxiliary labelled dataset: its test
+    set (good and defective images with masks) and its validation images."""
+    import torch.nn.functional as F
+
+    from adreg.data import load_mask, resolve_dataset
+    from adreg.images import load_image
+    from adreg.methods.spg import Auxiliary
+
+    data = resolve_dataset(resolve_auxiliary_dir(aux))
+    samples = data.test + data.val
+    if not any(s.mask_path is not None for s in samples):
+        raise ConfigError(f"auxiliary dataset {aux!r} has no defect masks to learn from")
+    bar = _Bar(len(samples), f"features (auxiliary {aux})", show_progress)
+    feats = backbone.extract([load_image(s.path) for s in samples], batch_size, progress=bar)
+    bar.close()
+    size = backbone.image_size
+    masks = torch.from_numpy(np.stack([load_mask(s, (size, size)) for s in samples]).astype(np.float32))
+    grid = F.adaptive_avg_pool2d(masks[:, None], feats.grid)[:, 0]
+    labels = torch.tensor([s.label for s in samples])
+    return Auxiliary(feats, labels, grid, source=data.source)
+
+
 @dataclass
 class Prediction:
     """Image scores (N,) and anomaly maps (N, S, S) at the model's input resolution."""
@@ -128,10 +161,12 @@ class AnomalyDetector:
             bar = _Bar(len(corrupted), "features (CutPaste)", show_progress)
             synthetic = self.backbone.extract(corrupted, self.batch_size, progress=bar)
             bar.close()
+        auxiliary = None
+        if self.method.needs_auxiliary:
+            auxiliary = load_auxiliary(self.method.params["aux"], self.backbone, self.batch_size, show_progress)
         t1 = time.perf_counter()
-        steps = self.method.params.get("steps", len(train))
-        bar = _Bar(steps, f"fitting {self.method.name}", show_progress)
-        self.method.to(self.backbone.device).fit(feats, progress=bar, synthetic=synthetic)
+        bar = _Bar(self.method.progress_units(len(train)), f"fitting {self.method.name}", show_progress)
+        self.method.to(self.backbone.device).fit(feats, progress=bar, synthetic=synthetic, auxiliary=auxiliary)
         bar.close()
         self.method.to(self.backbone.device)  # state computed on the CPU (e.g. PCA) joins the backbone
         t2 = time.perf_counter()

@@ -50,7 +50,7 @@ class FitOptions:
     augment: str = "rotate"
     aug_count: int = 30
     sigma: float = 4.0
-    top_fraction: float = 0.01
+    top_fraction: float | None = None  # None: the method's default (mean of top 1%, or max for SPG)
     threshold_quantile: float = 0.99
     holdout: int = 20
     batch_size: int = 8
@@ -107,6 +107,13 @@ def fit_category(opts: FitOptions, show_progress: bool = True) -> FitResult:
                               precision=opts.precision).to(device)
     method = build_method(opts.method, **opts.method_params)
     opts.method_params = method.get_params()  # record the defaults too
+    if opts.top_fraction is None:
+        opts.top_fraction = method.default_top_fraction
+    if method.needs_auxiliary:
+        from adreg.detector import resolve_auxiliary_dir
+
+        if resolve_auxiliary_dir(method.params["aux"]).resolve() == data.root.resolve():
+            raise ConfigError(f"{opts.method} is zero-shot: its auxiliary dataset must not be the target category")
     detector = AnomalyDetector(backbone, method, sigma=opts.sigma, top_fraction=opts.top_fraction,
                                augment=opts.augment, aug_count=opts.aug_count, seed=opts.seed,
                                batch_size=opts.batch_size)

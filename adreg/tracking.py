@@ -173,6 +173,9 @@ def log_fit(result: FitResult, run_name: str | None = None) -> LoggedFit:
         mlflow.log_params(_without_conflicts(run.info.run_id, params))
         mlflow.log_metrics(result.metrics())
         _log_curves(run.info.run_id, det.method.curves)
+        report = det.method.report()
+        if report:
+            mlflow.log_dict(report, f"{opts.method}/report.json")
         mlflow.log_dict({"shots": [str(p) for p in result.shots], "threshold": vars(det.threshold)},
                         "fit/shots_and_threshold.json")
         if result.evaluation is not None:

@@ -27,7 +27,7 @@ import torch
 from adreg.augment import augment_shots, parse_augmentations
 from adreg.backbones import build_backbone
 from adreg.data import default_category_dir, load_mask, resolve_dataset, split_shots
-from adreg.detector import synthesize_cutpaste
+from adreg.detector import load_auxiliary, synthesize_cutpaste
 from adreg.feature_cache import cached_features
 from adreg.images import load_image
 from adreg.methods import build_method
@@ -80,6 +80,7 @@ def run_dataset(args, dataset: str, backbone, out: Path) -> list[dict]:
           f"backbone {backbone.spec()} {backbone_ms:.1f} ms/image (cache {'hit' if hit else 'miss'})", flush=True)
     kinds = parse_augmentations(args.augment)
     methods = args.methods.split(",")
+    zero_shot: dict = {}
     rows = []
     for k in _ints(args.shots):
         for seed in _ints(args.seeds):
@@ -95,13 +96,27 @@ def run_dataset(args, dataset: str, backbone, out: Path) -> list[dict]:
                                                {**derivation, "synthesis": "cutpaste"}, args.batch_size,
                                                not args.no_cache)
             for name in methods:
-                method = build_method(name, **json.loads(args.method_params).get(name, {}))
+                params = json.loads(args.method_params).get(name, {})
+                method = build_method(name, **params)
+                if method.needs_auxiliary:  # zero-shot: learned on the other dataset, once per seed
+                    params = {"aux": "mtd" if dataset != "mtd" else "bottle", "seed": seed, **params}
+                    method = build_method(name, **params)
                 torch.manual_seed(seed)
                 t1 = time.perf_counter()
-                method.fit(train_feats, synthetic=synthetic if method.synthesis else None)
-                fit_s = feature_s + time.perf_counter() - t1
+                key = (name, seed, json.dumps(params, sort_keys=True))
+                if method.needs_auxiliary and key in zero_shot:
+                    method, fit_s = zero_shot[key]
+                else:
+                    auxiliary = None
+                    if method.needs_auxiliary:
+                        auxiliary = load_auxiliary(params["aux"], backbone, args.batch_size, False)
+                    method.fit(train_feats, synthetic=synthetic if method.synthesis else None, auxiliary=auxiliary)
+                    fit_s = (0.0 if method.needs_auxiliary else feature_s) + time.perf_counter() - t1
+                    if method.needs_auxiliary:
+                        zero_shot[key] = (method, fit_s)
+                top = args.top_fraction if args.top_fraction is not None else method.default_top_fraction
                 t2 = time.perf_counter()
-                scores, maps = score_features(method, test_feats, size, args.sigma, args.top_fraction)
+                scores, maps = score_features(method, test_feats, size, args.sigma, top)
                 method_ms = (time.perf_counter() - t2) / len(test) * 1000
                 metrics = evaluate_scores(labels, scores, masks, maps)
                 row = {"dataset": dataset, "method": name, "k_shot": k, "seed": seed,
@@ -187,7 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--augment", default="rotate")
     p.add_argument("--aug-count", type=int, default=30)
     p.add_argument("--sigma", type=float, default=4.0)
-    p.add_argument("--top-fraction", type=float, default=0.01)
+    p.add_argument("--top-fraction", type=float, help="image score: mean of this top fraction of pixels "
+                                                      "(default: each method's own, 0.01 or the max for SPG)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="bench-results")

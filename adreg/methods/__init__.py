@@ -7,9 +7,10 @@ from adreg.methods.base import AnomalyMethod
 from adreg.methods.foundad import FoundAD
 from adreg.methods.knn import PatchKNN
 from adreg.methods.rad import RAD
+from adreg.methods.spg import SPG
 from adreg.methods.subspace import SubspaceAD
 
-METHODS: dict[str, type[AnomalyMethod]] = {cls.name: cls for cls in (SubspaceAD, RAD, FoundAD, PatchKNN)}
+METHODS: dict[str, type[AnomalyMethod]] = {cls.name: cls for cls in (SubspaceAD, RAD, FoundAD, SPG, PatchKNN)}
 
 
 def build_method(name: str, **params) -> AnomalyMethod:

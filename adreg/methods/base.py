@@ -25,6 +25,10 @@ class AnomalyMethod(ABC):
     name: ClassVar[str]
     #: "cutpaste" when fit() also needs features of synthetically corrupted views (see AnomalyDetector.fit)
     synthesis: ClassVar[str | None] = None
+    #: True when fit() learns from an auxiliary labelled dataset (``params["aux"]``), i.e. zero-shot
+    needs_auxiliary: ClassVar[bool] = False
+    #: image score = mean of this top fraction of map pixels (0 = the maximum)
+    default_top_fraction: ClassVar[float] = 0.01
 
     def __init__(self, **params):
         self.params = dict(params)
@@ -44,8 +48,10 @@ class AnomalyMethod(ABC):
             raise NotFittedError(f"{type(self).__name__} is not fitted yet")
 
     @abstractmethod
-    def fit(self, features: Features, progress=None, synthetic: Features | None = None) -> "AnomalyMethod":
-        """Learn what normal looks like from features of normal images (``synthetic``: see ``synthesis``)."""
+    def fit(self, features: Features, progress=None, synthetic: Features | None = None,
+            auxiliary=None) -> "AnomalyMethod":
+        """Learn what normal looks like from features of normal images (``synthetic``: see ``synthesis``;
+        ``auxiliary``: see ``needs_auxiliary``)."""
 
     @abstractmethod
     def score_patches(self, features: Features) -> torch.Tensor:
@@ -62,6 +68,14 @@ class AnomalyMethod(ABC):
     def summary(self) -> dict[str, float]:
         """Numbers worth logging about the fitted state (e.g. subspace dimension)."""
         return {}
+
+    def report(self) -> dict:
+        """A JSON report about the fitted state worth keeping with the model (empty: none)."""
+        return {}
+
+    def progress_units(self, n_views: int) -> int:
+        """How many units ``fit`` reports to its progress callback."""
+        return n_views
 
     def to(self, device) -> "AnomalyMethod":
         self.device = torch.device(device)

@@ -83,6 +83,9 @@ class FoundAD(AnomalyMethod):
                          weight_decay=float(weight_decay), input_dropout=float(input_dropout),
                          p_anomaly=float(p_anomaly), layer_combine=layer_combine, seed=int(seed))
 
+    def progress_units(self, n_views: int) -> int:
+        return self.params["steps"]
+
     def _build(self, channels: int) -> Projector:
         hidden = hidden_width(channels)
         return Projector(channels, hidden, self.params["depth"], hidden // 32, self.params["input_dropout"])
@@ -90,7 +93,7 @@ class FoundAD(AnomalyMethod):
     def _standardise(self, fmap: torch.Tensor) -> torch.Tensor:
         return (tokens_of(fmap) - self.feat_mean) / self.feat_std
 
-    def fit(self, features: Features, progress=None, synthetic: Features | None = None) -> "FoundAD":
+    def fit(self, features: Features, progress=None, synthetic: Features | None = None, auxiliary=None) -> "FoundAD":
         """Train on clean views ``features`` and their CutPaste versions ``synthetic`` (synthetic[i] from view i)."""
         if synthetic is None or len(synthetic) % len(features):
             raise ConfigError("FoundAD needs CutPaste-corrupted views aligned with the clean views")

@@ -40,7 +40,7 @@ class PatchKNN(AnomalyMethod):
         check_bank_dtype(bank_dtype)
         super().__init__(layer_combine=layer_combine, bank_dtype=bank_dtype)
 
-    def fit(self, features: Features, progress=None, synthetic: Features | None = None) -> "PatchKNN":
+    def fit(self, features: Features, progress=None, synthetic: Features | None = None, auxiliary=None) -> "PatchKNN":
         fmap = features.combined(self.params["layer_combine"])
         self.bank = F.normalize(patch_matrix(fmap), dim=1).to(check_bank_dtype(self.params["bank_dtype"]))
         if progress is not None:

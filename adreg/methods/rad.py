@@ -54,7 +54,7 @@ class RAD(AnomalyMethod):
                          layer_weights=None if layer_weights is None else [float(x) for x in layer_weights],
                          bank_dtype=bank_dtype)
 
-    def fit(self, features: Features, progress=None, synthetic: Features | None = None) -> "RAD":
+    def fit(self, features: Features, progress=None, synthetic: Features | None = None, auxiliary=None) -> "RAD":
         dtype = check_bank_dtype(self.params["bank_dtype"])
         self.patch_banks = [F.normalize(p, dim=1).to(dtype) for p in features.patches]
         self.global_bank = F.normalize(features.globals[-1], dim=1).to(dtype)

@@ -97,6 +97,9 @@ class SPG(AnomalyMethod):
                          guide_epochs=int(guide_epochs), guide_lr=float(guide_lr), temperature=float(temperature),
                          l1=float(l1), ema=float(ema), batch_images=int(batch_images), seed=int(seed))
 
+    def progress_units(self, n_views: int) -> int:
+        return self.params["sae_epochs"] + self.params["guide_epochs"]
+
     # -- stage 1 ----------------------------------------------------------------------------------
     def _train_sae(self, tokens: torch.Tensor, progress=None) -> None:
         p = self.params

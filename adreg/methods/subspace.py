@@ -49,7 +49,7 @@ class SubspaceAD(AnomalyMethod):
             raise ConfigError(f"pca_ev must be in (0, 1], got {pca_ev}")
         super().__init__(pca_ev=float(pca_ev), layer_combine=layer_combine, chunk_images=int(chunk_images))
 
-    def fit(self, features: Features, progress=None, synthetic: Features | None = None) -> "SubspaceAD":
+    def fit(self, features: Features, progress=None, synthetic: Features | None = None, auxiliary=None) -> "SubspaceAD":
         fmap = features.combined(self.params["layer_combine"])
         acc = StreamingCovariance(fmap.shape[1])
         step = self.params["chunk_images"]
