@@ -89,13 +89,16 @@ class SPG(AnomalyMethod):
     def __init__(self, aux: str = "mtd", n_atoms: int = 1024, k: int = 16, sae_epochs: int = 10,
                  sae_tokens: int = 200_000, sae_lr: float = 1e-3, aux_k: int = 64, guide_epochs: int = 15,
                  guide_lr: float = 0.01, temperature: float = 0.07, l1: float = 1e-3, ema: float = 0.999,
-                 batch_images: int = 8, seed: int = 0):
+                 batch_images: int = 8, patch_center: str = "aux", seed: int = 0):
         if k < 1 or n_atoms < k:
             raise ConfigError(f"need 1 <= k <= n_atoms, got k={k}, n_atoms={n_atoms}")
+        if patch_center not in ("aux", "image"):
+            raise ConfigError(f"patch_center must be 'aux' or 'image', got {patch_center!r}")
         super().__init__(aux=aux, n_atoms=int(n_atoms), k=int(k), sae_epochs=int(sae_epochs),
                          sae_tokens=int(sae_tokens), sae_lr=float(sae_lr), aux_k=int(aux_k),
                          guide_epochs=int(guide_epochs), guide_lr=float(guide_lr), temperature=float(temperature),
-                         l1=float(l1), ema=float(ema), batch_images=int(batch_images), seed=int(seed))
+                         l1=float(l1), ema=float(ema), batch_images=int(batch_images), patch_center=patch_center,
+                         seed=int(seed))
 
     def progress_units(self, n_views: int) -> int:
         return self.params["sae_epochs"] + self.params["guide_epochs"]
@@ -151,6 +154,13 @@ class SPG(AnomalyMethod):
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.token_mean.to(x.device)) / self.token_scale.to(x.device)
 
+    def _patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, P, C) patch tokens as the guides see them. ``patch_center='image'`` subtracts each image's
+        own mean patch first: a label-free adaptation to a new domain (what is unusual *in this image*)."""
+        if self.params["patch_center"] == "image":
+            tokens = tokens - tokens.mean(1, keepdim=True) + self.token_mean.to(tokens.device)
+        return self._normalise(tokens)
+
     # -- stage 2 ----------------------------------------------------------------------------------
     def guides(self, codes: torch.Tensor | None = None) -> torch.Tensor:
         c = F.relu(self.codes if codes is None else codes) * self.alive.to(self.dictionary.device).float()
@@ -162,7 +172,7 @@ class SPG(AnomalyMethod):
     def _train_guides(self, aux: Auxiliary, progress=None) -> None:
         p = self.params
         gen = torch.Generator().manual_seed(p["seed"] + 1)
-        patches = self._normalise(patch_tokens(aux.features))
+        patches = self._patches(patch_tokens(aux.features))
         glob = self._normalise(global_tokens(aux.features))
         masks = aux.masks.flatten(1).float()
         labels = aux.labels.long()
@@ -199,8 +209,10 @@ class SPG(AnomalyMethod):
         """Zero-shot: ``features`` (the target's shots) are not used; everything is learned on ``auxiliary``."""
         if auxiliary is None:
             raise ConfigError("SPG learns from an auxiliary labelled dataset (param aux=mtd|bottle|<folder>)")
-        self._train_sae(patch_tokens(auxiliary.features).reshape(-1, patch_tokens(auxiliary.features).shape[-1]),
-                        progress)
+        tokens = patch_tokens(auxiliary.features)
+        if self.params["patch_center"] == "image":
+            tokens = tokens - tokens.mean(1, keepdim=True) + tokens.mean((0, 1))
+        self._train_sae(tokens.reshape(-1, tokens.shape[-1]), progress)
         self.dictionary = self.sae.dictionary.detach()
         self.encoder = self.sae.encoder.detach()
         self._train_guides(auxiliary, progress)
@@ -213,7 +225,7 @@ class SPG(AnomalyMethod):
         self._check_fitted()
         fmap = features.combined("concat").to(self.device, torch.float32)
         b, _, h, w = fmap.shape
-        x = self._normalise(fmap.flatten(2).transpose(1, 2))
+        x = self._patches(fmap.flatten(2).transpose(1, 2))
         prob = self._logits(self.guides(), x, slice(2, 4)).softmax(-1)[..., 1]
         return prob.reshape(b, h, w)
 
