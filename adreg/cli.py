@@ -291,7 +291,7 @@ def cmd_quickstart(args) -> int:
     uri = tracking.configure(args.tracking_uri)
     print("\nnext:")
     print(f"  mlflow ui --backend-store-uri {uri}          # browse runs and the registry")
-    print(f"  adreg models                                   # versions, aliases, metrics")
+    print("  adreg models                                   # versions, aliases, metrics")
     print(f"  adreg predict {args.category} IMAGE...          # score images in-process")
     print(f"  adreg serve {args.category} --port 5000         # REST: models:/adreg-{args.category}@production")
     return 0

@@ -4,8 +4,6 @@ import csv
 import os
 import shutil
 
-import numpy as np
-import pytest
 import torch
 
 from adreg.backbones import build_backbone

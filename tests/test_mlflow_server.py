@@ -1,8 +1,6 @@
 """adreg against a real `mlflow server` (sqlite backend, proxied artifacts) over http://127.0.0.1."""
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +13,12 @@ import requests
 
 from adreg import lifecycle, registry, tracking
 from adreg.images import file_to_b64, load_image
+from tests.servers import free_port, stop_process_group
 
 
 @pytest.fixture()
 def mlflow_server(tmp_path, monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path / "server.log", "w")
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
            "--artifacts-destination", (tmp_path / "server-artifacts").as_uri(), "--host", "127.0.0.1",
@@ -45,11 +42,7 @@ def mlflow_server(tmp_path, monkeypatch):
         tracking.configure(url)
         yield url, tmp_path / "server-artifacts"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
         log.close()
 
 
