@@ -289,11 +289,14 @@ def cmd_quickstart(args) -> int:
     if not logged.promoted:
         return 1
     uri = tracking.configure(args.tracking_uri)
+    steps = [(f"mlflow ui --backend-store-uri {uri}", "browse runs and the registry"),
+             ("adreg models", "versions, aliases, metrics"),
+             (f"adreg predict {args.category} IMAGE...", "score images in-process"),
+             (f"adreg serve {args.category} --port 5000", f"REST: models:/adreg-{args.category}@production")]
+    width = max(len(cmd) for cmd, _ in steps)
     print("\nnext:")
-    print(f"  mlflow ui --backend-store-uri {uri}          # browse runs and the registry")
-    print("  adreg models                                   # versions, aliases, metrics")
-    print(f"  adreg predict {args.category} IMAGE...          # score images in-process")
-    print(f"  adreg serve {args.category} --port 5000         # REST: models:/adreg-{args.category}@production")
+    for cmd, what in steps:
+        print(f"  {cmd.ljust(width)}  # {what}")
     return 0
 
 
