@@ -86,7 +86,13 @@ def run_dataset(args, dataset: str, backbone, out: Path) -> list[dict]:
         for seed in _ints(args.seeds):
             shots, _ = split_shots(data.train, min(k, len(data.train)), seed, 0)
             derivation = {"augment": list(kinds), "aug_count": args.aug_count, "seed": seed}
-            make_views = lambda: augment_shots([load_image(p) for p in shots], kinds, args.aug_count, seed)  # noqa: E731
+            views: list = []
+
+            def make_views(shots=shots, seed=seed, views=views):
+                """The augmented shots, built once even when the CutPaste features need them too."""
+                if not views:
+                    views.extend(augment_shots([load_image(p) for p in shots], kinds, args.aug_count, seed))
+                return views
             t0 = time.perf_counter()
             train_feats, _ = cached_features(backbone, shots, make_views, derivation, args.batch_size, not args.no_cache)
             feature_s = time.perf_counter() - t0
