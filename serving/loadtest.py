@@ -19,10 +19,7 @@ import argparse
 import base64
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,63 +29,7 @@ from pathlib import Path
 import requests
 
 from adreg.data import default_category_dir
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`adreg serve CATEGORY` in its own process group."""
-
-    def __init__(self, uri: str, category: str, log_dir: Path):
-        self.port = _port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_dir / f"{category}-{self.port}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "adreg.cli", "--tracking-uri", uri, "serve", category,
-                                      "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait(self, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: see {self.log.name}")
-            try:
-                if requests.get(f"{self.url}/ping", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server on {self.url} did not start")
-
-    def rss_mib(self) -> float:
-        """Resident memory of every process in the server's session (CLI, mlflow, uvicorn worker)."""
-        total = 0
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                if os.getsid(int(pid)) != self.proc.pid:
-                    continue
-                for line in open(f"/proc/{pid}/status"):
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-            except (OSError, ProcessLookupError):
-                continue
-        return total / 1024
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.log.close()
+from serving.process import Server
 
 
 def prepare_store(store: Path, n_categories: int) -> tuple[str, list[str]]:
@@ -189,7 +130,7 @@ def main(argv=None) -> int:
     results: dict = {"latency": [], "overhead": {}, "memory": []}
     servers: list[Server] = []
     try:
-        single, router = Server(uri, names[0], store), Server(uri, "router", store)
+        single, router = Server(uri, names[0], store / "single.log"), Server(uri, "router", store / "router.log")
         servers += [single, router]
         single.wait()
         router.wait()
@@ -218,8 +159,8 @@ def main(argv=None) -> int:
 
             router_n = bundle.build_router(names[:n])
             registry.promote("router", router_n.version, "production")
-            group = [Server(uri, name, store) for name in names[:n]]
-            rtr = Server(uri, "router", store)
+            group = [Server(uri, name, store / f"{name}-{n}.log") for name in names[:n]]
+            rtr = Server(uri, "router", store / f"router-{n}.log")
             servers = group + [rtr]
             for s in servers:
                 s.wait()

@@ -13,7 +13,7 @@ import requests
 
 from adreg import lifecycle, registry, tracking
 from adreg.images import file_to_b64, load_image
-from tests.servers import free_port, stop_process_group
+from serving.process import free_port, stop_process_group
 
 
 @pytest.fixture()

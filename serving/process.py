@@ -1,0 +1,85 @@
+"""`adreg serve` as a child process on 127.0.0.1: start, wait until ready, measure, stop.
+
+Used by the load test and by the end-to-end tests, so both start and stop servers the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the whole process group (CLI, mlflow, uvicorn worker); SIGKILL after 30 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+class Server:
+    """`adreg serve CATEGORY` on a free port of 127.0.0.1, in its own process group."""
+
+    def __init__(self, uri: str, category: str, log_path: Path, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "adreg.cli", "--tracking-uri", uri, "serve", category,
+                                      "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", *extra],
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float = 240) -> None:
+        """Until /ping answers; RuntimeError (with the log's tail) if the server exits or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited early:\n" + self.log_tail())
+            try:
+                if requests.get(f"{self.url}/ping", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server on {self.url} did not come up:\n" + self.log_tail())
+
+    def log_tail(self, chars: int = 3000) -> str:
+        self.log.flush()
+        return self.log_path.read_text()[-chars:]
+
+    def rss_mib(self) -> float:
+        """Resident memory of every process in the server's session (CLI, mlflow, uvicorn worker)."""
+        total = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                if os.getsid(int(pid)) != self.proc.pid:
+                    continue
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except (OSError, ProcessLookupError):
+                continue
+        return total / 1024
+
+    def stop(self) -> None:
+        stop_process_group(self.proc)
+        self.log.close()
