@@ -14,21 +14,37 @@ from pipelines import benchmark
 
 def test_smoke_run_writes_tables_pictures_and_reuses_cached_features(tmp_path, monkeypatch, bottle_dir, capsys):
     monkeypatch.setenv("ADREG_CACHE", str(tmp_path / "cache"))
-    argv = ["--datasets", "bottle", "--methods", "subspace", "--shots", "1", "--seeds", "0", "--aug-count", "2",
+    argv = ["--datasets", "bottle", "--methods", "subspace,rad", "--shots", "1", "--seeds", "0,1",
+            "--method-seeds", '{"rad": "1"}', "--method-shots", '{"rad": "1,2"}', "--aug-count", "2",
             "--out", str(tmp_path / "out")]
     assert benchmark.main(argv) == 0
     first = capsys.readouterr().out
     assert "cache miss" in first
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
-    assert len(rows) == 1 and rows[0]["method"] == "subspace" and float(rows[0]["image_auroc"]) > 0.9
+    assert [(r["method"], r["k_shot"], r["seed"]) for r in rows] == [
+        ("subspace", "1", "0"), ("subspace", "1", "1"), ("rad", "1", "1"), ("rad", "2", "1")]
+    assert all(float(r["image_auroc"]) > 0.9 for r in rows)
+    assert {(r["augment"], r["aug_count"], r["layers"]) for r in rows} == {("rotate", "2", "4,10")}
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| bottle | subspace | 1 | 1 |" in table
-    pictures = tmp_path / "out" / "pictures" / "bottle-subspace-k1"
-    assert {p.name for p in pictures.iterdir()} == {"roc.png", "scores.png", "examples.png"}
+    assert all(row in table for row in ("| bottle | subspace | 1 | 2 |", "| bottle | rad | 1 | 1 |",
+                                        "| bottle | rad | 2 | 1 |"))
+    for name, k in (("subspace", 1), ("rad", 1), ("rad", 2)):
+        pictures = tmp_path / "out" / "pictures" / f"bottle-{name}-k{k}"
+        assert {p.name for p in pictures.iterdir()} == {"roc.png", "scores.png", "examples.png"}
     assert benchmark.main(argv) == 0
     assert "cache hit" in capsys.readouterr().out
     again = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert again[0]["image_auroc"] == rows[0]["image_auroc"] and again[0]["aupro"] == rows[0]["aupro"]
+
+
+def test_each_dataset_gets_its_own_settings_unless_a_flag_overrides_them():
+    parse = benchmark.build_parser().parse_args
+    mtd = benchmark.dataset_args(parse(["--datasets", "bottle,mtd"]), "mtd")
+    assert (mtd.augment, mtd.aug_count, mtd.layers, mtd.top_fraction) == ("hflip,vflip", 8, "7,10", 0.001)
+    bottle = benchmark.dataset_args(parse(["--aug-count", "3"]), "bottle")
+    assert (bottle.augment, bottle.aug_count, bottle.layers) == ("rotate", 3, None)
+    own = benchmark.dataset_args(parse(["--layers", "4", "--top-fraction", "0"]), "my-screws")
+    assert (own.layers, own.top_fraction, own.augment) == ("4", 0.0, "rotate")
 
 
 def test_cache_key_changes_with_backbone_file_and_derivation(tmp_path, monkeypatch, bottle_dir):
