@@ -34,16 +34,19 @@ def cache_key(backbone: Backbone, sources: Sequence[Path], derivation: dict) -> 
 
 
 def cached_features(backbone: Backbone, sources: Sequence[Path], make_images: Callable[[], list],
-                    derivation: dict | None = None, batch_size: int = 8, enabled: bool = True) -> tuple[Features, bool]:
-    """Features of ``make_images()`` (derived from ``sources``), from the cache when present; (features, hit)."""
+                    derivation: dict | None = None, batch_size: int = 8, enabled: bool = True,
+                    extract: Callable[[list], Features] | None = None) -> tuple[Features, bool]:
+    """Features of ``make_images()`` (derived from ``sources``), from the cache when present; (features, hit).
+    ``extract`` replaces ``backbone.extract`` (an experiment's own preprocessing: name it in ``derivation``)."""
+    extract = extract or (lambda images: backbone.extract(images, batch_size))
     if not enabled:
-        return backbone.extract(make_images(), batch_size), False
+        return extract(make_images()), False
     path = cache_dir() / f"{cache_key(backbone, sources, derivation or {})}.safetensors"
     if path.is_file():
         state = load_file(str(path))
         n = sum(1 for k in state if k.startswith("patch_"))
         return Features([state[f"patch_{i}"] for i in range(n)], [state[f"global_{i}"] for i in range(n)]), True
-    feats = backbone.extract(make_images(), batch_size)
+    feats = extract(make_images())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     state = {f"patch_{i}": p.contiguous() for i, p in enumerate(feats.patches)}

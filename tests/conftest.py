@@ -14,6 +14,7 @@ from adreg.data import default_data_root  # noqa: E402
 
 DATA_ROOT = default_data_root()
 BOTTLE = DATA_ROOT / "mvtec_ad" / "bottle"
+MTD = DATA_ROOT / "mtd"
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +22,13 @@ def bottle_dir() -> Path:
     if not (BOTTLE / "train" / "good").is_dir():
         pytest.fail(f"the real MVTec bottle data is expected at {BOTTLE} (set ADREG_DATA_ROOT)")
     return BOTTLE
+
+
+@pytest.fixture(scope="session")
+def mtd_dir() -> Path:
+    if not (MTD / "MT_Free" / "Imgs").is_dir():
+        pytest.fail(f"the real Magnetic-Tile-Defect data is expected at {MTD} (set ADREG_DATA_ROOT)")
+    return MTD
 
 
 @pytest.fixture()
