@@ -58,6 +58,10 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="backbone precision on CUDA")
     p.add_argument("--augment", default="rotate", help="comma list of none,rotate,hflip,vflip,affine,color")
     p.add_argument("--aug-count", type=int, default=30, help="augmented copies per shot (default 30)")
+    p.add_argument("--top-fraction", type=float,
+                   help="image score = mean of this top fraction of map pixels (default 0.01; 0 = maximum; "
+                        "small defects on large parts want less, e.g. 0.001 on magnetic tiles)")
+    p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of anomaly maps, pixels (default 4)")
     p.add_argument("--pca-ev", type=float, help="SubspaceAD explained-variance ratio to keep (default 0.99)")
     p.add_argument("--param", type=_parse_param, action="append", default=[], metavar="KEY=VALUE",
                    help="other method hyper-parameter, repeatable")
@@ -81,7 +85,7 @@ def fit_options_from_args(args):
         category=args.category, method=args.method, train_dir=args.train_dir, val_dir=args.val_dir,
         test_dir=args.test_dir, k_shot=args.k_shot, seed=args.seed, backbone=args.backbone, layers=args.layers,
         image_size=args.image_size, precision=args.precision, augment=args.augment, aug_count=args.aug_count,
-        threshold_quantile=args.threshold_quantile, holdout=args.holdout, batch_size=args.batch_size,
+        top_fraction=args.top_fraction, sigma=args.sigma, threshold_quantile=args.threshold_quantile, holdout=args.holdout, batch_size=args.batch_size,
         device=args.device, method_params=method_params)
 
 

@@ -65,9 +65,12 @@ def seeds_of(args: argparse.Namespace, method: str) -> list[int]:
 
 
 def shots_of(args: argparse.Namespace, method: str) -> list[int]:
-    """The shot counts ``method`` runs with: --shots, or its own list from --method-shots."""
+    """The shot counts ``method`` runs with: its own list from --method-shots, else 0 for a zero-shot
+    method (it never sees the target's images, so one row says it all), else --shots."""
     own = json.loads(args.method_shots).get(method)
-    return _ints(str(own)) if own is not None else _ints(args.shots)
+    if own is not None:
+        return _ints(str(own))
+    return [0] if build_method(method).needs_auxiliary else _ints(args.shots)
 
 
 def extraction_seconds(started: float, hit: bool, n_images: int, backbone_ms: float) -> float:

@@ -47,6 +47,15 @@ def test_each_dataset_gets_its_own_settings_unless_a_flag_overrides_them():
     assert (own.layers, own.top_fraction, own.augment) == ("4", 0.0, "rotate")
 
 
+def test_zero_shot_methods_run_once_at_k0_and_costly_ones_can_run_fewer_seeds_and_shots():
+    args = benchmark.build_parser().parse_args(["--shots", "1,8", "--seeds", "0,1,2",
+                                                "--method-seeds", '{"foundad": "0"}',
+                                                "--method-shots", '{"foundad": "8"}'])
+    assert benchmark.shots_of(args, "spg") == [0] and benchmark.shots_of(args, "rad") == [1, 8]
+    assert benchmark.shots_of(args, "foundad") == [8] and benchmark.seeds_of(args, "foundad") == [0]
+    assert benchmark.seeds_of(args, "spg") == [0, 1, 2]
+
+
 def test_cache_key_changes_with_backbone_file_and_derivation(tmp_path, monkeypatch, bottle_dir):
     monkeypatch.setenv("ADREG_CACHE", str(tmp_path / "cache"))
     img = tmp_path / "a.png"

@@ -42,9 +42,13 @@ def test_fit_register_promote_models_predict(bottle_dir, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     product = _small_product(bottle_dir, tmp_path / "widget")
     r = _adreg("fit", "--method", "subspace", "--category", "widget", "--train-dir", str(product / "good"),
-               "--k-shot", "2", "--seed", "3", "--aug-count", "4", "--register", "--promote", "staging", uri=uri)
+               "--k-shot", "2", "--seed", "3", "--aug-count", "4", "--top-fraction", "0.005", "--sigma", "2",
+               "--register", "--promote", "staging", uri=uri)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "registered adreg-widget version 1" in r.stdout
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    params = client.get_run(client.get_model_version_by_alias("adreg-widget", "staging").run_id).data.params
+    assert (params["top_fraction"], params["sigma"], params["aug_count"]) == ("0.005", "2.0", "4")
     assert "f1_optimal" in r.stdout and "validation folder" in r.stdout
     r = _adreg("promote", "widget", "--version", "1", "--alias", "production", uri=uri)
     assert r.returncode == 0 and "production -> adreg-widget version 1" in r.stdout
@@ -111,11 +115,15 @@ def test_mlflow_run_fit_entry_point(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, ADREG_PROGRESS="0")
     r = subprocess.run(["mlflow", "run", str(ROOT), "-e", "fit", "--env-manager", "local", "--experiment-name",
-                        "adreg-bottle", "-P", "category=bottle", "-P", "promote=staging"],
+                        "adreg-bottle", "-P", "category=bottle", "-P", "promote=staging", "-P", "augment=hflip,vflip",
+                        "-P", "top_fraction=0.001"],
                        capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    mv = mlflow.MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("adreg-bottle", "staging")
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    mv = client.get_model_version_by_alias("adreg-bottle", "staging")
     assert str(mv.version) == "1"
+    params = client.get_run(mv.run_id).data.params
+    assert (params["augment"], params["top_fraction"]) == ("hflip,vflip", "0.001")
 
 
 @pytest.mark.slow
