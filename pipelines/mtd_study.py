@@ -39,7 +39,7 @@ AUGMENT, AUG_COUNT = "hflip,vflip", 8
 VARIANTS = {
     "baseline": ("320x320 square resize, RAD", {}),
     "aspect-1x": ("aspect-preserving resize at native scale (the CNN sees each tile's true texture scale; "
-                  "maps resampled to the 40x40 grid)", {"scale": 1.0}),
+                  "feature maps resampled to the square input's grid)", {"scale": 1.0}),
     "aspect-2x": ("aspect-preserving resize at 2x (as tiling at 2x: small defects cover 4x the pixels)",
                   {"scale": 2.0}),
     "standardise": ("per-image intensity standardisation (mean 128, std 40) before the backbone",
