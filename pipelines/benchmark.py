@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -237,7 +238,7 @@ def markdown(summary: list[dict], args) -> str:
     note = (f"\nBackbone {args.backbone} ({args.image_size or 'default'} px); {settings}; seeds {args.seeds}"
             f"{per_method}; {platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}, device cpu. "
-            f"Command: `python -m pipelines.benchmark {' '.join(sys.argv[1:])}`\n")
+            f"Command: `python -m pipelines.benchmark {shlex.join(sys.argv[1:])}`\n")
     return head + "\n".join(lines) + "\n" + note
 
 
