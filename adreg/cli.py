@@ -85,8 +85,8 @@ def fit_options_from_args(args):
         category=args.category, method=args.method, train_dir=args.train_dir, val_dir=args.val_dir,
         test_dir=args.test_dir, k_shot=args.k_shot, seed=args.seed, backbone=args.backbone, layers=args.layers,
         image_size=args.image_size, precision=args.precision, augment=args.augment, aug_count=args.aug_count,
-        top_fraction=args.top_fraction, sigma=args.sigma, threshold_quantile=args.threshold_quantile, holdout=args.holdout, batch_size=args.batch_size,
-        device=args.device, method_params=method_params)
+        top_fraction=args.top_fraction, sigma=args.sigma, threshold_quantile=args.threshold_quantile,
+        holdout=args.holdout, batch_size=args.batch_size, device=args.device, method_params=method_params)
 
 
 def run_fit(opts, register: bool, promote_alias: str | None = None, tracking_uri: str | None = None):

@@ -15,6 +15,7 @@ import argparse
 import csv
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,16 +70,12 @@ def photometric(img: Image.Image, kind: str | None) -> Image.Image:
 def scaled_extract(backbone, images, scale: float, grid: tuple[int, int]) -> Features:
     """Features of each image resized by ``scale`` keeping its aspect ratio (one image per forward pass,
     sizes differ), resampled (area-weighted) onto ``grid`` so every method and metric works unchanged."""
-    mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std).view(1, 3, 1, 1)
     parts = []
     with torch.inference_mode():
         for img in images:
             w, h = img.size
             size = (max(32, round(w * scale)), max(32, round(h * scale)))
-            a = np.asarray(img.convert("RGB").resize(size, Image.BILINEAR), dtype=np.float32)
-            x = (torch.from_numpy(a).permute(2, 0, 1)[None] / 255.0 - mean) / std
-            f = backbone.forward_features(x)
+            f = backbone.forward_features(backbone.normalise([img.resize(size, Image.BILINEAR)]))
             parts.append(Features([F.interpolate(p, size=grid, mode="bilinear", antialias=True, align_corners=False)
                                    for p in f.patches], f.globals))
     return Features.cat(parts)
@@ -117,13 +114,26 @@ def features(backbone, paths, make_images, derivation, settings, no_cache: bool)
     return feats
 
 
-def evaluate_variant(name, settings, data, k, seed, aug_count, no_cache, backbones) -> dict:
+@dataclass
+class TestSet:
+    """The test tiles with their labels, defect types and masks, loaded once for every variant."""
+
+    samples: list
+    labels: np.ndarray
+    defects: np.ndarray
+    masks: np.ndarray
+
+    @classmethod
+    def of(cls, data) -> TestSet:
+        test = data.test
+        return cls(test, np.array([s.label for s in test]), np.array([s.defect for s in test]),
+                   np.stack([load_mask(s, (SIZE, SIZE)) for s in test]))
+
+
+def evaluate_variant(name, settings, data, testset: TestSet, k, seed, aug_count, no_cache, backbones) -> dict:
     layers = tuple(settings.get("layers", LAYERS))
     backbone = backbones.setdefault(layers, build_backbone("efficientnet-lite0", layers=list(layers), image_size=SIZE))
-    test = data.test
-    labels = np.array([s.label for s in test])
-    defects = np.array([s.defect for s in test])
-    masks = np.stack([load_mask(s, (SIZE, SIZE)) for s in test])
+    test, labels, defects, masks = testset.samples, testset.labels, testset.defects, testset.masks
     t0 = time.perf_counter()
     test_feats = features(backbone, [s.path for s in test], lambda: [load_image(s.path) for s in test],
                           {"kind": "test"}, settings, no_cache)
@@ -175,12 +185,13 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     data = resolve_dataset(default_category_dir("mtd"))
+    testset = TestSet.of(data)
     backbones: dict = {}
     rows = []
     jobs = [(v, VARIANTS[v][1], 8, AUG_COUNT) for v in args.variants.split(",") if v]
     jobs += [(f"shots-{k}", {}, k, 0) for k in (int(x) for x in args.shots_curve.split(",") if x.strip())]
     for name, settings, k, aug_count in jobs:
-        row = evaluate_variant(name, settings, data, min(k, len(data.train)), args.seed, aug_count,
+        row = evaluate_variant(name, settings, data, testset, min(k, len(data.train)), args.seed, aug_count,
                                args.no_cache, backbones)
         rows.append(row)
         print(f"{name:16s} k={row['k_shot']:<4d} img {row['image_auroc']:.4f} pix {row['pixel_auroc']:.4f} "

@@ -94,8 +94,11 @@ class Backbone(torch.nn.Module, ABC):
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Square-resize (bilinear, antialiased) and normalise PIL images into a batch tensor."""
         s = self.image_size
-        arr = np.stack([np.asarray(img.convert("RGB").resize((s, s), Image.BILINEAR), dtype=np.float32)
-                        for img in images])
+        return self.normalise([img.resize((s, s), Image.BILINEAR) for img in images])
+
+    def normalise(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images of one size as a batch tensor scaled to [0, 1] and normalised with mean/std."""
+        arr = np.stack([np.asarray(img.convert("RGB"), dtype=np.float32) for img in images])
         x = torch.from_numpy(arr).permute(0, 3, 1, 2).div_(255.0)
         mean = torch.tensor(self.mean).view(1, 3, 1, 1)
         std = torch.tensor(self.std).view(1, 3, 1, 1)
