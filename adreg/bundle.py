@@ -1,5 +1,8 @@
 """Building the multi-category router: the aliased version of each category, bundled into one pyfunc
-model registered as ``adreg-router`` (served like any other: ``adreg serve router``)."""
+model registered as ``adreg-router`` (served like any other: ``adreg serve router``). The bundle is the
+starting point: served with ``follow_alias`` set (``adreg serve router`` does), each category follows its
+own alias, the one the bundle was built from (``adreg.pyfunc.router``), so a promotion or rollback of one
+category reaches the running router without a new bundle."""
 
 from __future__ import annotations
 
@@ -16,20 +19,22 @@ from PIL import Image
 
 from adreg import registry, tracking
 from adreg.errors import AdregError
-from adreg.router_model import CATEGORY_COLUMN, MANIFEST
+from adreg.pyfunc.router import CATEGORY_COLUMN, MANIFEST
 
 ROUTER = "router"  # registered as adreg-router; reserved, not a category name
 
 
 def router_signature() -> ModelSignature:
     out = tracking.signature().outputs
-    return ModelSignature(inputs=Schema([ColSpec("string", CATEGORY_COLUMN), ColSpec("string", "image")]), outputs=out)
+    # both columns optional for MLflow's schema check: the model answers a missing one with a plain 400
+    return ModelSignature(inputs=Schema([ColSpec("string", CATEGORY_COLUMN, required=False),
+                                         ColSpec("string", "image", required=False)]), outputs=out)
 
 
 def build_router(categories: list[str], alias: str = "production") -> tracking.LoggedFit:
     """Bundle ``categories`` (each at ``alias``) into one router model, log it and register it."""
     from adreg.images import encode_png_b64
-    from adreg.pyfunc_model import DEFAULT_MODEL_CONFIG
+    from adreg.pyfunc.served import DEFAULT_MODEL_CONFIG
 
     if not categories:
         raise AdregError("name at least one category to bundle")
@@ -57,7 +62,7 @@ def build_router(categories: list[str], alias: str = "production") -> tracking.L
             mlflow.set_tags({"adreg.kind": "router", "adreg.categories": ",".join(categories)})
             mlflow.log_dict(manifest, "router_manifest.json")
             info = mlflow.pyfunc.log_model(
-                name=tracking.MODEL_NAME_IN_RUN, python_model=str(tracking.PACKAGE_DIR / "_router_code.py"),
+                name=tracking.MODEL_NAME_IN_RUN, python_model=str(tracking.PACKAGE_DIR / "pyfunc" / "_router_code.py"),
                 artifacts={"detectors": str(root)}, code_paths=[str(tracking.PACKAGE_DIR)],
                 signature=router_signature(), input_example=example, pip_requirements=tracking.pip_requirements(),
                 model_config=dict(DEFAULT_MODEL_CONFIG), metadata={"adreg_categories": categories})

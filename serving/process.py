@@ -64,22 +64,55 @@ class Server:
         self.log.flush()
         return self.log_path.read_text()[-chars:]
 
-    def rss_mib(self) -> float:
-        """Resident memory of every process in the server's session (CLI, mlflow, uvicorn worker)."""
-        total = 0
+    def pids(self) -> list[int]:
+        """Every live process of the server's session (CLI, mlflow, uvicorn worker)."""
+        out = []
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
             try:
-                if os.getsid(int(pid)) != self.proc.pid:
-                    continue
-                for line in open(f"/proc/{pid}/status"):
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+                if os.getsid(int(pid)) == self.proc.pid:
+                    state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+                    if state != "Z":
+                        out.append(int(pid))
             except (OSError, ProcessLookupError):
                 continue
-        return total / 1024
+        return out
+
+    def rss_mib(self, worker_only: bool = False) -> float:
+        """Resident memory of the server's processes (``worker_only``: the largest one, the uvicorn
+        worker that holds the model)."""
+        sizes = []
+        for pid in self.pids():
+            try:
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("VmRSS:"):
+                        sizes.append(int(line.split()[1]))
+            except (OSError, ProcessLookupError):
+                continue
+        return (max(sizes, default=0) if worker_only else sum(sizes)) / 1024
+
+    def listening(self) -> bool:
+        """Whether anything accepts connections on the server's port."""
+        with socket.socket() as s:
+            s.settimeout(1)
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def terminate_cli(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Signal the `adreg serve` process ONLY (what a service manager does) and wait for it."""
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
 
     def stop(self) -> None:
+        """Stop `adreg serve` (it hands the signal on to MLflow's server and its worker), then make sure
+        no process of its session is left."""
         stop_process_group(self.proc)
+        deadline = time.monotonic() + 20
+        while self.pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.log.close()

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import requests
 
-from adreg import bundle, registry, tracking
+from adreg import bundle, lifecycle, registry, tracking
 from adreg.errors import AdregError
 from adreg.images import file_to_b64
-from tests.servers import adreg_server
+from tests.servers import adreg_server, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,14 @@ def router_store(registered_bottle, bottle_dir, tmp_path_factory):
         registered_bottle["result"].options, category="cap"))
     logged = tracking.log_fit(cap)
     registry.promote("cap", registry.register(logged.model_uri, logged.run_id, "cap"), "production")
+    cap_logged = logged
     vial = fit_category(FitOptions(category="vial", train_dir=str(bottle_dir / "train" / "good"), k_shot=1,
                                    image_size=256, aug_count=2, holdout=5, device="cpu"), show_progress=False)
     logged = tracking.log_fit(vial)
     registry.promote("vial", registry.register(logged.model_uri, logged.run_id, "vial"), "production")
     router = bundle.build_router(["bottle", "cap", "vial"])
     registry.promote("router", router.version, "production")
-    return {"uri": registered_bottle["uri"], "vial": vial}
+    return {"uri": registered_bottle["uri"], "vial": vial, "cap_logged": cap_logged}
 
 
 def test_router_shares_backbones_and_matches_single_models(router_store, bottle_dir, monkeypatch):
@@ -63,15 +64,46 @@ def test_router_shares_backbones_and_matches_single_models(router_store, bottle_
         model.predict(frame.iloc[:0])
 
 
-def test_router_over_rest(router_store, bottle_dir, tmp_path):
-    with adreg_server(router_store["uri"], "router", tmp_path / "router.log") as url:
-        body = {"dataframe_split": {"columns": ["category", "image"],
-                                    "data": [["cap", file_to_b64(bottle_dir / "test" / "broken_large" / "001.png")],
-                                             ["vial", file_to_b64(bottle_dir / "test" / "good" / "001.png")]]}}
-        resp = requests.post(f"{url}/invocations", json=body, timeout=120)
-        assert resp.status_code == 200, resp.text[:300]
-        rows = resp.json()["predictions"]
-        assert rows[0]["is_anomaly"] is True and rows[0]["error"] == "" and rows[1]["error"] == ""
+def test_router_over_rest_follows_each_category_and_bounds_requests(router_store, bottle_dir, tmp_path,
+                                                                    monkeypatch):
+    """One router server: per-row versions, each category following its own alias independently
+    (promote and roll back `cap` while `bottle` stays), bounded requests."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", router_store["uri"])
+    tracking.configure(router_store["uri"])
+    bad, good = bottle_dir / "test" / "broken_large" / "001.png", bottle_dir / "test" / "good" / "001.png"
+    body = {"dataframe_split": {"columns": ["category", "image"],
+                                "data": [["cap", file_to_b64(bad)], ["vial", file_to_b64(good)],
+                                         ["bottle", file_to_b64(bad)]]}}
+    client = mlflow.MlflowClient()
+    version = {c: str(client.get_model_version_by_alias(f"adreg-{c}", "production").version)
+               for c in ("bottle", "cap")}
+    with adreg_server(router_store["uri"], "router", tmp_path / "router.log", "--poll-seconds", "1",
+                      "--max-rows", "4") as url:
+        def rows():
+            resp = requests.post(f"{url}/invocations", json=body, timeout=120)
+            assert resp.status_code == 200, resp.text[:300]
+            return resp.json()["predictions"]
+
+        first = rows()
+        assert first[0]["is_anomaly"] is True and all(r["error"] == "" for r in first)
+        assert [(r["model_name"], r["model_version"]) for r in first[::2]] == \
+            [("adreg-cap", version["cap"]), ("adreg-bottle", version["bottle"])]
+        # a new cap version (the same logged model registered again), promoted: only cap's rows change
+        logged = router_store["cap_logged"]
+        new_cap = registry.register(logged.model_uri, logged.run_id, "cap")
+        registry.promote("cap", new_cap, "production")
+        wait_for(lambda: rows()[0]["model_version"] == new_cap, 30, what="cap's new version in the router")
+        now = rows()
+        assert now[2]["model_version"] == version["bottle"] and now[0]["score"] == pytest.approx(first[0]["score"])
+        lifecycle.rollback("cap", "production")
+        wait_for(lambda: rows()[0]["model_version"] == version["cap"], 30, what="cap rolled back in the router")
+
         resp = requests.post(f"{url}/invocations", json={"dataframe_split": {"columns": ["category", "image"],
                                                                               "data": []}}, timeout=60)
         assert 400 <= resp.status_code < 500
+        resp = requests.post(f"{url}/invocations", timeout=60, json={"dataframe_split": {
+            "columns": ["category", "image"], "data": [["cap", "x"]] * 5}})
+        assert resp.status_code == 400 and resp.json()["message"].startswith("too many rows: 5")
+        resp = requests.post(f"{url}/invocations", timeout=60, json={"dataframe_split": {
+            "columns": ["image"], "data": [[file_to_b64(good)]]}})
+        assert resp.status_code == 400 and resp.json()["message"].startswith("the request has no 'category' column")

@@ -22,7 +22,7 @@ def _post(url, images):
     return requests.post(f"{url}/invocations", json=body, timeout=120)
 
 
-def test_rest_scores_maps_and_errors(server, bottle_dir):
+def test_rest_scores_maps_and_errors(server, bottle_dir, use_registered):
     good = file_to_b64(bottle_dir / "test" / "good" / "005.png")
     bad_path = bottle_dir / "test" / "broken_large" / "004.png"
     from serving.client import AdregClient
@@ -43,7 +43,10 @@ def test_rest_scores_maps_and_errors(server, bottle_dir):
     assert [r.score for r in via_client] == pytest.approx([rows[0]["score"], rows[1]["score"]])
     assert via_client[1].anomaly_map.size == square.size and via_client[1].is_anomaly
     assert rows[3]["error"].startswith("row 3: not a readable image") and rows[3]["score"] is None
+    # every row names the version that scored it (adreg serve follows @production)
+    assert {(r["model_name"], r["model_version"], r["model_alias"]) for r in rows} == \
+        {("adreg-bottle", use_registered["version"], "production")}
     # a request without the image column is refused with a 4xx, not a 500
     resp = requests.post(f"{server}/invocations", json={"dataframe_split": {"columns": ["img"], "data": [["x"]]}},
                          timeout=60)
-    assert 400 <= resp.status_code < 500
+    assert resp.status_code == 400 and resp.json()["message"].startswith("the request has no 'image' column")

@@ -2,6 +2,6 @@
 
 import mlflow
 
-from adreg.router_model import CategoryRouterModel
+from adreg.pyfunc.router import CategoryRouterModel
 
 mlflow.models.set_model(CategoryRouterModel())

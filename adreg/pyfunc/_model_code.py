@@ -2,6 +2,6 @@
 
 import mlflow
 
-from adreg.pyfunc_model import AnomalyDetectorModel
+from adreg.pyfunc.served import AnomalyDetectorModel
 
 mlflow.models.set_model(AnomalyDetectorModel())

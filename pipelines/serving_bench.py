@@ -1,0 +1,258 @@
+"""Serving follows the registry: one run, side by side (issue 18's targets).
+
+    python -m pipelines.serving_bench --out bench-results/serving-follow            # full
+    python -m pipelines.serving_bench --quick --out /tmp/serving-follow             # reduced check
+
+Prepares its own sqlite store: one 1-shot SubspaceAD bottle fit, logged as version 1 and (threshold x2)
+as version 2; then, against real `adreg serve bottle` processes on 127.0.0.1 (default poll interval):
+
+* steady state: latency p50/p99 with 4 clients, one image per request;
+* time from the alias move (what `adreg promote` does after its gate) to the first answer by the new
+  version, over every swap of the cycles below (target <= 10 s);
+* p50/p99 and errors with 4 clients during N promote/rollback cycles (target p99 <= 1.5x steady, 0 errors);
+* resident memory of the server after the first swap vs after all 2N swaps (target <= 1.1x);
+* latency with a same-backbone shadow (``--shadow staging``, staging = version 2) vs without (<= 1.15x),
+  measured alternately on the same server;
+* latency with capture on (rate 1.0: every image written) vs off (<= 1.05x), two servers, alternately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from serving.process import Server
+
+
+def prepare(store: Path, quick: bool) -> dict:
+    from adreg import registry, tracking
+    from adreg.data import default_category_dir
+    from adreg.detector import Threshold
+    from adreg.fitting import FitOptions, fit_category
+
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    tracking.configure(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    extra = {"aug_count": 2, "holdout": 5} if quick else {}
+    result = fit_category(FitOptions(category="bottle", train_dir=str(default_category_dir("bottle")), k_shot=1,
+                                     seed=0, device="cpu", **extra), show_progress=False)
+    result = dataclasses.replace(result, evaluation=None)
+    logged = tracking.log_fit(result)
+    v1 = registry.register(logged.model_uri, logged.run_id, "bottle")
+    det2 = copy.copy(result.detector)
+    det2.threshold = Threshold(result.detector.threshold.value * 2, "bench: doubled")
+    logged = tracking.log_fit(dataclasses.replace(result, detector=det2))
+    v2 = registry.register(logged.model_uri, logged.run_id, "bottle")
+    registry.promote("bottle", v1, "production", reason="bench")
+    return {"uri": uri, "v1": v1, "v2": v2}
+
+
+class Load:
+    """``clients`` threads posting one image per request until stopped; latencies and errors."""
+
+    def __init__(self, url: str, payloads: list[dict], clients: int = 4):
+        self.url, self.payloads, self.clients = url, payloads, clients
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(clients)]
+
+    def _run(self, k: int) -> None:
+        session = requests.Session()
+        i = k
+        while not self._stop.is_set():
+            payload = self.payloads[i % len(self.payloads)]
+            i += self.clients
+            t0 = time.perf_counter()
+            try:
+                resp = session.post(f"{self.url}/invocations", json=payload, timeout=120)
+                ok = resp.status_code == 200 and not resp.json()["predictions"][0]["error"]
+                err = None if ok else resp.text[:200]
+            except Exception as exc:  # noqa: BLE001 - counted
+                err = repr(exc)
+            with self._lock:
+                if err:
+                    self.errors.append(err)
+                else:
+                    self.latencies.append(time.perf_counter() - t0)
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(120)
+
+    def summary(self) -> dict:
+        lat = sorted(self.latencies)
+        q = statistics.quantiles(lat, n=100) if len(lat) > 1 else lat * 99
+        return {"requests": len(lat), "errors": len(self.errors), "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000}
+
+
+def measure(url: str, payloads: list[dict], requests_n: int, max_seconds: float) -> dict:
+    with Load(url, payloads) as load:
+        deadline = time.monotonic() + max_seconds
+        while len(load.latencies) + len(load.errors) < requests_n and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return load.summary()
+
+
+def version_of(url: str, payload: dict) -> str:
+    resp = requests.post(f"{url}/invocations", json=payload, timeout=120)
+    resp.raise_for_status()
+    return resp.json()["predictions"][0]["model_version"]
+
+
+def swap_to(url: str, payload: dict, version: str, timeout: float = 60) -> float:
+    """Move production to ``version``; seconds until the first answer by it."""
+    from adreg import registry
+
+    registry.promote("bottle", version, "production", reason="bench cycle")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if version_of(url, payload) == version:
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise RuntimeError(f"version {version} did not answer within {timeout} s")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench-results/serving-follow")
+    p.add_argument("--cycles", type=int, default=20, help="promote/rollback cycles (default 20)")
+    p.add_argument("--requests", type=int, default=160, help="requests per latency measurement")
+    p.add_argument("--rounds", type=int, default=2, help="alternations for the shadow and capture comparisons")
+    p.add_argument("--quick", action="store_true", help="reduced setting: small fit, 3 cycles, 24 requests")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.cycles, args.requests, args.rounds = 3, 24, 1
+    os.environ.setdefault("ADREG_PROGRESS", "0")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = Path(tempfile.mkdtemp(prefix="adreg-serving-bench-"))
+    t0 = time.monotonic()
+    prep = prepare(store, args.quick)
+    print(f"store ready in {time.monotonic() - t0:.0f} s: {prep}", flush=True)
+    from adreg import registry
+    from adreg.data import default_category_dir
+
+    test_dir = default_category_dir("bottle") / "test"
+    images = [base64.b64encode(q.read_bytes()).decode() for q in sorted(test_dir.rglob("*.png"))[:16]]
+    payloads = [{"dataframe_split": {"columns": ["image"], "data": [[img]]}} for img in images]
+    res: dict = {"cycles": args.cycles, "requests": args.requests}
+    servers: list[Server] = []
+    try:
+        main_srv = Server(prep["uri"], "bottle", store / "serve.log", "--shadow", "staging")
+        cap_srv = Server(prep["uri"], "bottle", store / "serve-capture.log", "--capture", str(store / "capture"),
+                         "--capture-rate", "1.0")
+        servers = [main_srv, cap_srv]
+        for s in servers:
+            s.wait()
+        for s in servers:  # warm up
+            measure(s.url, payloads, 8, 120)
+
+        res["steady"] = measure(main_srv.url, payloads, args.requests, 600)
+        print("steady", res["steady"], flush=True)
+
+        # promote/rollback cycles under 4 clients; every swap timed from the alias move
+        swaps, rss = [], {}
+        with Load(main_srv.url, payloads) as load:
+            for c in range(args.cycles):
+                for version in (prep["v2"], prep["v1"]):
+                    swaps.append(swap_to(main_srv.url, payloads[0], version))
+                    if not rss:
+                        time.sleep(1)
+                        rss["after_first_swap_mib"] = main_srv.rss_mib()
+        res["cycles_load"] = load.summary()
+        time.sleep(2)
+        rss["after_all_swaps_mib"] = main_srv.rss_mib()
+        res["rss"] = rss
+        res["swap_s"] = {"n": len(swaps), "median": statistics.median(swaps), "max": max(swaps)}
+        print("cycles", res["cycles_load"], res["swap_s"], rss, flush=True)
+
+        # same-backbone shadow vs none, alternately on the same server
+        shadow_on, shadow_off = [], []
+        for _ in range(args.rounds):
+            shadow_off.append(measure(main_srv.url, payloads, args.requests, 600))
+            registry.promote("bottle", prep["v2"], "staging", reason="bench shadow")
+            time.sleep(6)  # the follower loads the candidate (poll 2 s + load)
+            shadow_on.append(measure(main_srv.url, payloads, args.requests, 600))
+            import mlflow
+
+            mlflow.MlflowClient().delete_registered_model_alias("adreg-bottle", "staging")
+            time.sleep(4)
+        res["shadow"] = {"off": shadow_off, "on": shadow_on}
+        print("shadow", res["shadow"], flush=True)
+
+        # capture (rate 1.0) vs off: two servers, alternately
+        cap_on, cap_off = [], []
+        for _ in range(args.rounds):
+            cap_off.append(measure(main_srv.url, payloads, args.requests, 600))
+            cap_on.append(measure(cap_srv.url, payloads, args.requests, 600))
+        res["capture"] = {"off": cap_off, "on": cap_on,
+                          "files": len(list((store / "capture").rglob("*.png")))}
+        print("capture", res["capture"], flush=True)
+    finally:
+        for s in servers:
+            s.stop()
+    (out / "serving_follow.json").write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    (out / "serving_follow.md").write_text(md)
+    print(md)
+    return 0
+
+
+def _p(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def markdown(r: dict) -> str:
+    s, c = r["steady"], r["cycles_load"]
+    sh_off, sh_on = _p(r["shadow"]["off"], "p50_ms"), _p(r["shadow"]["on"], "p50_ms")
+    sh_off99, sh_on99 = _p(r["shadow"]["off"], "p99_ms"), _p(r["shadow"]["on"], "p99_ms")
+    cp_off, cp_on = _p(r["capture"]["off"], "p50_ms"), _p(r["capture"]["on"], "p50_ms")
+    cp_off99, cp_on99 = _p(r["capture"]["off"], "p99_ms"), _p(r["capture"]["on"], "p99_ms")
+    rss = r["rss"]
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    lines = [
+        "| measurement | baseline | with | ratio / value | target |",
+        "|---|---|---|---|---|",
+        f"| promote -> first answer by the new version ({r['swap_s']['n']} swaps) | | median "
+        f"{r['swap_s']['median']:.1f} s | max {r['swap_s']['max']:.1f} s | <= 10 s: {mark(r['swap_s']['max'] <= 10)} |",
+        f"| latency, 4 clients: steady vs during {r['cycles']} promote/rollback cycles | p50 {s['p50_ms']:.0f} / "
+        f"p99 {s['p99_ms']:.0f} ms | p50 {c['p50_ms']:.0f} / p99 {c['p99_ms']:.0f} ms | p99 "
+        f"{c['p99_ms'] / s['p99_ms']:.2f}x, {c['errors']} errors in {c['requests'] + c['errors']} requests | "
+        f"<= 1.5x, 0 errors: {mark(c['p99_ms'] <= 1.5 * s['p99_ms'] and c['errors'] == 0)} |",
+        f"| server RSS: after the first swap vs after {2 * r['cycles']} swaps | {rss['after_first_swap_mib']:.0f} MiB | "
+        f"{rss['after_all_swaps_mib']:.0f} MiB | {rss['after_all_swaps_mib'] / rss['after_first_swap_mib']:.2f}x | "
+        f"<= 1.1x: {mark(rss['after_all_swaps_mib'] <= 1.1 * rss['after_first_swap_mib'])} |",
+        f"| latency, 4 clients: same-backbone shadow off vs on | p50 {sh_off:.0f} / p99 {sh_off99:.0f} ms | "
+        f"p50 {sh_on:.0f} / p99 {sh_on99:.0f} ms | p50 {sh_on / sh_off:.2f}x | <= 1.15x: {mark(sh_on <= 1.15 * sh_off)} |",
+        f"| latency, 4 clients: capture off vs on (rate 1.0, {r['capture']['files']} files) | p50 {cp_off:.0f} / "
+        f"p99 {cp_off99:.0f} ms | p50 {cp_on:.0f} / p99 {cp_on99:.0f} ms | p50 {cp_on / cp_off:.2f}x | "
+        f"<= 1.05x: {mark(cp_on <= 1.05 * cp_off)} |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
