@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 import adreg
 from adreg.augment import augment_shots, parse_augmentations
 from adreg.backbones import Backbone, build_backbone
+from adreg.backbones.export import EXPORT_DIR, ExportedBackbone, resolve_runtime
+from adreg import integrity
 from adreg.errors import ConfigError
 from adreg.methods import AnomalyMethod, build_method
 from adreg.postprocess import anomaly_maps, image_scores
@@ -143,8 +145,20 @@ class AnomalyDetector:
         self.threshold: Threshold | None = None
         self.fit_info: dict = {}
         self._bundled_backbone: Path | None = None
+        self._exported: Path | None = None  # exported backbone files (adreg.backbones.export), kept on save
 
     # -- fitting and scoring -------------------------------------------------------------------
+    @property
+    def backbone_batch(self) -> int:
+        """Images per backbone call: ``batch_size`` on a GPU, one on the CPU, where eager torch runs a batch
+        of 8 2-3x slower per image than one image at a time (../CPU-NOTES: 19 vs 45-70 ms/image on Lite0).
+        Features do not depend on it, so neither do scores."""
+        return self.batch_size if self.backbone.device.type == "cuda" else 1
+
+    def extract(self, images: Sequence[Image.Image], progress=None):
+        """Backbone features of PIL images, ``backbone_batch`` at a time (float32, on the CPU)."""
+        return self.backbone.extract(images, self.backbone_batch, progress=progress)
+
     def fit(self, images: Sequence[Image.Image], show_progress: bool = True) -> "AnomalyDetector":
         """Augment the shots, extract their features and fit the method."""
         if not images:
@@ -153,13 +167,13 @@ class AnomalyDetector:
         train = augment_shots(images, self.augment, self.aug_count, self.seed)
         torch.manual_seed(self.seed)
         bar = _Bar(len(train), "features (fit)", show_progress)
-        feats = self.backbone.extract(train, self.batch_size, progress=bar)
+        feats = self.extract(train, progress=bar)
         bar.close()
         synthetic = None
         if self.method.synthesis == "cutpaste":
             corrupted = synthesize_cutpaste(train, self.seed)
             bar = _Bar(len(corrupted), "features (CutPaste)", show_progress)
-            synthetic = self.backbone.extract(corrupted, self.batch_size, progress=bar)
+            synthetic = self.extract(corrupted, progress=bar)
             bar.close()
         auxiliary = None
         if self.method.needs_auxiliary:
@@ -174,6 +188,47 @@ class AnomalyDetector:
                          "method_fit_seconds": t2 - t1, "fit_seconds": t2 - t0}
         return self
 
+    def update_seed(self) -> int:
+        """Seed of the next update's augmentation and CutPaste: differs from the fit's (``seed``) and from
+        every earlier update's, since the number of images seen so far only grows."""
+        return self.seed + 1_000_003 * int(self.fit_info.get("n_shots", 0))
+
+    def update(self, images: Sequence[Image.Image], show_progress: bool = True) -> dict:
+        """Grow the fitted model with more good images: augment them with this detector's own settings (a
+        seed of their own, see ``update_seed``), extract their features (+ CutPaste views when the method
+        needs them) and let the method grow its state (``AnomalyMethod.update``). The threshold is NOT
+        recalibrated here. Returns the method's report with ``n_images`` and ``seconds`` added."""
+        if not images:
+            raise ConfigError("no images to update with")
+        if not self.method.is_fitted:
+            raise ConfigError("cannot update a detector that is not fitted; fit it first")
+        t0 = time.perf_counter()
+        seed = self.update_seed()
+        train = augment_shots(images, self.augment, self.aug_count, seed)
+        torch.manual_seed(seed)
+        bar = _Bar(len(train), "features (update)", show_progress)
+        feats = self.extract(train, progress=bar)
+        bar.close()
+        synthetic = None
+        if self.method.synthesis == "cutpaste":
+            corrupted = synthesize_cutpaste(train, seed)
+            bar = _Bar(len(corrupted), "features (CutPaste)", show_progress)
+            synthetic = self.extract(corrupted, progress=bar)
+            bar.close()
+        t1 = time.perf_counter()
+        bar = _Bar(self.method.update_progress_units(len(train)), f"updating {self.method.name}", show_progress)
+        report = self.method.to(self.backbone.device).update(feats, progress=bar, synthetic=synthetic)
+        bar.close()
+        self.method.to(self.backbone.device)
+        t2 = time.perf_counter()
+        info = self.fit_info
+        info["n_shots"] = int(info.get("n_shots", 0)) + len(images)
+        info["n_train_images"] = int(info.get("n_train_images", 0)) + len(train)
+        info["n_updates"] = int(info.get("n_updates", 0)) + 1
+        info.update({"update_seconds": t2 - t0, "update_feature_seconds": t1 - t0,
+                     "update_method_seconds": t2 - t1, "update_seed": seed})
+        return {**report, "n_images": len(images), "n_views": len(train), "seconds": t2 - t0}
+
     @torch.inference_mode()
     def predict(self, images: Sequence[Image.Image], show_progress: bool = False) -> Prediction:
         """Scores and smoothed maps for PIL images, in batches."""
@@ -181,7 +236,7 @@ class AnomalyDetector:
         bar = _Bar(len(images), "scoring", show_progress)
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
-            parts.append(self.predict_features(self.backbone.extract(chunk, self.batch_size)))
+            parts.append(self.predict_features(self.extract(chunk)))
             bar(len(chunk))
         bar.close()
         size = self.backbone.image_size
@@ -230,6 +285,8 @@ class AnomalyDetector:
             shutil.copytree(local, directory / BUNDLED_BACKBONE_DIR, dirs_exist_ok=True)
             cfg["backbone"]["name"] = "hf:" + BUNDLED_BACKBONE_DIR
             cfg["backbone"]["bundled"] = True
+        if self._exported is not None and self._exported.resolve() != (directory / EXPORT_DIR).resolve():
+            shutil.copytree(self._exported, directory / EXPORT_DIR, dirs_exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.method.state_tensors().items()}
         save_file(state, str(directory / STATE_FILE), metadata={"method": self.method.name})
         (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
@@ -237,12 +294,17 @@ class AnomalyDetector:
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto", precision: str | None = None,
-             backbones: dict[str, Backbone] | None = None) -> "AnomalyDetector":
+             backbones: dict[str, Backbone] | None = None, runtime: str | None = None,
+             threads: int = 0) -> "AnomalyDetector":
         """Load a saved detector. ``precision`` overrides the backbone's (fp16/bf16 on CUDA); detectors
-        loaded with the same ``backbones`` dict share one instance per identical backbone spec."""
+        loaded with the same ``backbones`` dict share one instance per identical backbone spec.
+        ``runtime`` torch / onnxruntime / openvino runs the backbone (None: the runtime the folder was
+        exported for, torch when it has no export); ``threads`` > 0 sets the CPU thread count."""
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
             raise ConfigError(f"{directory} is not a saved adreg detector (no {CONFIG_FILE})")
+        if integrity.has_manifest(directory):  # tamper evidence: refuse a folder whose files changed
+            integrity.verify(directory)
         cfg = json.loads((directory / CONFIG_FILE).read_text())
         if cfg.get("format_version", 0) > FORMAT_VERSION:
             raise ConfigError(f"{directory} was saved by a newer adreg (format {cfg['format_version']})")
@@ -252,11 +314,13 @@ class AnomalyDetector:
             spec["name"] = "hf:" + str(directory / BUNDLED_BACKBONE_DIR)
         if precision:
             spec["precision"] = precision
-        key = json.dumps(spec, sort_keys=True)
+        runtime, device = resolve_runtime(directory, runtime, device, threads)
+        key = json.dumps({**spec, "runtime": runtime}, sort_keys=True)
         if backbones is not None and key in backbones:
             backbone = backbones[key]
         else:
-            backbone = build_backbone(**spec).to(resolve_device(device))
+            backbone = (build_backbone(**spec).to(resolve_device(device)) if runtime == "torch"
+                        else ExportedBackbone(directory, runtime, threads))
             if backbones is not None:
                 backbones[key] = backbone
         method = build_method(cfg["method"], **cfg["method_params"])
@@ -266,6 +330,8 @@ class AnomalyDetector:
                   batch_size=cfg.get("batch_size", 8), **cfg["postprocess"])
         if bundled:
             det._bundled_backbone = directory / BUNDLED_BACKBONE_DIR
+        if (directory / EXPORT_DIR).is_dir():
+            det._exported = directory / EXPORT_DIR
         if cfg.get("threshold"):
             det.threshold = Threshold(**cfg["threshold"])
         det.fit_info = cfg.get("fit_info", {})

@@ -74,6 +74,29 @@ def test_state_roundtrip_and_loss_curve_logged(small_foundad, tmp_path, tracking
     assert [m.step for m in history] == list(range(SMALL["steps"]))
 
 
+def test_update_continues_training_from_the_parent(small_foundad, bottle_dir):
+    """An update starts from the parent's projector (not from scratch), changes it, keeps the parent's
+    standardisation, and the grown model still scores good bottles below defective ones."""
+    parent = small_foundad
+    method = build_method("foundad", **SMALL)
+    method.load_state_tensors(parent.method.state_tensors())
+    det = AnomalyDetector(parent.backbone, method, aug_count=4, seed=0)
+    det.fit_info = dict(parent.fit_info)
+    report = det.update([load_image(bottle_dir / "train" / "good" / f"{i:03d}.png") for i in (1, 2)],
+                        show_progress=False)
+    assert report["method"] == "foundad" and "continued training the parent's projector" in report["what"]
+    assert report["update_steps"] == 2 * -(-10 // SMALL["batch_size"]) and report["n_views"] == 10
+    assert 0 < report["weight_change_rel"] < 0.5  # moved, but from the parent's weights (not re-initialised)
+    grown, old = det.method.state_tensors(), parent.method.state_tensors()
+    assert not all(torch.equal(grown[k], old[k]) for k in grown if k.startswith("projector."))
+    assert torch.equal(grown["feat_mean"], old["feat_mean"])
+    assert det.fit_info["n_shots"] == parent.fit_info["n_shots"] + 2
+    good = [load_image(bottle_dir / "test" / "good" / f"{i:03d}.png") for i in range(3)]
+    bad = [load_image(bottle_dir / "test" / "broken_large" / f"{i:03d}.png") for i in range(3)]
+    scores = det.predict(good + bad).scores
+    assert scores[:3].max() < scores[3:].min(), scores
+
+
 def test_needs_synthetic_views():
     from adreg.backbones.base import Features
 

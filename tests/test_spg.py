@@ -72,6 +72,17 @@ def test_saved_and_loaded_detector_scores_the_same(aux_and_method, tmp_path, bot
     np.testing.assert_allclose(again.predict(img).scores, det.predict(img).scores, rtol=1e-6)
 
 
+def test_update_leaves_the_zero_shot_state_unchanged(aux_and_method, bottle_dir):
+    backbone, _, spg = aux_and_method
+    det = AnomalyDetector(backbone, spg, top_fraction=0.0, aug_count=1)
+    before = {k: v.clone() for k, v in spg.state_tensors().items()}
+    report = det.update([load_image(bottle_dir / "train" / "good" / "000.png")], show_progress=False)
+    assert report["what"] == "zero-shot: state unchanged; only the threshold is recalibrated"
+    assert report["state_changed"] is False and report["n_images"] == 1
+    after = spg.state_tensors()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_zero_shot_refuses_its_own_category_as_auxiliary(bottle_dir):
     from adreg.fitting import FitOptions, fit_category
 

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from adreg.backbones.base import Features
+from adreg.errors import ConfigError
 
 
 class NotFittedError(RuntimeError):
@@ -47,11 +48,24 @@ class AnomalyMethod(ABC):
         if not self._fitted:
             raise NotFittedError(f"{type(self).__name__} is not fitted yet")
 
+    def _check_updatable(self) -> None:
+        if not self._fitted:
+            raise ConfigError(f"cannot update an unfitted {self.name} model; fit it first")
+
     @abstractmethod
     def fit(self, features: Features, progress=None, synthetic: Features | None = None,
             auxiliary=None) -> "AnomalyMethod":
         """Learn what normal looks like from features of normal images (``synthetic``: see ``synthesis``;
         ``auxiliary``: see ``needs_auxiliary``)."""
+
+    @abstractmethod
+    def update(self, features: Features, progress=None, synthetic: Features | None = None) -> dict:
+        """Grow the fitted state with features of more NORMAL images (already augmented like fit's;
+        ``synthetic``: CutPaste views of them when ``synthesis`` says so).
+
+        Returns a report for the user: ``{"method": name, "what": "<one sentence saying what the update
+        did>", ...numbers}`` (e.g. ``bank_patches_before``/``bank_patches_after``, ``n_images_total``).
+        Raises ``ConfigError`` when the fitted state cannot be grown (e.g. saved before incremental updates)."""
 
     @abstractmethod
     def score_patches(self, features: Features) -> torch.Tensor:
@@ -65,6 +79,10 @@ class AnomalyMethod(ABC):
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
         """Restore the fitted state saved by ``state_tensors``."""
 
+    def state_nbytes(self) -> int:
+        """Bytes of ``state_tensors()`` (what the saved model carries; 'state MiB' = this / 2**20)."""
+        return int(sum(t.numel() * t.element_size() for t in self.state_tensors().values()))
+
     def summary(self) -> dict[str, float]:
         """Numbers worth logging about the fitted state (e.g. subspace dimension)."""
         return {}
@@ -75,6 +93,10 @@ class AnomalyMethod(ABC):
 
     def progress_units(self, n_views: int) -> int:
         """How many units ``fit`` reports to its progress callback."""
+        return n_views
+
+    def update_progress_units(self, n_views: int) -> int:
+        """How many units ``update`` reports to its progress callback."""
         return n_views
 
     def to(self, device) -> "AnomalyMethod":

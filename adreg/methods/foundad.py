@@ -74,14 +74,15 @@ class FoundAD(AnomalyMethod):
 
     def __init__(self, depth: int = 6, steps: int = 200, batch_size: int = 8, lr: float = 1e-3,
                  weight_decay: float = 1e-4, input_dropout: float = 0.2, p_anomaly: float = 0.5,
-                 layer_combine: str = "concat", seed: int = 0):
-        if steps < 1 or batch_size < 1 or depth < 1:
-            raise ConfigError("steps, batch_size and depth must be >= 1")
+                 layer_combine: str = "concat", seed: int = 0, update_epochs: int = 2, update_lr: float = 1e-4):
+        if steps < 1 or batch_size < 1 or depth < 1 or update_epochs < 1:
+            raise ConfigError("steps, batch_size, depth and update_epochs must be >= 1")
         if not 0.0 <= p_anomaly <= 1.0:
             raise ConfigError(f"p_anomaly must be in [0, 1], got {p_anomaly}")
         super().__init__(depth=int(depth), steps=int(steps), batch_size=int(batch_size), lr=float(lr),
                          weight_decay=float(weight_decay), input_dropout=float(input_dropout),
-                         p_anomaly=float(p_anomaly), layer_combine=layer_combine, seed=int(seed))
+                         p_anomaly=float(p_anomaly), layer_combine=layer_combine, seed=int(seed),
+                         update_epochs=int(update_epochs), update_lr=float(update_lr))
 
     def progress_units(self, n_views: int) -> int:
         return self.params["steps"]
@@ -93,28 +94,33 @@ class FoundAD(AnomalyMethod):
     def _standardise(self, fmap: torch.Tensor) -> torch.Tensor:
         return (tokens_of(fmap) - self.feat_mean) / self.feat_std
 
-    def fit(self, features: Features, progress=None, synthetic: Features | None = None, auxiliary=None) -> "FoundAD":
-        """Train on clean views ``features`` and their CutPaste versions ``synthetic`` (synthetic[i] from view i)."""
+    def _pairs(self, features: Features, synthetic: Features | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised (clean, corrupted) token tensors; ``synthetic[i * per_view + j]`` is from view i."""
         if synthetic is None or len(synthetic) % len(features):
             raise ConfigError("FoundAD needs CutPaste-corrupted views aligned with the clean views")
         p = self.params
         clean = features.combined(p["layer_combine"]).float()
         corrupt = synthetic.combined(p["layer_combine"]).float()
-        c = clean.shape[1]
-        flat = tokens_of(clean).reshape(-1, c)
-        self.feat_mean, self.feat_std = flat.mean(0), flat.std(0).clamp_min(1e-6)
-        target = self._standardise(clean)
-        corrupt = self._standardise(corrupt)
+        if not hasattr(self, "feat_mean"):
+            flat = tokens_of(clean).reshape(-1, clean.shape[1])
+            self.feat_mean, self.feat_std = flat.mean(0).to(self.device), flat.std(0).clamp_min(1e-6).to(self.device)
+        elif clean.shape[1] != self.feat_mean.numel():
+            raise ConfigError(f"features have {clean.shape[1]} channels but the projector was trained on "
+                              f"{self.feat_mean.numel()}; use the parent's backbone and layers")
+        self.grid = tuple(clean.shape[-2:])
+        return self._standardise(clean.to(self.device)), self._standardise(corrupt.to(self.device))
+
+    def _train(self, target: torch.Tensor, corrupt: torch.Tensor, steps: int, lr: float, seed: int,
+               progress=None) -> list[float]:
+        """AdamW + cosine schedule: ``projector(corrupted or clean view) -> clean view`` (MSE)."""
+        p = self.params
         per_view = corrupt.shape[0] // target.shape[0]
-        gen = torch.Generator().manual_seed(p["seed"])
-        torch.manual_seed(p["seed"])
-        self.projector = self._build(c).to(self.device)
-        opt = torch.optim.AdamW(self.projector.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p["steps"])
-        target, corrupt = target.to(self.device), corrupt.to(self.device)
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(self.projector.parameters(), lr=lr, weight_decay=p["weight_decay"])
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
         losses = []
         self.projector.train()
-        for step in range(p["steps"]):
+        for _ in range(steps):
             idx = torch.randint(0, target.shape[0], (p["batch_size"],), generator=gen)
             use_corrupt = torch.rand(p["batch_size"], generator=gen) < p["p_anomaly"]
             variant = torch.randint(0, per_view, (p["batch_size"],), generator=gen)
@@ -129,10 +135,46 @@ class FoundAD(AnomalyMethod):
             if progress is not None:
                 progress(1, loss=losses[-1])
         self.projector.eval()
+        return losses
+
+    def fit(self, features: Features, progress=None, synthetic: Features | None = None, auxiliary=None) -> "FoundAD":
+        """Train on clean views ``features`` and their CutPaste versions ``synthetic`` (synthetic[i] from view i)."""
+        for key in ("feat_mean", "feat_std"):  # a refit standardises with its own views
+            self.__dict__.pop(key, None)
+        target, corrupt = self._pairs(features, synthetic)
+        torch.manual_seed(self.params["seed"])
+        self.projector = self._build(target.shape[-1]).to(self.device)
+        losses = self._train(target, corrupt, self.params["steps"], self.params["lr"], self.params["seed"], progress)
         self.curves = {"train_loss": losses}
-        self.grid = tuple(clean.shape[-2:])
         self._fitted = True
         return self
+
+    def update_steps(self, n_views: int) -> int:
+        return self.params["update_epochs"] * -(-n_views // self.params["batch_size"])
+
+    def update_progress_units(self, n_views: int) -> int:
+        return self.update_steps(n_views)
+
+    def update(self, features: Features, progress=None, synthetic: Features | None = None) -> dict:
+        """Continue training the parent's projector on the new views (+ their CutPaste versions) for
+        ``update_epochs`` epochs at ``update_lr``; the parent's feature standardisation is kept (the
+        projector was trained in that space)."""
+        self._check_updatable()
+        target, corrupt = self._pairs(features, synthetic)
+        steps = self.update_steps(target.shape[0])
+        torch.manual_seed(self.params["seed"] + 1 + target.shape[0])
+        before = torch.cat([q.detach().flatten() for q in self.projector.parameters()]).clone()
+        losses = self._train(target, corrupt, steps, self.params["update_lr"],
+                             self.params["seed"] + 1 + target.shape[0], progress)
+        after = torch.cat([q.detach().flatten() for q in self.projector.parameters()])
+        self.curves = {"update_loss": losses}
+        return {"method": self.name,
+                "what": f"continued training the parent's projector for {steps} steps "
+                        f"({self.params['update_epochs']} epochs at lr {self.params['update_lr']:g}) on "
+                        f"{target.shape[0]} new views and their CutPaste versions",
+                "update_steps": steps, "n_views_added": int(target.shape[0]),
+                "update_loss_first": losses[0], "update_loss_last": float(sum(losses[-10:]) / len(losses[-10:])),
+                "weight_change_rel": float((after - before).norm() / before.norm().clamp_min(1e-12))}
 
     @torch.inference_mode()
     def score_patches(self, features: Features) -> torch.Tensor:

@@ -1,7 +1,12 @@
-"""Patch nearest-neighbour baseline (AnomalyDINO / PatchCore style, without coreset).
+"""Patch nearest-neighbour baseline (AnomalyDINO / PatchCore style), its bank bounded by a coreset.
 
-All normal patch features, L2-normalised, form one memory bank; a patch's score is 1 - its highest
+The normal patch features, L2-normalised, form one memory bank; a patch's score is 1 - its highest
 cosine similarity to the bank. The reference point every other method is compared against.
+
+The bank holds at most ``bank_budget`` patches (0 = all): when there are more, PatchCore's greedy
+k-center coreset (``adreg.methods.coreset``) keeps the ``bank_budget`` patches that cover all the others
+best, so memory and scoring time stay flat however many good images are added. ``update`` takes the
+union of the kept bank and the new patches and selects the coreset again.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import torch.nn.functional as F
 from adreg.backbones.base import Features
 from adreg.errors import ConfigError
 from adreg.methods.base import AnomalyMethod
+from adreg.methods.coreset import greedy_coreset
 from adreg.methods.subspace import patch_matrix
 
 BANK_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -36,17 +42,58 @@ def check_bank_dtype(name: str) -> torch.dtype:
 class PatchKNN(AnomalyMethod):
     name = "knn"
 
-    def __init__(self, layer_combine: str = "concat", bank_dtype: str = "fp32"):
+    def __init__(self, layer_combine: str = "concat", bank_dtype: str = "fp32", bank_budget: int = 16_384,
+                 coreset_dim: int = 64, seed: int = 0):
         check_bank_dtype(bank_dtype)
-        super().__init__(layer_combine=layer_combine, bank_dtype=bank_dtype)
+        if bank_budget < 0 or coreset_dim < 0:
+            raise ConfigError(f"bank_budget and coreset_dim must be >= 0 (0 = no limit / no projection), "
+                              f"got {bank_budget} and {coreset_dim}")
+        super().__init__(layer_combine=layer_combine, bank_dtype=bank_dtype, bank_budget=int(bank_budget),
+                         coreset_dim=int(coreset_dim), seed=int(seed))
+        self.coverage_radius: float | None = None
+
+    def _select(self, patches: torch.Tensor, group_size: int) -> torch.Tensor:
+        """The coreset of L2-normalised ``patches`` (all of them within budget), in the bank's dtype;
+        ``group_size``: patches per image (the coreset's first level runs per group, see greedy_coreset)."""
+        budget = self.params["bank_budget"]
+        if budget and patches.shape[0] > budget:
+            core = greedy_coreset(patches, budget, self.params["coreset_dim"], self.params["seed"],
+                                  group_size=group_size)
+            patches, self.coverage_radius = patches[core.indices], core.radius
+        else:
+            self.coverage_radius = 0.0
+        return patches.to(check_bank_dtype(self.params["bank_dtype"])).contiguous()
+
+    def _patches(self, features: Features) -> torch.Tensor:
+        return F.normalize(patch_matrix(features.combined(self.params["layer_combine"]).float()), dim=1)
 
     def fit(self, features: Features, progress=None, synthetic: Features | None = None, auxiliary=None) -> "PatchKNN":
-        fmap = features.combined(self.params["layer_combine"])
-        self.bank = F.normalize(patch_matrix(fmap), dim=1).to(check_bank_dtype(self.params["bank_dtype"]))
+        patches = self._patches(features)
+        self.bank = self._select(patches, features.grid[0] * features.grid[1])
         if progress is not None:
             progress(len(features))
         self._fitted = True
         return self
+
+    def update(self, features: Features, progress=None, synthetic: Features | None = None) -> dict:
+        self._check_updatable()
+        new = self._patches(features).to(self.bank.device)
+        if new.shape[1] != self.bank.shape[1]:
+            raise ConfigError(f"features have {new.shape[1]} channels but the bank has {self.bank.shape[1]}; "
+                              "use the parent's backbone and layers")
+        before = self.bank.shape[0]
+        self.bank = self._select(torch.cat([self.bank.float().cpu(), new.cpu()]),
+                                 features.grid[0] * features.grid[1]).to(self.device)
+        if progress is not None:
+            progress(len(features))
+        budget = self.params["bank_budget"]
+        return {"method": self.name,
+                "what": f"added {new.shape[0]} patches of {len(features)} views to the {before}-patch bank and "
+                        + (f"re-selected a greedy coreset of {self.bank.shape[0]} patches (budget {budget})"
+                           if budget else "kept them all (no bank budget)"),
+                "bank_patches_before": before, "bank_patches_after": int(self.bank.shape[0]),
+                "patches_added": int(new.shape[0]), "bank_budget": budget,
+                "coverage_radius": self.coverage_radius}
 
     def score_patches(self, features: Features) -> torch.Tensor:
         self._check_fitted()
@@ -63,7 +110,16 @@ class PatchKNN(AnomalyMethod):
         self.bank = state["bank"]
         self._fitted = True
 
+    def to(self, device) -> "PatchKNN":
+        self.device = torch.device(device)
+        if self._fitted:
+            self.bank = self.bank.to(self.device)
+        return self
+
     def summary(self) -> dict[str, float]:
         self._check_fitted()
-        return {"bank_patches": float(self.bank.shape[0]),
-                "bank_mib": self.bank.numel() * self.bank.element_size() / 2 ** 20}
+        out = {"bank_patches": float(self.bank.shape[0]),
+               "bank_mib": self.bank.numel() * self.bank.element_size() / 2 ** 20}
+        if self.coverage_radius is not None:
+            out["coverage_radius"] = float(self.coverage_radius)
+        return out

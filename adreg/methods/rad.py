@@ -6,6 +6,22 @@ references whose last-layer global descriptor is most cosine-similar; (2) per la
 patch only with the retrieved references' patches inside a (2R+1)^2 window around the same position
 (R = ``radius``; 0 = same position only, -1 = anywhere in the image); score = 1 - max cosine;
 (3) weighted mean over layers. Vectorised over patches: a loop over the (2R+1)^2 offsets only.
+
+Scoring runs ``chunk_images`` test images at a time (default 1): the windowed search materialises
+(K, C, h, w) products per image, which stay in cache for one image but not for eight, so a batch is
+scored image by image (identical scores, per-image time no worse at batch 8 than at batch 1).
+
+Bank budget. The bank is image-structured (retrieval picks whole reference views, then patches are
+matched at the same positions), so it is bounded in *views*, not patches: at most ``bank_budget``
+reference views are kept (0 = all). When there are more, a greedy k-center coreset
+(``adreg.methods.coreset``) over a per-view layout descriptor keeps the views that cover all others best:
+the descriptor is each layer's L2-normalised patch map average-pooled to a ``coreset_grid`` x
+``coreset_grid`` grid, flattened and L2-normalised, layers concatenated. It is spatial on purpose: RAD
+compares patches at the same position, so a dropped view must be replaceable by a kept view with a
+similar *layout* (pose, rotation), which a pooled global descriptor cannot tell apart. Dropping whole
+views keeps every kept view intact for the windowed search, and the per-view state (all layers' maps)
+makes the budget a direct memory bound: ``bank_budget`` x bytes per view. ``update`` takes the union
+of the kept views and the new ones and selects again.
 """
 
 from __future__ import annotations
@@ -16,6 +32,7 @@ import torch.nn.functional as F
 from adreg.backbones.base import Features
 from adreg.errors import ConfigError
 from adreg.methods.base import AnomalyMethod
+from adreg.methods.coreset import greedy_coreset
 from adreg.methods.knn import check_bank_dtype, max_cosine
 
 
@@ -44,28 +61,73 @@ class RAD(AnomalyMethod):
     name = "rad"
 
     def __init__(self, k_image: int = 16, radius: int = 1, layer_weights: list[float] | None = None,
-                 bank_dtype: str = "fp32"):
+                 bank_dtype: str = "fp32", bank_budget: int = 64, coreset_grid: int = 4, coreset_dim: int = 128,
+                 chunk_images: int = 1, seed: int = 0):
         if k_image < 1:
             raise ConfigError(f"k_image must be >= 1, got {k_image}")
         if radius < -1:
             raise ConfigError(f"radius must be >= -1 (-1 = whole image), got {radius}")
+        if bank_budget < 0 or coreset_grid < 1 or coreset_dim < 0 or chunk_images < 1:
+            raise ConfigError("need bank_budget >= 0 (0 = no limit), coreset_grid >= 1, coreset_dim >= 0, "
+                              "chunk_images >= 1")
         check_bank_dtype(bank_dtype)
         super().__init__(k_image=int(k_image), radius=int(radius),
                          layer_weights=None if layer_weights is None else [float(x) for x in layer_weights],
-                         bank_dtype=bank_dtype)
+                         bank_dtype=bank_dtype, bank_budget=int(bank_budget), coreset_grid=int(coreset_grid),
+                         coreset_dim=int(coreset_dim), chunk_images=int(chunk_images), seed=int(seed))
+        self.coverage_radius: float | None = None
+
+    def view_descriptors(self, patch_banks: list[torch.Tensor]) -> torch.Tensor:
+        """(N, D) layout descriptors of the views (see the module docstring)."""
+        g = self.params["coreset_grid"]
+        parts = [F.normalize(F.adaptive_avg_pool2d(b.float(), g).flatten(1), dim=1) for b in patch_banks]
+        return torch.cat(parts, dim=1) / len(parts) ** 0.5
+
+    def _select(self, patch_banks: list[torch.Tensor], global_bank: torch.Tensor) -> None:
+        """Keep at most ``bank_budget`` views (greedy k-center over their layout descriptors)."""
+        budget, dtype = self.params["bank_budget"], check_bank_dtype(self.params["bank_dtype"])
+        self.coverage_radius = 0.0
+        if budget and global_bank.shape[0] > budget:
+            core = greedy_coreset(self.view_descriptors(patch_banks), budget, self.params["coreset_dim"],
+                                  self.params["seed"])
+            keep = core.indices.sort().values.to(global_bank.device)
+            patch_banks, global_bank = [b[keep] for b in patch_banks], global_bank[keep]
+            self.coverage_radius = core.radius
+        self.patch_banks = [b.to(dtype).contiguous() for b in patch_banks]
+        self.global_bank = global_bank.to(dtype).contiguous()
 
     def fit(self, features: Features, progress=None, synthetic: Features | None = None, auxiliary=None) -> "RAD":
-        dtype = check_bank_dtype(self.params["bank_dtype"])
-        self.patch_banks = [F.normalize(p, dim=1).to(dtype) for p in features.patches]
-        self.global_bank = F.normalize(features.globals[-1], dim=1).to(dtype)
-        weights = self.params["layer_weights"] or [1.0] * len(self.patch_banks)
-        if len(weights) != len(self.patch_banks):
-            raise ConfigError(f"{len(weights)} layer_weights for {len(self.patch_banks)} layers")
+        patch_banks = [F.normalize(p.float(), dim=1) for p in features.patches]
+        weights = self.params["layer_weights"] or [1.0] * len(patch_banks)
+        if len(weights) != len(patch_banks):
+            raise ConfigError(f"{len(weights)} layer_weights for {len(patch_banks)} layers")
         self.weights = torch.tensor(weights, dtype=torch.float32) / sum(weights)
+        self._select(patch_banks, F.normalize(features.globals[-1].float(), dim=1))
         if progress is not None:
             progress(len(features))
         self._fitted = True
         return self
+
+    def update(self, features: Features, progress=None, synthetic: Features | None = None) -> dict:
+        self._check_updatable()
+        if [p.shape[1:] for p in features.patches] != [b.shape[1:] for b in self.patch_banks]:
+            raise ConfigError("the new features' layers or grid differ from the bank's; use the parent's backbone, "
+                              "layers and image size")
+        before = int(self.global_bank.shape[0])
+        banks = [torch.cat([b.float().cpu(), F.normalize(p.float(), dim=1)])
+                 for b, p in zip(self.patch_banks, features.patches)]
+        glob = torch.cat([self.global_bank.float().cpu(), F.normalize(features.globals[-1].float(), dim=1)])
+        self._select(banks, glob)
+        self.to(self.device)
+        if progress is not None:
+            progress(len(features))
+        budget, after = self.params["bank_budget"], int(self.global_bank.shape[0])
+        return {"method": self.name,
+                "what": f"added {len(features)} views to the {before}-view bank and "
+                        + (f"re-selected a greedy k-center coreset of {after} views (budget {budget})"
+                           if budget else "kept them all (no bank budget)"),
+                "bank_views_before": before, "bank_views_after": after, "views_added": len(features),
+                "bank_budget": budget, "coverage_radius": self.coverage_radius}
 
     def retrieve(self, features: Features) -> torch.Tensor:
         """Indices (B, K) of the most similar reference images by last-layer global descriptor."""
@@ -76,21 +138,25 @@ class RAD(AnomalyMethod):
 
     def score_patches(self, features: Features) -> torch.Tensor:
         self._check_fitted()
+        step = self.params["chunk_images"]
+        if len(features) > step:  # image by image: see the module docstring (identical scores)
+            return torch.cat([self.score_patches(features[i:i + step]) for i in range(0, len(features), step)])
         features = features.to(self.device)
         idx = self.retrieve(features)
         radius = self.params["radius"]
         total = None
         for layer, (query, bank) in enumerate(zip(features.patches, self.patch_banks)):
             query = F.normalize(query.float(), dim=1)
-            if bank.device.type == "cpu":
-                bank = bank.float()
             b, c, h, w = query.shape
+            refs = bank[idx]
+            if refs.device.type == "cpu":
+                refs = refs.float()
             if radius < 0:
                 best = torch.stack([
-                    max_cosine(query[i].flatten(1).T, bank[idx[i]].permute(0, 2, 3, 1).reshape(-1, c))
+                    max_cosine(query[i].flatten(1).T, refs[i].permute(0, 2, 3, 1).reshape(-1, c))
                     for i in range(b)]).reshape(b, h, w)
             else:
-                best = windowed_max_cosine(query, bank[idx], radius)
+                best = windowed_max_cosine(query, refs, radius)
             score = (1.0 - best) * self.weights[layer].item()
             total = score if total is None else total + score
         return total
@@ -118,4 +184,7 @@ class RAD(AnomalyMethod):
     def summary(self) -> dict[str, float]:
         self._check_fitted()
         size = sum(t.numel() * t.element_size() for t in [self.global_bank, *self.patch_banks])
-        return {"bank_images": float(self.global_bank.shape[0]), "bank_mib": size / 2 ** 20}
+        out = {"bank_images": float(self.global_bank.shape[0]), "bank_mib": size / 2 ** 20}
+        if self.coverage_radius is not None:
+            out["coverage_radius"] = float(self.coverage_radius)
+        return out

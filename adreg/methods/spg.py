@@ -220,6 +220,16 @@ class SPG(AnomalyMethod):
         self._fitted = True
         return self
 
+    def update(self, features: Features, progress=None, synthetic=None) -> dict:
+        """Zero-shot: the target's good images are not part of the state (the dictionary, guides and token
+        normalisation all come from the auxiliary dataset; ``patch_center='image'`` centres each image on
+        its own mean at scoring time), so an update leaves the state unchanged."""
+        self._check_updatable()
+        if progress is not None:
+            progress(len(features))
+        return {"method": self.name, "what": "zero-shot: state unchanged; only the threshold is recalibrated",
+                "state_changed": False, "n_views_seen": len(features)}
+
     @torch.inference_mode()
     def score_patches(self, features: Features) -> torch.Tensor:
         self._check_fitted()

@@ -23,7 +23,7 @@ class StreamingCovariance:
         self.outer = torch.zeros(dim, dim, dtype=torch.float64)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.to(torch.float64)
+        x = x.to(torch.float64).cpu()
         self.n += x.shape[0]
         self.sum += x.sum(0)
         self.outer += x.T @ x
@@ -42,33 +42,71 @@ def patch_matrix(fmap: torch.Tensor) -> torch.Tensor:
 
 
 class SubspaceAD(AnomalyMethod):
+    """Streaming float64 PCA of normal patch features.
+
+    The sufficient statistics of the PCA (patch count, sum, scatter sum x x^T; float64) are part of the
+    fitted state, so ``update`` adds the new images' statistics and re-solves the eigenproblem: the
+    result equals a refit on the union of all images (to float64 round-off) and costs only the new
+    images' features plus one D x D eigendecomposition.
+    """
+
     name = "subspace"
 
     def __init__(self, pca_ev: float = 0.99, layer_combine: str = "concat", chunk_images: int = 16):
         if not 0.0 < pca_ev <= 1.0:
             raise ConfigError(f"pca_ev must be in (0, 1], got {pca_ev}")
         super().__init__(pca_ev=float(pca_ev), layer_combine=layer_combine, chunk_images=int(chunk_images))
+        self.stats: StreamingCovariance | None = None
 
-    def fit(self, features: Features, progress=None, synthetic: Features | None = None, auxiliary=None) -> "SubspaceAD":
+    def _accumulate(self, acc: StreamingCovariance, features: Features, progress=None) -> tuple[int, int]:
+        """Add the patches of ``features`` to ``acc``; returns (views, patches per view)."""
         fmap = features.combined(self.params["layer_combine"])
-        acc = StreamingCovariance(fmap.shape[1])
+        if fmap.shape[1] != acc.sum.shape[0]:
+            raise ConfigError(f"features have {fmap.shape[1]} channels but the model was fitted on "
+                              f"{acc.sum.shape[0]}; use the parent's backbone and layers")
         step = self.params["chunk_images"]
         for start in range(0, fmap.shape[0], step):
             acc.update(patch_matrix(fmap[start:start + step]))
             if progress is not None:
                 progress(min(step, fmap.shape[0] - start))
-        mu, cov = acc.finalize()
+        return fmap.shape[0], fmap.shape[2] * fmap.shape[3]
+
+    def _solve(self) -> None:
+        """Mean, components and eigenvalues from the statistics (keep ``pca_ev`` of the variance)."""
+        mu, cov = self.stats.finalize()
         evals, evecs = torch.linalg.eigh(cov)  # ascending
         evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
         ratio = torch.cumsum(evals, 0) / evals.sum().clamp_min(1e-300)
         k = int(torch.searchsorted(ratio, torch.tensor([self.params["pca_ev"]], dtype=torch.float64)).item()) + 1
         k = min(k, evals.numel())
-        self.mean = mu
-        self.components = evecs[:, :k].contiguous()
-        self.eigenvalues = evals[:k].contiguous()
+        self.mean = mu.to(self.device)
+        self.components = evecs[:, :k].contiguous().to(self.device)
+        self.eigenvalues = evals[:k].contiguous().to(self.device)
         self.explained_variance = float(ratio[k - 1])
+
+    def fit(self, features: Features, progress=None, synthetic: Features | None = None, auxiliary=None) -> "SubspaceAD":
+        self.stats = StreamingCovariance(features.combined(self.params["layer_combine"]).shape[1])
+        self._accumulate(self.stats, features, progress)
+        self._solve()
         self._fitted = True
         return self
+
+    def update(self, features: Features, progress=None, synthetic: Features | None = None) -> dict:
+        self._check_updatable()
+        if self.stats is None:
+            raise ConfigError("this SubspaceAD model was saved by an adreg version that predates incremental "
+                              "updates (no PCA statistics in its state); refit it with 'adreg fit' instead")
+        before_n, before_k = self.stats.n, int(self.components.shape[1])
+        views, per_view = self._accumulate(self.stats, features, progress)
+        self._solve()
+        after_k = int(self.components.shape[1])
+        return {"method": self.name,
+                "what": f"added {views * per_view} patches of {views} views to the PCA statistics and re-solved "
+                        f"the subspace ({before_k} -> {after_k} components); identical to a refit on all images",
+                "patches_before": before_n, "patches_after": self.stats.n,
+                "n_views_total": self.stats.n // max(per_view, 1),
+                "n_components_before": before_k, "n_components_after": after_k,
+                "explained_variance": self.explained_variance}
 
     def score_patches(self, features: Features) -> torch.Tensor:
         self._check_fitted()
@@ -81,13 +119,30 @@ class SubspaceAD(AnomalyMethod):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         self._check_fitted()
-        return {"mean": self.mean, "components": self.components, "eigenvalues": self.eigenvalues}
+        state = {"mean": self.mean, "components": self.components, "eigenvalues": self.eigenvalues}
+        if self.stats is not None:
+            state.update({"stat_count": torch.tensor([float(self.stats.n)], dtype=torch.float64),
+                          "stat_sum": self.stats.sum, "stat_scatter": self.stats.outer})
+        return state
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
         self.mean = state["mean"].to(torch.float64)
         self.components = state["components"].to(torch.float64)
         self.eigenvalues = state["eigenvalues"].to(torch.float64)
+        self.stats = None  # states saved before incremental updates have no statistics: scoring only
+        if "stat_scatter" in state:
+            self.stats = StreamingCovariance(self.mean.numel())
+            self.stats.n = int(state["stat_count"].reshape(-1)[0].item())
+            self.stats.sum = state["stat_sum"].to(torch.float64).cpu()
+            self.stats.outer = state["stat_scatter"].to(torch.float64).cpu()
         self._fitted = True
+
+    def to(self, device) -> "SubspaceAD":
+        self.device = torch.device(device)
+        if self._fitted:  # the statistics stay on the CPU in float64 (only the scoring state moves)
+            self.mean, self.components = self.mean.to(self.device), self.components.to(self.device)
+            self.eigenvalues = self.eigenvalues.to(self.device)
+        return self
 
     def summary(self) -> dict[str, float]:
         self._check_fitted()

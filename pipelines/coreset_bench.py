@@ -1,0 +1,243 @@
+"""Bank budgets (greedy coreset) for kNN and RAD, and RAD's batching, side by side in one run.
+
+    python -m pipelines.coreset_bench --datasets bottle,mtd --shots 8 --threads 2 --update-readme
+
+Per dataset (the benchmark's own per-dataset settings, pipelines.benchmark.DATASET_SETTINGS), one
+k-shot draw: kNN and RAD fitted on the same features with each bank budget (0 = the full bank, the
+baseline) and scored on the full test set: image / pixel AUROC, AUPRO, fit seconds (incl. the coreset
+selection), ms/image (backbone at batch 1 + the method + post-processing), bank MiB. Then RAD end to
+end on real test images at batch 1 and batch 8, before (backbone and head batched, as until now) and
+after (``AnomalyDetector.predict``: backbone image by image on the CPU, head ``chunk_images=1``),
+rounds interleaved, medians; the scores of batch 8 and batch 1 are checked identical. Features are
+cached (adreg.feature_cache). Writes results.csv / results.md to --out and, with --update-readme, the
+README block between the coreset-bench markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adreg.augment import augment_shots, parse_augmentations
+from adreg.backbones import build_backbone
+from adreg.data import default_category_dir, load_mask, resolve_dataset, split_shots
+from adreg.detector import AnomalyDetector
+from adreg.feature_cache import cached_features
+from adreg.images import load_image
+from adreg.methods import build_method
+from adreg.metrics import evaluate_scores
+from adreg.postprocess import anomaly_maps, image_scores
+from pipelines.benchmark import _ints, dataset_args, score_features
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- coreset-bench:start -->", "<!-- coreset-bench:end -->"
+
+
+def backbone_ms(backbone, images, rounds: int = 2) -> float:
+    """Median ms/image of the backbone at batch 1 (what the detector runs on the CPU)."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        backbone.extract(images, 1)
+        times.append((time.perf_counter() - t0) / len(images) * 1000)
+    return statistics.median(times)
+
+
+def bank_rows(args, dataset, name, budgets, feats, test_feats, labels, masks, size, top, bb_ms) -> list[dict]:
+    rows = []
+    for budget in budgets:
+        method = build_method(name, bank_budget=budget)
+        t0 = time.perf_counter()
+        method.fit(feats)
+        fit_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        scores, maps = score_features(method, test_feats, size, args.sigma, top)
+        method_ms = (time.perf_counter() - t1) / len(test_feats) * 1000
+        m = evaluate_scores(labels, scores, masks, maps)
+        summary = method.summary()
+        row = {"dataset": dataset, "part": "bank", "method": name, "k_shot": args.shots, "seed": args.seed,
+               "bank_budget": budget, "bank_size": summary.get("bank_patches", summary.get("bank_images")),
+               "bank_mib": method.state_nbytes() / 2 ** 20, "fit_seconds": fit_s,
+               "ms_per_image": bb_ms + method_ms, "method_ms": method_ms,
+               "coverage_radius": summary.get("coverage_radius", 0.0),
+               **{k: m[k] for k in ("image_auroc", "pixel_auroc", "aupro")}}
+        rows.append(row)
+        with open(Path(args.out) / "rows.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{dataset} {name} budget {budget or 'full'}: img {m['image_auroc']:.4f} pix {m['pixel_auroc']:.4f} "
+              f"pro {m['aupro']:.4f} fit {fit_s:.1f}s {row['ms_per_image']:.1f} ms/img {row['bank_mib']:.1f} MiB",
+              flush=True)
+    return rows
+
+
+def rad_batching_rows(args, dataset, backbone, feats, images, size, top) -> list[dict]:
+    """RAD end to end on ``images`` at batch 1 and 8, the old batched path vs the detector's."""
+    fitted = build_method("rad").fit(feats)
+
+    def before(batch: int) -> np.ndarray:  # backbone and head both run the whole batch at once
+        head = build_method("rad", chunk_images=batch)
+        head.load_state_tensors(fitted.state_tensors())
+        out = []
+        for start in range(0, len(images), batch):
+            f = backbone.extract(images[start:start + batch], batch)
+            out.append(image_scores(anomaly_maps(head.score_patches(f), size, args.sigma), top))
+        return torch.cat(out).numpy()
+
+    def after(batch: int) -> np.ndarray:
+        det = AnomalyDetector(backbone, fitted, sigma=args.sigma, top_fraction=top, batch_size=batch)
+        return det.predict(images).scores
+
+    times: dict[tuple[str, int], list[float]] = {}
+    scores = {}
+    before(1), after(1)  # warm-up: first calls pay one-off allocation costs
+    for _ in range(args.rounds):
+        for variant, fn in (("before", before), ("after", after)):
+            for batch in (1, 8):
+                t0 = time.perf_counter()
+                scores[variant, batch] = fn(batch)
+                times.setdefault((variant, batch), []).append((time.perf_counter() - t0) / len(images) * 1000)
+    assert np.array_equal(scores["after", 1], scores["after", 8]), "batch 8 must score exactly like batch 1"
+    np.testing.assert_allclose(scores["before", 8], scores["after", 8], rtol=1e-5)
+    rows = []
+    for (variant, batch), ts in times.items():
+        rows.append({"dataset": dataset, "part": "rad_batching", "method": "rad", "variant": variant,
+                     "batch": batch, "ms_per_image": statistics.median(ts), "n_images": len(images),
+                     "rounds": len(ts)})
+        print(f"{dataset} rad {variant} batch {batch}: {statistics.median(ts):.1f} ms/img", flush=True)
+    return rows
+
+
+def test_subset(test: list, n: int) -> list:
+    """All of ``test`` (n = 0), or n images evenly spread over its good and its defective ones (half each)."""
+    if not n or n >= len(test):
+        return list(test)
+    out = []
+    for label, want in ((0, n // 2), (1, n - n // 2)):
+        group = [s for s in test if s.label == label]
+        out += [group[i] for i in np.linspace(0, len(group) - 1, min(want, len(group))).round().astype(int)]
+    return out
+
+
+def run_dataset(args, dataset: str) -> list[dict]:
+    own = dataset_args(args, dataset)
+    backbone = build_backbone(args.backbone, layers=_ints(own.layers) if own.layers else None,
+                              image_size=args.image_size)
+    data = resolve_dataset(default_category_dir(dataset))
+    size, test = backbone.image_size, test_subset(data.test, args.max_test)
+    labels = np.array([s.label for s in test])
+    masks = np.stack([load_mask(s, (size, size)) for s in test])
+    test_feats, _ = cached_features(backbone, [s.path for s in test], lambda: [load_image(s.path) for s in test],
+                                    {"kind": "test"}, 8, not args.no_cache)
+    kinds = parse_augmentations(own.augment)
+    shots = split_shots(data.train, args.shots, args.seed, 0)[0]
+    feats, _ = cached_features(backbone, shots,
+                               lambda: augment_shots([load_image(p) for p in shots], kinds, own.aug_count, args.seed),
+                               {"augment": list(kinds), "aug_count": own.aug_count, "seed": args.seed}, 8,
+                               not args.no_cache)
+    sample = [load_image(s.path) for s in test[:args.timing_images]]
+    bb_ms = backbone_ms(backbone, sample)
+    top = own.top_fraction if own.top_fraction is not None else 0.01
+    print(f"{dataset}: {len(shots)} shots -> {len(feats)} views, {len(test)} of {len(data.test)} test images "
+          f"({int(labels.sum())} defective), backbone {bb_ms:.1f} "
+          f"ms/image", flush=True)
+    rows = bank_rows(args, dataset, "knn", _ints(args.knn_budgets), feats, test_feats, labels, masks, size, top,
+                     bb_ms)
+    rows += bank_rows(args, dataset, "rad", _ints(args.rad_budgets), feats, test_feats, labels, masks, size, top,
+                      bb_ms)
+    if dataset in args.rad_timing.split(","):
+        rows += rad_batching_rows(args, dataset, backbone, feats, sample, size, top)
+    return rows
+
+
+def markdown(rows: list[dict], args) -> str:
+    out = ["| data | method | bank budget | bank size | bank MiB | image AUROC | pixel AUROC | AUPRO@0.3 | "
+           "fit s | ms/image | method ms/image | vs full bank |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    bank = [r for r in rows if r["part"] == "bank"]
+    for r in bank:
+        full = next(f for f in bank if f["dataset"] == r["dataset"] and f["method"] == r["method"]
+                    and f["bank_budget"] == 0)
+        unit = "patches" if r["method"] == "knn" else "views"
+        vs = ("baseline" if r["bank_budget"] == 0 else
+              f"{r['image_auroc'] - full['image_auroc']:+.4f} img AUROC, "
+              f"{full['ms_per_image'] / r['ms_per_image']:.1f}x faster end to end, "
+              f"{full['method_ms'] / r['method_ms']:.1f}x the method alone")
+        out.append(f"| {r['dataset']} | {r['method']} | {r['bank_budget'] or 'full'} | {int(r['bank_size'])} {unit} | "
+                   f"{r['bank_mib']:.1f} | {r['image_auroc']:.4f} | {r['pixel_auroc']:.4f} | {r['aupro']:.4f} | "
+                   f"{r['fit_seconds']:.1f} | {r['ms_per_image']:.1f} | {r['method_ms']:.1f} | {vs} |")
+    timing = [r for r in rows if r["part"] == "rad_batching"]
+    if timing:
+        out += ["", "| data | RAD end to end | batch 1 ms/image | batch 8 ms/image | batch 8 / batch 1 |",
+                "|---|---|---|---|---|"]
+        for dataset in dict.fromkeys(r["dataset"] for r in timing):
+            for variant, label in (("before", "before (backbone + head batched)"),
+                                   ("after", "after (detector: backbone x1, head per image)")):
+                t = {r["batch"]: r["ms_per_image"] for r in timing
+                     if r["dataset"] == dataset and r["variant"] == variant}
+                out.append(f"| {dataset} | {label} | {t[1]:.1f} | {t[8]:.1f} | {t[8] / t[1]:.2f} |")
+    subset = f"{args.max_test} test images per dataset (half good, half defective)" if args.max_test else \
+        "the full test sets"
+    out.append(f"\n{args.shots} shots, seed {args.seed}, {subset}, the benchmark's per-dataset settings; backbone "
+               f"{args.backbone}; {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}, device cpu. Command: `python -m pipelines.coreset_bench "
+               f"{shlex.join(sys.argv[1:])}`\n")
+    return "\n".join(out) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="bottle,mtd")
+    p.add_argument("--shots", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--knn-budgets", default="0,16384,4096", help="patches; 0 = the full bank")
+    p.add_argument("--rad-budgets", default="0,64,32", help="reference views; 0 = the full bank")
+    p.add_argument("--rad-timing", default="bottle", help="datasets to time RAD batching on")
+    p.add_argument("--timing-images", type=int, default=16)
+    p.add_argument("--max-test", type=int, default=0, help="score only this many test images, half good, half "
+                                                             "defective (0 = the full test set)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--sigma", type=float, default=4.0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", default="bench-results/coreset")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--update-readme", action="store_true")
+    for key in ("layers", "augment", "aug_count", "top_fraction"):  # dataset_args fills them per dataset
+        p.set_defaults(**{key: None})
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for dataset in args.datasets.split(",") for r in run_dataset(args, dataset)]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown(rows, args)
+    (out / "results.md").write_text(table)
+    print("\n" + table)
+    if args.update_readme:
+        text = README.read_text()
+        if START in text and END in text:
+            pre, rest = text.split(START, 1)
+            README.write_text(pre + START + "\n" + table + END + rest.split(END, 1)[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
