@@ -1,0 +1,294 @@
+"""Grow a registered version into a new one with more good images (``adreg update``).
+
+The parent (``--from production`` or ``--from-version N``) keeps its backbone, layers, method,
+parameters and post-processing; only its fitted state grows (``AnomalyDetector.update``: what that
+means is the method's business, and its report says so). On the way:
+
+* **duplicates**: images whose sha256 is already in the parent's training manifest (or twice among
+  the new ones) are skipped and listed;
+* **unreadable files** are skipped and listed; no image at all, or nothing new, is an error;
+* **contamination guard**: the parent scores the new images; those above its threshold are suspects,
+  held out and listed unless ``include_suspects``;
+* the threshold is recalibrated with the parent's rule on held-out new good images (plus the parent's
+  own calibration images when fewer than ``min_calibration`` new ones are held out);
+* the new detector is evaluated on the parent's logged evaluation set, so the promotion gate compares
+  like with like; then it is logged through the same ``tracking.log_fit`` as a fit, with its lineage.
+
+Everything before logging is computation on an in-memory copy: a failure registers nothing and never
+touches the parent version.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+
+from adreg import lifecycle, lineage, manifest, registry, tracking
+from adreg.data import CategoryData
+from adreg.errors import DataError, ImageDecodeError, RegistryError
+from adreg.evaluation import evaluate
+from adreg.fitting import FitOptions, FitResult, check_category
+from adreg.images import load_image
+from adreg.thresholds import calibrate
+
+
+@dataclass
+class UpdateOptions:
+    category: str
+    add_good: list[str]
+    from_alias: str = "production"
+    from_version: str | None = None  # wins over from_alias
+    include_suspects: bool = False
+    holdout: int = 20  # new good images held out to recalibrate the threshold (at most half of them)
+    min_calibration: int = 20  # below this many held-out new goods, the parent's calibration images join
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class UpdateResult(FitResult):
+    """A ``FitResult`` (so ``tracking.log_fit`` logs it like a fit) plus what the update did."""
+
+    parent_model: str = ""
+    parent_version: str = ""
+    parent_run_id: str = ""
+    parent_threshold: float = float("nan")
+    parent_metrics: dict = field(default_factory=dict)
+    added: list[Path] = field(default_factory=list)  # new training images
+    calibration_images: list[Path] = field(default_factory=list)  # held-out new goods
+    duplicates: list[dict] = field(default_factory=list)  # path, duplicate_of
+    unreadable: list[dict] = field(default_factory=list)  # path, error
+    suspects: list[dict] = field(default_factory=list)  # path, score (under the parent)
+    include_suspects: bool = False
+    method_report: dict = field(default_factory=dict)
+    manifest_entries: list[dict] = field(default_factory=list)  # read by adreg.lineage
+    calibration: list[dict] = field(default_factory=list)  # path, label, score, origin (adreg.lineage)
+    n_parent_training: int = 0
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        out = super().metrics()
+        out.update({"n_images_duplicate": float(len(self.duplicates)),
+                    "n_images_unreadable": float(len(self.unreadable)),
+                    "n_images_suspect": float(len(self.suspects)),
+                    "n_suspects_included": float(len(self.suspects) if self.include_suspects else 0),
+                    "n_calibration_images": float(len(self.calibration)), "update_total_seconds": self.seconds})
+        return out
+
+    def report(self) -> dict:
+        """What the update did, as logged (``update/report.json``) and printed."""
+        return {"parent": {"model": self.parent_model, "version": self.parent_version, "run_id": self.parent_run_id,
+                           "threshold": self.parent_threshold},
+                "added": [str(p) for p in self.added],
+                "calibration_images": [str(p) for p in self.calibration_images],
+                "duplicates": self.duplicates, "unreadable": self.unreadable,
+                "suspects": self.suspects, "suspects_included": self.include_suspects,
+                "method": self.method_report,
+                "threshold": {"value": self.detector.threshold.value, "rule": self.detector.threshold.rule,
+                              "source": self.calibration_source},
+                "training_images": {"parent": self.n_parent_training,
+                                    "new": self.n_parent_training + len(self.added)}}
+
+
+def resolve_parent(category: str, from_alias: str | None = "production", from_version=None):
+    """(version, model version entity) of the parent, with the registry's helpful errors."""
+    check_category(category)
+    if from_version is not None:
+        version = registry._check_version(category, from_version)
+    else:
+        registry.model_uri(category, from_alias)  # raises a clear error for a missing alias / deleted version
+        version = str(registry._get_model(category).aliases[from_alias])
+    mv = mlflow.MlflowClient().get_model_version(registry.model_name(category), version)
+    return version, mv
+
+
+def _read_new_images(folders: list[str], known: dict[str, str]):
+    """(images, paths, hashes, duplicates, unreadable) of the new files: hashed, de-duplicated, decoded."""
+    paths = manifest.find_images(folders, "--add-good folder")
+    if not paths:
+        raise DataError(f"no images found under {', '.join(map(str, folders))} (looked recursively for "
+                        "png, jpg, bmp, tif, webp); nothing to add, nothing registered")
+    seen = dict(known)
+    images, kept, hashes, duplicates, unreadable = [], [], [], [], []
+    for p in paths:
+        try:
+            digest = manifest.sha256_file(p)
+        except OSError as exc:
+            unreadable.append({"path": str(p), "error": exc.strerror or str(exc)})
+            continue
+        if digest in seen:
+            duplicates.append({"path": str(p), "duplicate_of": seen[digest]})
+            continue
+        try:
+            img = load_image(p)
+        except ImageDecodeError as exc:
+            unreadable.append({"path": str(p), "error": str(exc).removeprefix(f"{p}: ")})
+            continue
+        seen[digest] = str(p)
+        images.append(img)
+        kept.append(p)
+        hashes.append(digest)
+    return images, kept, hashes, duplicates, unreadable
+
+
+def _threshold_quantile(detector, params: dict) -> float:
+    q = detector.threshold.details.get("q") if detector.threshold else None
+    return float(q if q is not None else params.get("threshold_quantile", 0.99))
+
+
+def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateResult:
+    """Everything of an update but logging: read, de-duplicate, guard, grow, recalibrate, evaluate."""
+    t_start = time.perf_counter()
+    if not opts.add_good:
+        raise DataError("give at least one --add-good folder of good images")
+    version, mv = resolve_parent(opts.category, opts.from_alias, opts.from_version)
+    name = registry.model_name(opts.category)
+    parent_run = mlflow.MlflowClient().get_run(mv.run_id)
+    parent_manifest = lineage.run_manifest(mv.run_id)
+    parent_entries = parent_manifest["images"]
+    parent_training = manifest.training(parent_entries)
+    # training AND calibration images of the lineage count as seen; held-out suspects do not (a reviewed
+    # suspect can be taken in later with include_suspects)
+    known = {e["sha256"]: e["path"] for e in parent_entries if e.get("sha256")}
+
+    images, paths, hashes, duplicates, unreadable = _read_new_images(opts.add_good, known)
+    if not images:
+        why = []
+        if duplicates:
+            why.append(f"{len(duplicates)} duplicate(s) of images version {version} already learned from or "
+                       "calibrated on")
+        if unreadable:
+            why.append(f"{len(unreadable)} unreadable file(s)")
+        raise DataError(f"nothing new to add to {name} version {version}: {' and '.join(why)}; nothing registered")
+
+    # the gate compares like with like: the parent's evaluation set (checked before any heavy work)
+    eval_samples, eval_source = lifecycle.logged_eval_set(opts.category, version)
+    detector = lifecycle.load_version_detector(opts.category, version, opts.device)
+    if detector.threshold is None:
+        raise RegistryError(f"{name} version {version} has no calibrated threshold; refit it")
+    parent_threshold = detector.threshold.value
+
+    # contamination guard: what the parent itself calls anomalous is not taken as good by default
+    parent_scores = detector.predict(images, show_progress=show_progress).scores
+    suspects = [{"path": str(p), "score": float(s)} for p, s in zip(paths, parent_scores) if s > parent_threshold]
+    keep = [i for i, s in enumerate(parent_scores) if opts.include_suspects or s <= parent_threshold]
+    if not keep:
+        raise DataError(f"all {len(images)} new image(s) score above {name} version {version}'s threshold "
+                        f"{parent_threshold:.4g} (suspected defects); check them, or pass --include-suspects "
+                        "to take them in; nothing registered")
+
+    # split the accepted images: most are learned from, a few recalibrate the threshold
+    order = list(keep)
+    random.Random(opts.seed).shuffle(order)
+    n_cal = min(max(opts.holdout, 0), len(order) // 2)
+    cal_idx, train_idx = sorted(order[:n_cal]), sorted(order[n_cal:])
+    method_report = detector.update([images[i] for i in train_idx], show_progress=show_progress)
+
+    # recalibrate by the parent's rule
+    params = parent_run.data.params
+    q = _threshold_quantile(detector, params)
+    calibration: list[dict] = []
+    if cal_idx:
+        scores = detector.predict([images[i] for i in cal_idx], show_progress=show_progress).scores
+        calibration = [{"path": str(paths[i]), "label": 0, "score": float(s), "origin": "held-out new good"}
+                       for i, s in zip(cal_idx, scores)]
+    n_new_cal = len(calibration)
+    parent_rule = detector.threshold.rule
+    used_parent = 0
+    if n_new_cal < opts.min_calibration or parent_rule == "f1_optimal":
+        try:
+            reference = lineage.run_reference(mv.run_id, None)
+        except DataError:
+            reference = {"images": []}
+        training = {str(paths[i]) for i in train_idx} | {e["path"] for e in parent_training}
+        refs = [r for r in reference["images"] if r["path"] not in training and Path(r["path"]).is_file()
+                and (parent_rule == "f1_optimal" or r["label"] == 0)]
+        if refs:
+            scores = detector.predict([load_image(r["path"]) for r in refs], show_progress=show_progress).scores
+            calibration += [{"path": r["path"], "label": int(r["label"]), "score": float(s),
+                             "origin": f"version {version} calibration"} for r, s in zip(refs, scores)]
+            used_parent = len(refs)
+    good = [c["score"] for c in calibration if c["label"] == 0]
+    bad = [c["score"] for c in calibration if c["label"] == 1]
+    if not good:
+        raise DataError(f"no good images left to recalibrate the threshold on (version {version}'s calibration "
+                        "images are not on this machine and too few new ones were given); add more good images")
+    detector.threshold = calibrate(good, bad if parent_rule == "f1_optimal" else None, q=q)
+    parts = [f"{n_new_cal} held-out new good images"] if n_new_cal else []
+    if used_parent:
+        parts.append(f"{used_parent} of version {version}'s calibration images")
+    source = " + ".join(parts)
+    detector.threshold.details["source"] = source
+
+    evaluation = evaluate(detector, eval_samples, detector.threshold.value, show_progress)
+
+    # the new run's id is filled in by adreg.manifest.document when it is logged
+    train_paths = [paths[i] for i in train_idx]
+    entries = [dict(e) for e in parent_entries]
+    entries += [manifest.entry(paths[i], "update", None, sha256=hashes[i]) for i in train_idx]
+    entries += [manifest.entry(paths[i], "update", None, sha256=hashes[i], role="calibration") for i in cal_idx]
+    training_entries = manifest.training(entries)
+    spec = detector.backbone.spec()
+    fit_opts = FitOptions(
+        category=opts.category, method=detector.method.name, train_dir=params.get("train_dir") or None,
+        val_dir=None, test_dir=None, k_shot=len(training_entries), seed=detector.seed, backbone=str(spec.get("name")),
+        layers=spec.get("layers"), image_size=spec.get("image_size"), precision=spec.get("precision", "fp32"),
+        augment=",".join(detector.augment) or "none", aug_count=detector.aug_count, sigma=detector.sigma,
+        top_fraction=detector.top_fraction, threshold_quantile=q, holdout=opts.holdout,
+        batch_size=detector.batch_size, device=opts.device, method_params=detector.method.get_params())
+    data = CategoryData(train=[Path(e["path"]) for e in training_entries], test=list(eval_samples),
+                        source=eval_source)
+    parent_metrics = {k: v for k, v in parent_run.data.metrics.items()}
+    return UpdateResult(
+        options=fit_opts, detector=detector, data=data, shots=[Path(e["path"]) for e in training_entries],
+        calibration_source=source, evaluation=evaluation,
+        parent_model=name, parent_version=version, parent_run_id=mv.run_id, parent_threshold=parent_threshold,
+        parent_metrics=parent_metrics, added=train_paths, calibration_images=[paths[i] for i in cal_idx],
+        duplicates=duplicates, unreadable=unreadable, suspects=suspects, include_suspects=opts.include_suspects,
+        method_report=method_report, manifest_entries=entries, calibration=calibration,
+        n_parent_training=len(parent_training), seconds=time.perf_counter() - t_start)
+
+
+@dataclass
+class UpdateOutcome:
+    result: UpdateResult
+    logged: tracking.LoggedFit
+    gate: lifecycle.GateReport | None = None
+
+
+def update_version(opts: UpdateOptions, register: bool = False, promote_alias: str | None = None,
+                   policy: lifecycle.GatePolicy | None = None, reason: str = "", show_progress: bool = True,
+                   tracking_uri: str | None = None) -> UpdateOutcome:
+    """Grow the parent into a new run (+ version with ``register``, + gated alias with ``promote_alias``)."""
+    if tracking_uri:
+        tracking.configure(tracking_uri)
+    result = prepare_update(opts, show_progress)
+    k = len(result.shots)
+    logged = tracking.log_fit(
+        result, run_name=f"update-{result.options.method}-{opts.category}-v{result.parent_version}-k{k}",
+        lineage={"parent_model": result.parent_model, "parent_version": result.parent_version,
+                 "parent_run_id": result.parent_run_id, "report": result.report(),
+                 "what": result.method_report.get("what", "")})
+    outcome = UpdateOutcome(result, logged)
+    if register or promote_alias:
+        added = len(result.added)
+        logged.version = registry.register(
+            logged.model_uri, logged.run_id, opts.category, result.metrics(),
+            tags={"adreg.lineage": "update", "adreg.parent.version": result.parent_version,
+                  "adreg.parent.run_id": result.parent_run_id, "adreg.training_images": str(k),
+                  "adreg.images_added": str(added)},
+            description=(f"Grown from {result.parent_model} version {result.parent_version} "
+                         f"(run {result.parent_run_id}) with {added} new good image(s) by `adreg update`: "
+                         f"{result.method_report.get('what', '')}"))
+        logged.registered_name = result.parent_model
+        if promote_alias:
+            promo, gate = lifecycle.promote_gated(opts.category, logged.version, promote_alias, policy,
+                                                  reason=reason or f"update of version {result.parent_version}",
+                                                  device=opts.device, candidate_metrics=result.evaluation.metrics)
+            logged.promoted = promo is not None
+            outcome.gate = gate
+    return outcome
