@@ -4,8 +4,10 @@ Alias scheme: ``staging`` for a candidate under trial, ``production`` for what s
 alias runs a gate: the candidate is evaluated on the evaluation set logged with it (or ``eval_dir``);
 it must meet absolute floors and must not regress beyond ``tolerance`` against the version the alias
 points at now, evaluated on the same images. ``force`` overrides a failed gate and is recorded.
-Every promotion and rollback is an event in the category's history (registered-model tags), so
-``rollback`` can restore the previous version and ``history`` can show who did what, when and why.
+Every promotion, refusal and rollback is an event in the category's history (one run each in the
+lifecycle experiment ``adreg-<category>/lifecycle``; older registered-model tag events are still read),
+so ``rollback`` can restore the previous version and ``history`` can show who did what, when and why.
+Permissions (``adreg.governance``) are checked before the gate runs: a refusal changes nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import mlflow
 
-from adreg import registry
+from adreg import governance, integrity, registry
 from adreg.data import Sample, read_labelled_folder
 from adreg.detector import AnomalyDetector
 from adreg.errors import DataError, RegistryError
@@ -80,7 +82,19 @@ def load_detector(model_uri: str, device: str = "auto") -> AnomalyDetector:
 
 
 def load_version_detector(category: str, version, device: str = "auto") -> AnomalyDetector:
-    return load_detector(f"models:/{registry.model_name(category)}/{version}", device)
+    """A registered version's detector; its artifacts must match the manifest digest set on the version."""
+    name = registry.model_name(category)
+    expected = mlflow.MlflowClient().get_model_version(name, str(version)).tags.get(integrity.DIGEST_TAG)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
+    configs = list(local.rglob("detector/config.json"))
+    if not configs:
+        raise RegistryError(f"models:/{name}/{version} holds no adreg detector artifact")
+    if expected:  # the version was registered with a digest: the folder must hold exactly that manifest
+        if not integrity.has_manifest(configs[0].parent):
+            raise integrity.IntegrityError(f"model refused: {name} version {version} was registered with artifact "
+                                           f"digest {expected[:12]}... but its integrity manifest is gone")
+        integrity.verify(configs[0].parent, expected)
+    return AnomalyDetector.load(configs[0].parent, device=device)
 
 
 def logged_eval_set(category: str, version) -> tuple[list[Sample], str]:
@@ -131,8 +145,12 @@ def promote_gated(category: str, version, alias: str = "production", policy: Gat
                   force: bool = False, reason: str = "", eval_dir: str | None = None,
                   device: str = "auto", candidate_metrics: dict | None = None
                   ) -> tuple[registry.Promotion | None, GateReport]:
-    """Run the gate and promote when it passes (or when forced); returns (promotion or None, report)."""
+    """Run the gate and promote when it passes (or when forced); returns (promotion or None, report).
+    The user's permission for the alias (and for ``force``) is checked first: refused, nothing runs."""
     registry._check_version(category, version)
+    governance.require(category, governance.needed_for_alias(alias), f"moving alias {alias!r}")
+    if force:
+        governance.require(category, "MANAGE", "forcing a promotion past the gate")
     report = run_gate(category, version, alias, policy or GatePolicy(), eval_dir, device, candidate_metrics)
     if not report.passed and not force:
         registry.record_event(category, {"action": "refused", "alias": alias, "version": str(version),
@@ -164,6 +182,7 @@ def production_stack(events: list[dict], alias: str) -> list[str]:
 def rollback(category: str, alias: str = "production", reason: str = "") -> registry.Promotion:
     """Point ``alias`` back at the version it held before the current one (skipping deleted versions)."""
     model = registry._get_model(category)
+    governance.require(category, governance.needed_for_alias(alias), f"rolling back alias {alias!r}")
     current = model.aliases.get(alias)
     stack = production_stack(registry.history(category), alias)
     if current is not None and (not stack or stack[-1] != str(current)):
@@ -211,6 +230,6 @@ def history_rows(category: str) -> list[dict]:
             cand = e.get("candidate_metrics") or {}
             gate = ("passed" if e["gate_passed"] else "FAILED") + " " + json.dumps(cand)
         rows.append({"at": e["at"], "action": e["action"], "alias": e["alias"], "version": e["version"],
-                     "from": e.get("previous") or "-", "by": e.get("by", ""), "reason": e.get("reason", ""),
-                     "gate": gate})
+                     "from": e.get("previous") or "-", "by": e.get("by", ""), "identity": e.get("identity", ""),
+                     "reason": e.get("reason", ""), "gate": gate})
     return rows

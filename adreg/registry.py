@@ -1,16 +1,17 @@
 """The model registry side: one registered model ``adreg-<category>`` per category, promoted with aliases.
 
 Stages are deprecated in MLflow 3, so promotion moves a registered-model alias (``production``,
-``staging``) and records who/when/from-which-version as tags on the promoted version.
+``staging``) and records who/when/from-which-version as tags on the promoted version. Every lifecycle
+event is one run of the category's lifecycle experiment ``adreg-<category>/lifecycle`` (searchable and
+comparable in the MLflow UI); who may move which alias is ``adreg.governance``'s business.
 """
 
 from __future__ import annotations
 
-import getpass
+import contextlib
 import json
-import os
 import re
-import secrets
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,8 +20,10 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+from adreg import governance
 from adreg.errors import RegistryError
 from adreg.fitting import check_category
+from adreg.integrity import DIGEST_TAG
 
 PREFIX = "adreg-"
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -59,8 +62,10 @@ def _check_version(category: str, version) -> str:
         raise RegistryError(f"{name} has no version {version!r}; versions: {versions or 'none'}") from None
 
 
-def register(model_uri: str, run_id: str, category: str, metrics: dict | None = None, timeout_s: float = 60) -> str:
-    """Create a new version of ``adreg-<category>`` from a completely logged run; returns the version."""
+def register(model_uri: str, run_id: str, category: str, metrics: dict | None = None, timeout_s: float = 60,
+             tags: dict | None = None, description: str | None = None) -> str:
+    """Create a new version of ``adreg-<category>`` from a completely logged run; returns the version.
+    ``tags`` / ``description`` go on the version (an update's parent version and run)."""
     client = _client()
     run = client.get_run(run_id)
     if run.data.tags.get("adreg.model_complete") != "true":
@@ -72,11 +77,15 @@ def register(model_uri: str, run_id: str, category: str, metrics: dict | None = 
     except MlflowException as exc:
         if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
-    tags = {f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items() if k in KEY_METRICS}
-    tags.update({"adreg.method": run.data.tags.get("adreg.method", ""),
-                 "adreg.backbone": run.data.tags.get("adreg.backbone", "")})
+    version_tags = {f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items() if k in KEY_METRICS}
+    version_tags.update({"adreg.method": run.data.tags.get("adreg.method", ""),
+                         "adreg.backbone": run.data.tags.get("adreg.backbone", "")})
+    if run.data.tags.get(DIGEST_TAG):  # tamper evidence: the artifacts' manifest digest travels with the version
+        version_tags[DIGEST_TAG] = run.data.tags[DIGEST_TAG]
+    version_tags.update({k: str(v) for k, v in (tags or {}).items()})
     model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None  # a LoggedModel
-    mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
+    mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=version_tags, model_id=model_id,
+                                     description=description)
     deadline = time.monotonic() + timeout_s
     while mv.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -93,53 +102,197 @@ class Promotion:
     version: str
     previous: str | None
     model_uri: str
+    by: str = ""
+    identity: str = ""
+    event_run: str | None = None
 
 
-HISTORY_PREFIX = "adreg.history."
+HISTORY_PREFIX = "adreg.history."  # legacy: events kept as registered-model tags (still read)
+EVENT_TAG = "adreg.lifecycle_event"
+EVENT_PARAMS = ("at", "seq", "action", "alias", "version", "previous", "user", "identity", "reason")
+DETAIL_PARAMS = ("gate_passed", "eval_set", "baseline_version", "gate_failures")
+PARAM_MAX = 6000
 
 
-def _user() -> str:
-    return os.environ.get("ADREG_USER") or getpass.getuser()
+def lifecycle_experiment_id(category: str, create: bool = True) -> str | None:
+    """The category's lifecycle experiment (``adreg-<category>/lifecycle``): one run per event."""
+    from adreg.tracking import _artifact_location
+
+    client = _client()
+    name = governance.lifecycle_experiment_name(category)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    if not create:
+        return None
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(mlflow.get_tracking_uri()),
+                                        tags={"adreg.category": category, "adreg.kind": "lifecycle",
+                                              "mlflow.note.content": f"Lifecycle events of {model_name(category)}: "
+                                                                     "one run per promotion, refusal, rollback."})
+    except MlflowException as exc:
+        if governance.is_refusal(exc):
+            raise governance.refusal(exc, f"creating experiment {name}") from None
+        found = client.get_experiment_by_name(name)  # created concurrently by another writer
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _param(value) -> str:
+    text = "-" if value is None or value == "" else str(value)
+    return text if len(text) <= PARAM_MAX else text[:PARAM_MAX - 3] + "..."
 
 
 def record_event(category: str, event: dict) -> dict:
-    """Append an event to the category's history, kept as registered-model tags.
+    """Record one lifecycle event (promote, force, refused, rollback) as a run of the category's lifecycle
+    experiment: core fields and the gate summary as params, gate metrics as metrics, tags linking the
+    registered model version. Each event is its own run, so concurrent writers never overwrite each other.
+    The user is the one the server authenticated, else ``$ADREG_USER`` / the login as a label."""
+    from mlflow.entities import Metric, Param, RunTag
 
-    Keys sort chronologically (ms timestamp) and carry a random suffix, so two concurrent writers
-    never overwrite each other's event.
-    """
-    event = {"at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "by": _user(), **event}
-    key = f"{HISTORY_PREFIX}{time.time_ns() // 1_000_000:013d}.{secrets.token_hex(3)}"
-    _client().set_registered_model_tag(model_name(category), key, json.dumps(event, sort_keys=True))
+    ident = governance.identity()
+    now_ns = time.time_ns()
+    event = {"at": datetime.fromtimestamp(now_ns / 1e9, timezone.utc).isoformat(timespec="milliseconds"),
+             "by": ident.user, "identity": ident.kind, **event}
+    name = model_name(category)
+    client = _client()
+    try:
+        exp_id = lifecycle_experiment_id(category)
+        run = client.create_run(exp_id, start_time=now_ns // 1_000_000, run_name=(
+            f"{event['action']} {event['alias']} v{event['version']} by {ident.user}"),
+            tags={EVENT_TAG: "true", "adreg.category": category, "adreg.model_name": name,
+                  "adreg.model_version": str(event["version"]), "adreg.alias": event["alias"],
+                  "adreg.action": event["action"]})
+        core = {"at": event["at"], "seq": str(now_ns), "action": event["action"], "alias": event["alias"],
+                "version": event["version"], "previous": event.get("previous"), "user": ident.user,
+                "identity": ident.kind, "reason": event.get("reason", "")}
+        details = {k: v for k, v in event.items() if k not in core and k not in ("by",)}
+        params = [Param(k, _param(v)) for k, v in core.items()]
+        for key in DETAIL_PARAMS:
+            if key in details:
+                value = details[key]
+                params.append(Param(key, _param(json.dumps(value) if isinstance(value, (list, dict)) else value)))
+        params.append(Param("details", _param(json.dumps(details, sort_keys=True))))
+        ms = now_ns // 1_000_000
+        metrics = [Metric(f"{prefix}_{k}", float(v), ms, 0)
+                   for prefix, key in (("candidate", "candidate_metrics"), ("baseline", "baseline_metrics"))
+                   for k, v in (details.get(key) or {}).items()]
+        if "gate_passed" in details:
+            metrics.append(Metric("gate_passed", float(bool(details["gate_passed"])), ms, 0))
+        client.log_batch(run.info.run_id, metrics=metrics, params=params,
+                         tags=[RunTag("mlflow.note.content", f"{event['action']} {name}@{event['alias']} -> "
+                                                            f"v{event['version']} by {ident.user} ({ident.kind}): "
+                                                            f"{event.get('reason', '')}"[:5000])])
+        with contextlib.redirect_stdout(sys.stderr):  # MLflow prints the run's URL; stdout may carry --json
+            client.set_terminated(run.info.run_id)
+    except MlflowException as exc:
+        if governance.is_refusal(exc):
+            raise governance.refusal(exc, f"recording the event in {governance.lifecycle_experiment_name(category)}"
+                                     ) from None
+        raise
+    event["run_id"] = run.info.run_id
+    try:  # the registered model keeps a few tags only: where the history is, and the latest event
+        client.set_registered_model_tag(name, "adreg.lifecycle_experiment", governance.lifecycle_experiment_name(category))
+        client.set_registered_model_tag(name, "adreg.last_event", f"{event['at']} {event['action']} {event['alias']} "
+                                                                  f"v{event['version']} by {ident.user}")
+    except MlflowException:
+        pass  # a convenience copy; the event itself is recorded
+    return event
+
+
+def _run_event(run) -> dict | None:
+    p = run.data.params
+    if "action" not in p or "seq" not in p:
+        return None  # a run whose params never arrived (writer died): no event
+    event = {"at": p["at"], "by": p["user"], "identity": p["identity"], "action": p["action"], "alias": p["alias"],
+             "version": p["version"], "previous": None if p["previous"] == "-" else p["previous"],
+             "reason": "" if p["reason"] == "-" else p["reason"], "seq": int(p["seq"]), "run_id": run.info.run_id}
+    try:
+        details = json.loads(p.get("details", "{}"))
+    except ValueError:
+        details = {}
+    for key, value in details.items():
+        event.setdefault(key, value)
     return event
 
 
 def history(category: str) -> list[dict]:
-    """All recorded promotion / rollback events of a category, oldest first."""
+    """All recorded promotion / refusal / rollback events of a category, oldest first: the lifecycle
+    experiment's runs merged with events of older adreg versions kept as registered-model tags."""
     model = _get_model(category)
-    return [json.loads(model.tags[k]) for k in sorted(model.tags) if k.startswith(HISTORY_PREFIX)]
+    events = []
+    for key in sorted(model.tags):
+        if key.startswith(HISTORY_PREFIX):
+            e = json.loads(model.tags[key])
+            e.setdefault("identity", "label (legacy tag)")
+            e.setdefault("seq", int(key[len(HISTORY_PREFIX):].split(".")[0]) * 1_000_000)
+            events.append(e)
+    exp_id = lifecycle_experiment_id(category, create=False)
+    if exp_id is not None:
+        client, token = _client(), None
+        while True:
+            page = client.search_runs([exp_id], filter_string=f"tags.`{EVENT_TAG}` = 'true'", max_results=1000,
+                                      page_token=token)
+            events.extend(e for e in map(_run_event, page) if e is not None)
+            token = page.token
+            if not token:
+                break
+    return sorted(events, key=lambda e: (e["at"], e.get("seq", 0)))
+
+
+def _set_alias(client, name: str, alias: str, version: str, doing: str, attempts: int = 5) -> None:
+    """Set an alias; a server refusal becomes PermissionDenied. Two writers setting the same alias at once
+    can collide in the store (sqlite: UNIQUE constraint on the alias row): retried, last writer wins."""
+    import random
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as exc:
+            if governance.is_refusal(exc):
+                raise governance.refusal(exc, doing) from None
+            if attempt == attempts - 1:
+                raise
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy IntegrityError / OperationalError from the store
+            if attempt == attempts - 1 or type(exc).__module__.split(".")[0] != "sqlalchemy":
+                raise
+        time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
 
 
 def promote(category: str, version, alias: str = "production", reason: str = "", action: str = "promote",
             details: dict | None = None) -> Promotion:
-    """Point ``alias`` at ``version``; record it on the version's tags and in the category history."""
+    """Point ``alias`` at ``version``; record it in the category history and on the version's tags.
+
+    Permission is checked first (``production`` needs MANAGE, other aliases EDIT); if recording the event
+    fails, the alias is put back, so a refused or failed promotion changes nothing."""
     if not ALIAS_RE.match(alias):
         raise RegistryError(f"alias {alias!r} must be lowercase letters, digits, '_' or '-'")
     model = _get_model(category)
     version = _check_version(category, version)
+    doing = f"{'rolling back' if action == 'rollback' else 'moving'} alias {alias!r}"
+    governance.require(category, governance.needed_for_alias(alias), doing)
     previous = None if model.aliases.get(alias) is None else str(model.aliases[alias])
     client = _client()
-    client.set_registered_model_alias(model.name, alias, version)
-    event = record_event(category, {"action": action, "alias": alias, "version": version,
-                                    "previous": previous, "reason": reason or action, **(details or {})})
-    for key in ("at", "by", "reason"):
-        client.set_model_version_tag(model.name, version, f"adreg.promoted.{alias}.{key}", str(event[key]))
-    client.set_model_version_tag(model.name, version, f"adreg.promoted.{alias}.from_version", previous or "none")
-    client.set_model_version_tag(model.name, version, f"adreg.promoted.{alias}.action", action)
+    _set_alias(client, model.name, alias, version, doing)
+    try:
+        event = record_event(category, {"action": action, "alias": alias, "version": version,
+                                        "previous": previous, "reason": reason or action, **(details or {})})
+    except BaseException:
+        if previous is not None:  # nothing half-done: the alias goes back where it was
+            _set_alias(client, model.name, alias, previous, doing)
+        else:
+            client.delete_registered_model_alias(model.name, alias)
+        raise
+    tags = {"at": event["at"], "by": event["by"], "identity": event["identity"], "reason": event["reason"],
+            "from_version": previous or "none", "action": action, "event_run": event["run_id"]}
     if details:
-        client.set_model_version_tag(model.name, version, f"adreg.promoted.{alias}.details",
-                                     json.dumps(details, sort_keys=True)[:4900])
-    return Promotion(category, alias, version, previous, f"models:/{model.name}@{alias}")
+        tags["details"] = json.dumps(details, sort_keys=True)[:4900]
+    for key, value in tags.items():
+        client.set_model_version_tag(model.name, version, f"adreg.promoted.{alias}.{key}", str(value))
+    return Promotion(category, alias, version, previous, f"models:/{model.name}@{alias}", event["by"],
+                     event["identity"], event["run_id"])
 
 
 def existing_versions(category: str) -> set[str]:

@@ -1,5 +1,6 @@
 """Quality-gated promotion, rollback, history, concurrency and faults, on sqlite and PostgreSQL."""
 
+import json
 import os
 import shutil
 import signal
@@ -151,3 +152,82 @@ def test_fit_killed_midway_leaves_no_registered_version(store_uri, tmp_path):
     assert registry.categories() == [] or registry.list_versions() == []
     with pytest.raises(RegistryError, match="no completely logged model"):
         registry.register(f"runs:/{run.info.run_id}/model", run.info.run_id, "bottle")
+
+
+CONCURRENT_PROMOTE = """
+import os, sys
+from adreg import registry, tracking
+tracking.configure(sys.argv[1])
+for i in range(int(sys.argv[3])):
+    v = sys.argv[2].split(",")[i % 2]
+    registry.promote("bottle", v, "staging", reason=f"{os.environ['ADREG_USER']} #{i}")
+"""
+
+
+def test_concurrent_promotions_from_two_processes_lose_no_event(tracking_uri, two_fits, monkeypatch):
+    """Two writers promote at once: every event is a run of its own, all found, in order; events of the
+    older tag format are merged in; rollback's replay still works on the merged history."""
+    import json as _json
+
+    v1, v2 = _register(two_fits["subspace"]), _register(two_fits["subspace"])
+    legacy = {"at": "2000-01-01T00:00:00.000+00:00", "by": "old-tool", "action": "promote", "alias": "staging",
+              "version": v1, "previous": None, "reason": "from the tag era"}
+    mlflow.MlflowClient().set_registered_model_tag("adreg-bottle", "adreg.history.0946684800000.abcdef",
+                                                   _json.dumps(legacy))
+    n = 6
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_PROMOTE, tracking_uri, f"{v1},{v2}", str(n)],
+                              env=dict(os.environ, ADREG_USER=user), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for user in ("qe-anna", "qe-ben")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    events = registry.history("bottle")
+    assert events[0]["by"] == "old-tool" and events[0]["identity"] == "label (legacy tag)"
+    reasons = sorted(e["reason"] for e in events[1:])
+    assert reasons == sorted(f"{u} #{i}" for u in ("qe-anna", "qe-ben") for i in range(n))
+    assert all(e["identity"] == "label ($ADREG_USER)" for e in events[1:])
+    assert [e["at"] for e in events] == sorted(e["at"] for e in events)
+    runs = mlflow.search_runs(experiment_names=["adreg-bottle/lifecycle"], output_format="list")
+    assert len(runs) == 2 * n  # one run per event, in the lifecycle experiment
+    model = registry._get_model("bottle")
+    assert not [k for k in model.tags if k.startswith("adreg.history.") and "abcdef" not in k]  # no new tag events
+    current = str(model.aliases["staging"])
+    assert lifecycle.production_stack(events, "staging")[-1] == current
+
+
+def test_json_output_and_exit_codes(tracking_uri, two_fits, eval_subset, capsys):
+    from adreg import cli
+
+    v1, v2 = _register(two_fits["rad"]), _register(two_fits["subspace"])
+
+    def run(*argv):
+        code = cli.main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = run("models", "--json")
+    assert code == 0 and [r["version"] for r in json.loads(out)] == [int(v1), int(v2)]
+    code, out, _ = run("promote", "bottle", "--version", v1, "--eval-dir", str(eval_subset), "--json",
+                       "--tolerance", "0.005")
+    result = json.loads(out)
+    assert code == 0 and result["promoted"] and result["gate"]["gate_passed"] and result["previous"] is None
+    code, out, _ = run("promote", "bottle", "--version", v2, "--eval-dir", str(eval_subset), "--json",
+                       "--tolerance", "0.005")
+    result = json.loads(out)
+    assert code == 1 and not result["promoted"] and result["gate"]["gate_failures"]  # refused by the gate
+    code, out, _ = run("compare", "bottle", v1, v2, "--json")
+    assert code == 0 and {r["what"] for r in json.loads(out)} >= {"image_auroc", "param method"}
+    code, out, _ = run("history", "bottle", "--json")
+    assert code == 0 and [e["action"] for e in json.loads(out)] == ["promote", "refused"]
+    code, out, err = run("rollback", "bottle", "--json")
+    assert code == 2 and "no earlier version" in json.loads(out)["error"] and err.startswith("adreg: error:")
+    code, out, err = run("promote", "bottle", "--version", "99", "--json")
+    assert code == 2 and "no version" in err
+    code, out, _ = run("promote", "bottle", "--version", v2, "--eval-dir", str(eval_subset), "--force", "--json",
+                       "--tolerance", "0.005", "--reason", "hotfix")
+    result = json.loads(out)
+    assert code == 0 and result["promoted"] and result["forced"] and result["previous"] == v1
+    code, out, _ = run("rollback", "bottle", "--json")
+    assert code == 0 and json.loads(out)["version"] == v1 and json.loads(out)["previous"] == v2
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["promote", "bottle"])  # missing --version: argparse, bad input
+    assert exc.value.code == 2

@@ -1,0 +1,220 @@
+"""Who is acting and what they may change: identity, the role model, permission checks, grants.
+
+Role model (on an MLflow server started with authentication, ``mlflow server --app-name adreg-auth``):
+
+* reader  (READ on ``adreg-<category>``, the server's ``default_permission``): list, load, predict, serve;
+* editor  (EDIT): fit, register, promote to ``staging`` (or any alias but ``production``);
+* manager (MANAGE): move or roll back ``production``, force a promotion past a failed gate.
+
+The server enforces what it can: writes need EDIT, and the ``adreg-auth`` app (``adreg.auth_app``) refuses
+any change of the ``production`` alias without MANAGE, and gives the creator of a category EDIT, not
+MANAGE. adreg checks the rest (``--force``, the role of an action) with ``require`` BEFORE changing
+anything. Without an authenticated server there are no users: ``$ADREG_USER`` (else the login) is only
+a label, and the history says so.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass
+
+import mlflow
+import requests
+
+from adreg.errors import AdregError, ConfigError
+from adreg.fitting import check_category
+
+PREFIX = "adreg-"
+LEVELS = ("READ", "EDIT", "MANAGE")
+RANK = {"NO_PERMISSIONS": 0, "DENY": 0, "READ": 1, "USE": 1, "EDIT": 2, "MANAGE": 3}
+PROTECTED_ALIASES = ("production",)
+AUTHENTICATED, LABEL_ENV, LABEL_LOGIN = "authenticated", "label ($ADREG_USER)", "label (login)"
+TIMEOUT_S = 30  # read timeout; a server that is down fails at connect, at once
+
+
+class PermissionDenied(AdregError):
+    """The acting user lacks the permission an action needs; nothing was changed."""
+
+    exit_code = 1  # a refusal, not bad input
+
+
+def model_name(category: str) -> str:
+    return PREFIX + check_category(category)
+
+
+def lifecycle_experiment_name(category: str) -> str:
+    """One experiment per category holds its lifecycle events, one run each ('/' cannot be in a category)."""
+    return f"{model_name(category)}/lifecycle"
+
+
+def fit_experiment_name(category: str) -> str:
+    return model_name(category)
+
+
+@dataclass(frozen=True)
+class Identity:
+    user: str
+    kind: str  # AUTHENTICATED, LABEL_ENV or LABEL_LOGIN
+    is_admin: bool = False
+    server: str | None = None
+
+    @property
+    def authenticated(self) -> bool:
+        return self.kind == AUTHENTICATED
+
+
+def server_url() -> str | None:
+    uri = mlflow.get_tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+
+def _credentials() -> tuple[str, str] | None:
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    return (user, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if user else None
+
+
+def _get(url: str, path: str, params: dict | None = None) -> requests.Response:
+    try:
+        return requests.get(url + path, params=params, auth=_credentials(), timeout=TIMEOUT_S)
+    except requests.RequestException as exc:
+        raise ConfigError(f"cannot reach the MLflow server at {url} ({type(exc).__name__}); "
+                          "check --tracking-uri / MLFLOW_TRACKING_URI") from None
+
+
+_identities: dict[tuple, Identity] = {}
+
+
+def identity() -> Identity:
+    """The acting user: the user an authenticated server accepted (asked from the server itself), else a label."""
+    url = server_url()
+    if url is not None:
+        key = (url, _credentials())
+        if key in _identities:
+            return _identities[key]
+        resp = _get(url, "/api/2.0/mlflow/users/current")
+        if resp.status_code == 200:
+            user = resp.json()["user"]
+            ident = Identity(user["username"], AUTHENTICATED, bool(user.get("is_admin")), url)
+            _identities[key] = ident
+            return ident
+        if resp.status_code == 401:
+            creds = _credentials()
+            raise PermissionDenied(
+                f"the MLflow server at {url} refused the login of user {creds[0]!r} (wrong password?)" if creds else
+                f"the MLflow server at {url} requires a login: set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD")
+        # any other answer (404: no authentication app): a server without users
+    label = os.environ.get("ADREG_USER")
+    return Identity(label, LABEL_ENV) if label else Identity(getpass.getuser(), LABEL_LOGIN)
+
+
+def permission(resource_type: str, resource_id: str) -> str | None:
+    """The acting user's permission on a resource (READ/EDIT/MANAGE/...), or None without an authenticated
+    server (every user may do everything then)."""
+    ident = identity()
+    if not ident.authenticated:
+        return None
+    if ident.is_admin:
+        return "MANAGE"
+    resp = _get(ident.server, "/api/3.0/mlflow/users/permissions/get",
+                {"username": ident.user, "resource_type": resource_type, "resource_id": resource_id})
+    if resp.status_code != 200:
+        raise PermissionDenied(f"cannot read the permission of {ident.user!r} on {resource_type} {resource_id} "
+                               f"(server answered {resp.status_code})")
+    return resp.json().get("permission", "NO_PERMISSIONS")
+
+
+def needed_for_alias(alias: str) -> str:
+    return "MANAGE" if alias in PROTECTED_ALIASES else "EDIT"
+
+
+def require(category: str, needed: str, doing: str) -> Identity:
+    """Raise PermissionDenied (one line, naming the missing permission) unless the acting user holds
+    ``needed`` on the category's registered model. A no-op without an authenticated server."""
+    ident = identity()
+    have = permission("registered_model", model_name(category))
+    if have is not None and RANK.get(have, 0) < RANK[needed]:
+        raise PermissionDenied(f"{doing} needs {needed} permission on registered model {model_name(category)}; "
+                               f"user {ident.user!r} has {have} (an admin can run "
+                               f"`adreg grant {category} {ident.user} {needed}`)")
+    return ident
+
+
+# -- grants (admins) -----------------------------------------------------------------------------------
+def experiment_levels(level: str) -> str:
+    """What a category role needs on the category's experiments (fit runs, lifecycle events)."""
+    return "READ" if level == "READ" else "EDIT"
+
+
+def _experiment_id(name: str) -> str:
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except mlflow.exceptions.MlflowException:  # created concurrently
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def grant(category: str, user: str, level: str) -> list[dict]:
+    """Give ``user`` a role on a category: ``level`` on ``adreg-<category>``, and what the role needs on the
+    category's fit and lifecycle experiments. Admin (or MANAGE on the resources) only; returns the grants."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    level = level.upper()
+    if level not in LEVELS:
+        raise ConfigError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+    ident = identity()
+    if not ident.authenticated:
+        raise ConfigError("adreg grant needs an MLflow server with authentication (mlflow server --app-name "
+                          "adreg-auth) and MLFLOW_TRACKING_USERNAME/PASSWORD of an admin; this store has no users")
+    name = model_name(category)
+    client = mlflow.MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise ConfigError(f"unknown category {category!r}: register a version first (adreg fit --register)") from None
+    targets = [("registered_model", name, level, name)]
+    for exp_name in (fit_experiment_name(category), lifecycle_experiment_name(category)):
+        targets.append(("experiment", _experiment_id(exp_name), experiment_levels(level), exp_name))
+    auth = get_app_client("basic-auth", tracking_uri=ident.server)
+    done = []
+    for rtype, rid, perm, label in targets:
+        try:
+            try:
+                auth.grant_user_permission(user, rtype, rid, perm)
+            except MlflowException as exc:
+                if "already exists" not in str(exc):
+                    raise
+                auth.revoke_user_permission(user, rtype, rid)
+                auth.grant_user_permission(user, rtype, rid, perm)
+        except MlflowException as exc:
+            text = str(exc)
+            if "403" in text or "PERMISSION_DENIED" in text or "Permission denied" in text:
+                raise PermissionDenied(f"granting permissions on {name} needs an admin (or MANAGE on it); "
+                                       f"user {ident.user!r} is neither") from None
+            if "404" in text or "not found" in text.lower() or "RESOURCE_DOES_NOT_EXIST" in text:
+                raise ConfigError(f"the server has no user {user!r}; an admin creates it first") from None
+            raise
+        done.append({"resource_type": rtype, "resource": label, "user": user, "permission": perm})
+    return done
+
+
+def is_refusal(exc: Exception) -> bool:
+    """Whether an MLflow error is the server refusing the user (403/401), not a bug or bad input."""
+    code = getattr(exc, "error_code", "") or ""
+    status = exc.get_http_status_code() if hasattr(exc, "get_http_status_code") else None
+    return code in ("PERMISSION_DENIED", "UNAUTHENTICATED") or status in (401, 403) or " 403" in str(exc)[:200]
+
+
+def refusal(exc: Exception, doing: str) -> PermissionDenied:
+    """One line for a server refusal: what was being done, the user, the server's reason."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    try:
+        who = identity().user
+    except AdregError:
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME", "?")
+    return PermissionDenied(f"the server refused {doing} for user {who!r}: {text}")

@@ -1,0 +1,173 @@
+"""Governance against a real `mlflow server --app-name adreg-auth` (basic-auth, sqlite auth DB) on 127.0.0.1:
+users and roles, server-enforced production alias, identity in the history, grants, --json and exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import requests
+
+from adreg import cli, governance, lifecycle, registry, tracking
+from adreg.governance import PermissionDenied
+from serving.process import free_port, stop_process_group
+
+ADMIN = ("admin", "admin-pass-0123456789")
+USERS = {"editor": "editor-pass-0123456789", "manager": "manager-pass-0123456789",
+         "reader": "reader-pass-0123456789"}
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory):
+    """One authenticated MLflow server for the module: admin + editor + manager + reader."""
+    tmp = tmp_path_factory.mktemp("auth-server")
+    ini = tmp / "auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                   f"database_uri = sqlite:///{tmp / 'auth.db'}\n"
+                   f"admin_username = {ADMIN[0]}\nadmin_password = {ADMIN[1]}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    port = free_port()
+    log = open(tmp / "server.log", "w")
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_AUTH_CONFIG_PATH=str(ini),
+               MLFLOW_FLASK_SERVER_SECRET_KEY="adreg-test-secret")
+    env.pop("MLFLOW_TRACKING_USERNAME", None)
+    env.pop("MLFLOW_TRACKING_PASSWORD", None)
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "adreg-auth",
+                             "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+                             "--artifacts-destination", (tmp / "artifacts").as_uri(),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    mp = pytest.MonkeyPatch()
+    try:
+        deadline = time.monotonic() + 420  # a loaded 2-core CI machine starts it slowly
+        while True:
+            if proc.poll() is not None:
+                pytest.fail("mlflow server exited:\n" + (tmp / "server.log").read_text()[-3000:])
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or busy starting
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("mlflow server did not come up:\n" + (tmp / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        for user, password in USERS.items():
+            r = requests.post(f"{url}/api/2.0/mlflow/users/create", json={"username": user, "password": password},
+                              auth=ADMIN, timeout=120)  # password hashing is slow on a loaded CPU
+            assert r.status_code == 200, r.text
+        mp.setenv("MLFLOW_TRACKING_URI", url)
+        tracking.configure(url)
+        yield {"url": url, "mp": mp, "tmp": tmp}
+    finally:
+        mp.undo()
+        mlflow.set_tracking_uri(None)
+        stop_process_group(proc)
+        log.close()
+
+
+def login(server, user):
+    password = ADMIN[1] if user == ADMIN[0] else USERS[user]
+    server["mp"].setenv("MLFLOW_TRACKING_USERNAME", user)
+    server["mp"].setenv("MLFLOW_TRACKING_PASSWORD", password)
+    tracking.configure(server["url"])
+
+
+@pytest.fixture(scope="module")
+def editor_version(auth_server, bottle_fit):
+    """The editor fits (logs) and registers the first version of a new category."""
+    login(auth_server, "editor")
+    logged = tracking.log_fit(bottle_fit)
+    return registry.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
+
+
+def _cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_roles_production_is_for_managers_and_history_names_the_users(auth_server, editor_version, capsys):
+    v = editor_version
+    # the editor created the category, but the server gave the creator EDIT, not MANAGE
+    login(auth_server, "editor")
+    ident = governance.identity()
+    assert (ident.user, ident.kind, ident.is_admin) == ("editor", governance.AUTHENTICATED, False)
+    assert governance.permission("registered_model", "adreg-bottle") == "EDIT"
+
+    # editor -> production: refused by adreg before the gate, one line naming the permission, exit 1
+    code, out, err = _cli(capsys, "promote", "bottle", "--version", v, "--alias", "production")
+    assert code == 1 and out == ""
+    assert err.strip().count("\n") == 0 and "needs MANAGE permission on registered model adreg-bottle" in err
+    assert "production" not in registry._get_model("bottle").aliases
+    # ... and by the server itself when adreg is bypassed
+    with pytest.raises(mlflow.exceptions.MlflowException, match="MANAGE"):
+        mlflow.MlflowClient().set_registered_model_alias("adreg-bottle", "production", v)
+    assert "production" not in registry._get_model("bottle").aliases
+    with pytest.raises(PermissionDenied, match="needs MANAGE"):
+        lifecycle.rollback("bottle")
+    assert registry.history("bottle") == []  # nothing changed, nothing recorded
+
+    # the editor may promote to staging (no gate needed here: the registry call)
+    promo = registry.promote("bottle", v, "staging", reason="trial on line 2")
+    assert (promo.by, promo.identity) == ("editor", governance.AUTHENTICATED)
+
+    # reader: list and load, but no promotion
+    login(auth_server, "reader")
+    assert [r["version"] for r in registry.list_versions()] == [int(v)]
+    assert lifecycle.load_version_detector("bottle", v, device="cpu").threshold is not None
+    with pytest.raises(PermissionDenied, match="needs EDIT permission.*user 'reader' has READ"):
+        registry.promote("bottle", v, "staging")
+    code, out, err = _cli(capsys, "grant", "bottle", "reader", "MANAGE")
+    assert code == 1 and "reader" in err
+
+    # admin grants the manager MANAGE (JSON output), the manager promotes through the gate
+    login(auth_server, "admin")
+    code, out, err = _cli(capsys, "grant", "bottle", "manager", "MANAGE", "--json")
+    assert code == 0, err
+    grants = json.loads(out)
+    assert {(g["resource_type"], g["permission"]) for g in grants} == {("registered_model", "MANAGE"),
+                                                                      ("experiment", "EDIT")}
+    login(auth_server, "manager")
+    assert governance.permission("registered_model", "adreg-bottle") == "MANAGE"
+    code, out, err = _cli(capsys, "promote", "bottle", "--version", v, "--alias", "production", "--json",
+                          "--reason", "signed off")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["promoted"] and result["by"] == "manager" and result["gate"]["gate_passed"]
+    assert str(registry._get_model("bottle").aliases["production"]) == v  # str on a server, int on sqlite
+
+    # the history names both users as authenticated identities, in order; --json parses
+    code, out, err = _cli(capsys, "history", "bottle", "--json")
+    events = json.loads(out)
+    assert [(e["action"], e["alias"], e["by"], e["identity"]) for e in events] == [
+        ("promote", "staging", "editor", "authenticated"), ("promote", "production", "manager", "authenticated")]
+    assert events[1]["reason"] == "signed off" and events[1]["candidate_metrics"]["image_auroc"] > 0.9
+    run = mlflow.MlflowClient().get_run(events[1]["run_id"])  # one run per event, searchable in the UI
+    assert run.data.params["user"] == "manager" and run.data.tags["adreg.model_version"] == v
+    assert run.data.metrics["candidate_image_auroc"] == pytest.approx(events[1]["candidate_metrics"]["image_auroc"])
+    code, out, _ = _cli(capsys, "history", "bottle")
+    assert "manager" in out and "editor" in out and "authenticated" in out
+
+
+def test_an_event_cannot_be_signed_with_another_users_name(auth_server, editor_version):
+    login(auth_server, "editor")
+    registry.promote("bottle", editor_version, "staging", reason="again")
+    exp_id = registry.lifecycle_experiment_id("bottle")
+    client = mlflow.MlflowClient()
+    run = client.create_run(exp_id)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="authenticated user"):
+        client.log_param(run.info.run_id, "user", "manager")
+    client.log_param(run.info.run_id, "user", "editor")  # its own name is fine
+
+
+def test_wrong_password_and_anonymous_are_refused(auth_server, capsys):
+    auth_server["mp"].setenv("MLFLOW_TRACKING_USERNAME", "editor")
+    auth_server["mp"].setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password-000000")
+    code, _, err = _cli(capsys, "models")
+    assert code == 1 and "adreg: error:" in err and "Traceback" not in err
+    with pytest.raises(PermissionDenied, match="refused the login of user 'editor'"):
+        governance.identity()
