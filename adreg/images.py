@@ -69,6 +69,7 @@ def decode_image_b64(value, label: str = "image", max_pixels: int = DEFAULT_MAX_
     text = value.strip()
     if text.startswith("data:") and "," in text:  # data URLs from browsers
         text = text.split(",", 1)[1]
+    text = "".join(text.split())  # line-wrapped base64 (MIME, Spark's base64() at 76 chars) is valid too
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

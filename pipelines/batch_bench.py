@@ -1,0 +1,224 @@
+"""Batch-scoring benchmark: in-process vs Spark local[1] vs local[2], side by side in one run.
+
+The image set is the bottle + Magnetic-Tile test images repeated (symlinks in a temporary folder, nothing
+copied) up to ``--images``. Each engine runs in its own child process, one after the other, on the
+same registered model version (``models:/adreg-<category>/<version>``):
+
+- throughput: images / s of the whole job (model loading, reading, scoring, writing parquet; the Spark
+  JVM start-up is timed separately and not included),
+- peak memory: VmHWM (peak RSS) of the in-process job, and of every Spark Python worker (the processes
+  forked by ``pyspark.daemon`` that run the UDF),
+- scaling efficiency: local[2] / (2 x local[1]),
+- memory vs job size: local[2] again on ``--big-images`` images (peak per worker must not grow).
+
+    python pipelines/batch_bench.py --images 2000 --big-images 10000          # the full run
+    python pipelines/batch_bench.py --images 120 --big-images 360 --label "reduced (shared cores)"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("ADREG_PROGRESS", "0")
+
+GiB = 1024 ** 3
+
+
+def source_images() -> list[Path]:
+    from adreg.data import default_data_root
+
+    root = default_data_root()
+    bottle = sorted((root / "mvtec_ad" / "bottle" / "test").rglob("*.png"))
+    mtd = sorted(p for p in (root / "mtd").rglob("*.jpg"))
+    if not bottle or not mtd:
+        raise SystemExit(f"bottle / MTD test images not found under {root}")
+    return bottle + mtd
+
+
+def make_image_set(n: int, folder: Path) -> Path:
+    """``n`` symlinks (cycling through the bottle + MTD test images) in sub-folders of 500."""
+    sources = source_images()
+    for i in range(n):
+        src = sources[i % len(sources)]
+        target = folder / f"part{i // 500:03d}" / f"img{i:06d}{src.suffix}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(src)
+    return folder
+
+
+def _status(pid: int) -> dict:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    except OSError:
+        pass
+    return out
+
+
+def _kib(text: str) -> int:
+    return int(text.split()[0]) * 1024 if text else 0
+
+
+class WorkerWatcher(threading.Thread):
+    """Polls /proc for Spark Python workers (children of ``pyspark.daemon``) and keeps each one's peak RSS."""
+
+    def __init__(self, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.interval, self.peaks, self.stop_event = interval, {}, threading.Event()
+
+    def sample(self) -> None:
+        daemons, procs = set(), {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "pyspark.daemon" in cmd or "pyspark/daemon.py" in cmd:
+                st = _status(int(entry))
+                procs[int(entry)] = st
+        daemons = {pid for pid, st in procs.items() if int(st.get("PPid", 0)) not in procs}
+        for pid, st in procs.items():
+            if pid not in daemons:  # a forked worker
+                self.peaks[pid] = max(self.peaks.get(pid, 0), _kib(st.get("VmHWM", "")), _kib(st.get("VmRSS", "")))
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.sample()
+            time.sleep(self.interval)
+
+
+def run_one(args) -> dict:
+    """One engine in this (child) process; prints a JSON line."""
+    from adreg import tracking
+    from adreg.batch.score import ModelRef
+
+    tracking.configure(args.tracking_uri)
+    ref = ModelRef(args.model_name, args.model_version, None)
+    out = str(Path(args.workdir) / f"out-{args.one}-{re.sub(r'[^a-z0-9]', '', args.master or '')}-"
+                                        f"{args.images_dir.name}-{time.time_ns()}")
+    if args.one == "inprocess":
+        from adreg.batch import score_images
+
+        res = score_images("", [str(args.images_dir)], out, batch_size=args.batch_size, device="cpu", model=ref,
+                           show_progress=False)
+        import torch
+
+        return {"engine": "in-process", "threads": torch.get_num_threads(), "images": res.scored,
+                "failed": res.failed, "seconds": res.seconds, "images_per_s": res.images_per_s,
+                "peak_rss_gib": _kib(_status(os.getpid()).get("VmHWM", "")) / GiB}
+    from adreg.batch.spark import get_spark, score_with_spark
+
+    t0 = time.perf_counter()
+    spark = get_spark(args.master, batch_size=args.batch_size, task_cpus=1, app_name="adreg-batch-bench",
+                      conf={"spark.driver.memory": "2g"})
+    startup = time.perf_counter() - t0
+    watcher = WorkerWatcher()
+    watcher.start()
+    try:
+        res = score_with_spark("", [str(args.images_dir)], out, spark=spark, batch_size=args.batch_size,
+                               device="cpu", model=ref)
+        watcher.sample()
+    finally:
+        watcher.stop_event.set()
+        spark.stop()
+    peaks = sorted(watcher.peaks.values(), reverse=True)
+    return {"engine": f"Spark {args.master}", "threads": 1, "images": res.scored, "failed": res.failed,
+            "seconds": res.seconds, "images_per_s": res.images_per_s, "spark_startup_s": startup,
+            "workers": len(peaks), "peak_rss_gib": (peaks[0] / GiB) if peaks else float("nan"),
+            "worker_peaks_gib": [round(p / GiB, 3) for p in peaks], "partitions": res.extra.get("partitions")}
+
+
+def child(engine: str, images_dir: Path, args, master: str | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--one", engine, "--images-dir", str(images_dir), "--workdir", args.workdir,
+           "--batch-size", str(args.batch_size), "--model-name", args.model_name,
+           "--model-version", args.model_version, "--tracking-uri", args.tracking_uri]
+    if master:
+        cmd += ["--master", master]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{engine} {master or ''} failed:\n{proc.stderr[-3000:]}")
+    row = json.loads(lines[-1])
+    print(f"  {row['engine']:<16} {row['images']:>6} img  {row['seconds']:7.1f} s  "
+          f"{row['images_per_s']:6.2f} img/s  peak {row['peak_rss_gib']:.2f} GiB", flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--category", default="bottle")
+    p.add_argument("--alias", default="production")
+    p.add_argument("--version")
+    p.add_argument("--images", type=int, default=2000, help="images per throughput run (default 2000)")
+    p.add_argument("--big-images", type=int, default=10000, help="images of the memory run (default 10000)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--label", default="", help="printed with the table (e.g. 'reduced, shared cores')")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    # child-process arguments
+    p.add_argument("--one", choices=["inprocess", "spark"], help=argparse.SUPPRESS)
+    p.add_argument("--master", help=argparse.SUPPRESS)
+    p.add_argument("--images-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument("--model-name", help=argparse.SUPPRESS)
+    p.add_argument("--model-version", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args)), flush=True)
+        return 0
+
+    from adreg import tracking
+    from adreg.batch import resolve_model
+
+    args.tracking_uri = tracking.configure(args.tracking_uri)
+    ref = resolve_model(args.category, None if args.version else args.alias, args.version)
+    args.model_name, args.model_version = ref.name, ref.version
+    with tempfile.TemporaryDirectory(prefix="adreg-batch-bench-") as tmp:
+        args.workdir = tmp
+        small = make_image_set(args.images, Path(tmp) / "small")
+        print(f"{ref.uri}: {args.images} images (bottle + MTD test sets repeated), batch {args.batch_size}, "
+              f"{os.cpu_count()} cores {args.label}", flush=True)
+        rows = [child("inprocess", small, args), child("spark", small, args, "local[1]"),
+                child("spark", small, args, "local[2]")]
+        big_row = None
+        if args.big_images:
+            big = make_image_set(args.big_images, Path(tmp) / "big")
+            big_row = child("spark", big, args, "local[2]")
+    inproc, one, two = rows
+    summary = {
+        "label": args.label, "model": ref.uri, "images": args.images, "big_images": args.big_images,
+        "rows": rows, "big": big_row,
+        "spark2_vs_inprocess": two["images_per_s"] / inproc["images_per_s"],
+        "scaling_efficiency": two["images_per_s"] / (2 * one["images_per_s"]),
+    }
+    print(f"\n| engine | threads per worker | images | seconds | images/s | peak memory per worker (GiB) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows + ([big_row] if big_row else []):
+        print(f"| {r['engine']} | {r['threads']} | {r['images']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} "
+              f"| {r['peak_rss_gib']:.2f} |")
+    print(f"\nSpark local[2] / in-process throughput: {summary['spark2_vs_inprocess']:.2f}x (target >= 0.8)")
+    print(f"scaling efficiency local[1] -> local[2]: {summary['scaling_efficiency']:.2f}")
+    if big_row:
+        print(f"peak worker memory, {args.images} vs {args.big_images} images: {two['peak_rss_gib']:.2f} vs "
+              f"{big_row['peak_rss_gib']:.2f} GiB (target <= 1.5 GiB, independent of the image count)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
