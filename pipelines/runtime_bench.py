@@ -1,0 +1,154 @@
+"""Backbone runtimes side by side on the CPU: torch eager vs ONNX Runtime vs OpenVINO, in one run.
+
+    python -m pipelines.runtime_bench --datasets bottle,mtd --threads 2 --rounds 5
+
+Per dataset: one SubspaceAD fit (1 shot, seed 0, the benchmark's dataset settings), its backbone exported
+(adreg.backbones.export), then the same saved detector loaded three times (runtime torch / onnxruntime /
+openvino, ``threads`` each). Accuracy: image and pixel AUROC of each runtime on the full test set, and the
+largest relative score difference to torch. Speed: ``--n-images`` decoded test images scored with
+``AnomalyDetector.predict`` (PIL in, scores + maps out: resize, normalise, backbone, head, smoothing;
+no PNG decode) at batch 1 and 8, and the backbone alone (``backbone.extract``, including resize and
+normalise) on the same images. The variants are interleaved in ``--rounds`` rounds (rotating order) and
+each figure is the median over rounds, so load from other processes hits all of them alike.
+Writes runtime_bench.md / .json to --out; --update-readme rewrites the README table between markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adreg.backbones.export import export_backbone
+from adreg.detector import AnomalyDetector
+from adreg.evaluation import evaluate
+from adreg.fitting import FitOptions, fit_category
+from adreg.images import load_image
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- runtime-bench:start -->", "<!-- runtime-bench:end -->"
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+# the benchmark's per-dataset settings (pipelines/benchmark.py DATASET_SETTINGS)
+SETTINGS = {"bottle": {}, "mtd": {"augment": "hflip,vflip", "aug_count": 8, "layers": [7, 10], "top_fraction": 0.001}}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_dataset(dataset: str, args, tmp: Path) -> list[dict]:
+    os.environ.setdefault("ADREG_PROGRESS", "0")
+    opts = FitOptions(category=dataset, k_shot=1, seed=0, device="cpu", **SETTINGS.get(dataset, {}))
+    result = fit_category(opts, show_progress=False)
+    folder = result.detector.save(tmp / dataset)
+    t0 = time.perf_counter()
+    export_backbone(result.detector.backbone, folder, "openvino")  # writes the ONNX graph and the OpenVINO IR
+    export_s = time.perf_counter() - t0
+    dets = {rt: AnomalyDetector.load(folder, device="cpu", runtime=rt, threads=args.threads) for rt in RUNTIMES}
+    torch.set_num_threads(args.threads)
+    test = result.data.test
+    if args.max_test:  # an evenly spaced subset keeps good and defective images
+        test = test[:: max(1, len(test) // args.max_test)][: args.max_test]
+    evals = {rt: evaluate(det, test, det.threshold.value, show_progress=False) for rt, det in dets.items()}
+    ref = evals["torch"].scores
+    images = [load_image(s.path) for s in test[:: max(1, len(test) // args.n_images)][: args.n_images]]
+    for det in dets.values():  # warm-up: first calls allocate and pick kernels
+        det.batch_size = 8
+        det.predict(images[:8])
+        det.backbone.extract(images[:1], 1)
+    times: dict[tuple, list[float]] = {}
+    order = list(RUNTIMES)
+    for r in range(args.rounds):
+        order = order[1:] + order[:1]
+        for rt in order:
+            det = dets[rt]
+            for bs in (1, 8):
+                det.batch_size = bs
+                times.setdefault((rt, bs, "model"), []).append(_timed(lambda: det.predict(images)) / len(images))
+                times.setdefault((rt, bs, "backbone"), []).append(
+                    _timed(lambda: det.backbone.extract(images, bs)) / len(images))
+    rows = []
+    for rt in RUNTIMES:
+        m = evals[rt].metrics
+        diff = float(np.max(np.abs(evals[rt].scores - ref) / np.maximum(np.abs(ref), 1e-12)))
+        for bs in (1, 8):
+            model_ms = 1000 * statistics.median(times[(rt, bs, "model")])
+            backbone_ms = 1000 * statistics.median(times[(rt, bs, "backbone")])
+            rows.append({"dataset": dataset, "runtime": rt, "batch": bs, "ms_per_image": model_ms,
+                         "images_per_s": 1000 / model_ms, "backbone_ms": backbone_ms,
+                         "backbone_share": backbone_ms / model_ms, "rest_ms": model_ms - backbone_ms,
+                         "image_auroc": m["image_auroc"], "pixel_auroc": m.get("pixel_auroc", float("nan")),
+                         "max_rel_score_diff": diff, "n_test": len(test), "n_timed": len(images),
+                         "export_seconds": export_s})
+    base = {r["batch"]: r["images_per_s"] for r in rows if r["runtime"] == "torch"}
+    for r in rows:
+        r["speedup"] = r["images_per_s"] / base[r["batch"]]
+    return rows
+
+
+def markdown(rows: list[dict], args) -> str:
+    lines = ["| dataset | runtime | batch | ms / image | images / s | vs torch | backbone ms (share) | rest ms "
+             "| image AUROC | pixel AUROC | max rel. score diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['runtime']} | {r['batch']} | {r['ms_per_image']:.1f} | "
+                     f"{r['images_per_s']:.1f} | {r['speedup']:.2f}x | {r['backbone_ms']:.1f} "
+                     f"({100 * r['backbone_share']:.0f}%) | {r['rest_ms']:.1f} | {r['image_auroc']:.4f} | "
+                     f"{r['pixel_auroc']:.4f} | {r['max_rel_score_diff']:.1e} |")
+    first = rows[0]
+    lines.append("")
+    lines.append(f"SubspaceAD 1-shot seed 0, EfficientNet-Lite0 320 px; {args.threads} threads, "
+                 f"{first['n_timed']} test images timed per dataset, median of {args.rounds} interleaved rounds; "
+                 "AUROC on "
+                 f"{' / '.join(str(r['n_test']) for r in rows[::6])} test images; "
+                 f"{platform.processor() or platform.machine()}, "
+                 f"{os.cpu_count()} cores visible. ms / image: decoded image in, score + map out "
+                 "(`AnomalyDetector.predict`); rest = ms / image - backbone (resize, normalise, head, smoothing).")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="bottle,mtd", help="comma list of bundled categories: bottle, mtd")
+    p.add_argument("--threads", type=int, default=2, help="threads of every runtime (and of torch)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
+    p.add_argument("--n-images", type=int, default=16, help="test images timed per dataset")
+    p.add_argument("--max-test", type=int, default=0, help="evaluate on the first N test images only (0 = all)")
+    p.add_argument("--out", default="bench-results")
+    p.add_argument("--update-readme", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dataset in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+            rows += bench_dataset(dataset, args, Path(tmp))
+            print(markdown(rows, args), flush=True)
+    table = markdown(rows, args)
+    (out / "runtime_bench.md").write_text(table)
+    (out / "runtime_bench.json").write_text(json.dumps(rows, indent=2))
+    if args.update_readme:
+        text = README.read_text()
+        if START in text and END in text:
+            pre, rest = text.split(START, 1)
+            README.write_text(pre + START + "\n" + table + END + rest.split(END, 1)[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
