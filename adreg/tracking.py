@@ -87,10 +87,13 @@ def pip_requirements(extra: list[str] = ()) -> list[str]:
 
 def signature() -> ModelSignature:
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "image")]),
+        # image is optional for MLflow's schema check, so the model itself answers a missing column
+        # with a plain 400 sentence (adreg.pyfunc.served); every row names the version that scored it
+        inputs=Schema([ColSpec("string", "image", required=False)]),
         outputs=Schema([ColSpec("double", "score"), ColSpec("boolean", "is_anomaly"),
                         ColSpec("double", "threshold"), ColSpec("string", "anomaly_map"),
-                        ColSpec("string", "error")]),
+                        ColSpec("string", "error"), ColSpec("string", "model_name"),
+                        ColSpec("string", "model_version"), ColSpec("string", "model_alias")]),
     )
 
 
@@ -100,7 +103,8 @@ def _input_example(result: FitResult):
 
     from adreg.images import encode_png_b64
 
-    with Image.open(result.shots[0]) as img:
+    first = next((s for s in result.shots if Path(s).is_file()), result.shots[0])  # an update's parent shots may be elsewhere
+    with Image.open(first) as img:
         small = img.convert("RGB")
         small.thumbnail((64, 64))
     return pd.DataFrame({"image": [encode_png_b64(small)]})
@@ -154,13 +158,18 @@ class LoggedFit:
     promoted: bool | None = None  # None: no promotion asked
 
 
-def log_fit(result: FitResult, run_name: str | None = None) -> LoggedFit:
+def log_fit(result: FitResult, run_name: str | None = None, lineage: dict | None = None,
+            export: str | None = None) -> LoggedFit:
     """Log params, metrics, evaluation table, detector artifacts and the pyfunc model as one run.
 
     The run gets the tag ``adreg.model_complete=true`` only after the model is fully logged; the
     registry refuses runs without it, so a fit that dies half-way never becomes a model version.
+    ``lineage`` (an update: parent_model, parent_version, parent_run_id, report, what) is logged by
+    ``adreg.lineage``, which also logs every run's training manifest and calibration reference scores.
+    ``export`` (onnxruntime / openvino) adds an exported backbone that the model is served with by default.
     """
-    from adreg.pyfunc_model import DEFAULT_MODEL_CONFIG
+    from adreg.lineage import log_lineage
+    from adreg.pyfunc.served import DEFAULT_MODEL_CONFIG
 
     opts = result.options
     det = result.detector
@@ -178,6 +187,7 @@ def log_fit(result: FitResult, run_name: str | None = None) -> LoggedFit:
             mlflow.log_dict(report, f"{opts.method}/report.json")
         mlflow.log_dict({"shots": [str(p) for p in result.shots], "threshold": vars(det.threshold)},
                         "fit/shots_and_threshold.json")
+        log_lineage(run.info.run_id, result, lineage)  # manifest + dataset input, reference scores, parent
         if result.evaluation is not None:
             mlflow.log_text(_scores_csv(result), "evaluation/test_scores.csv")
             # the evaluation set travels with the model: the promotion gate re-runs it
@@ -192,16 +202,31 @@ def log_fit(result: FitResult, run_name: str | None = None) -> LoggedFit:
                             title=f"{opts.category} {opts.method} k={opts.k_shot}")
                 mlflow.log_artifacts(str(Path(tmp) / "report"), "report")
             detector_dir = det.save(Path(tmp) / "detector")
+            from adreg.pyfunc.follow import reference_paths, write_reference  # verified at swap time
+
+            write_reference(det, detector_dir, opts.category, reference_paths(result))
+            from adreg.backbones.export import default_runtime, export_backbone
+
+            runtime = default_runtime(detector_dir)  # an update of an exported version keeps its export
+            if export:  # the exported backbone goes into the detector folder (adreg.backbones.export)
+                runtime = export_backbone(det.backbone, detector_dir, export)
+            if runtime != "torch":
+                mlflow.set_tag("adreg.runtime", runtime)
             extra = ["transformers"] if opts.backbone.startswith("hf:") else []
+            extra += [runtime] if runtime != "torch" else []  # pip names of the exported runtimes
+            # tamper evidence, LAST before log_model: sha256 of every file in the detector folder
+            from adreg import integrity
+
+            mlflow.set_tag(integrity.DIGEST_TAG, integrity.write_manifest(detector_dir))
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN,
-                python_model=str(PACKAGE_DIR / "_model_code.py"),
+                python_model=str(PACKAGE_DIR / "pyfunc" / "_model_code.py"),
                 artifacts={"detector": str(detector_dir)},
                 code_paths=[str(PACKAGE_DIR)],
                 signature=signature(),
                 input_example=_input_example(result),
                 pip_requirements=pip_requirements(extra),
-                model_config=dict(DEFAULT_MODEL_CONFIG),
+                model_config={**DEFAULT_MODEL_CONFIG, "runtime": runtime},
                 metadata={"adreg_category": opts.category, "adreg_method": opts.method},
             )
         mlflow.set_tag("adreg.model_complete", "true")
