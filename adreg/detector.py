@@ -151,7 +151,7 @@ class AnomalyDetector:
     @property
     def backbone_batch(self) -> int:
         """Images per backbone call: ``batch_size`` on a GPU, one on the CPU, where eager torch runs a batch
-        of 8 2-3x slower per image than one image at a time (../CPU-NOTES: 19 vs 45-70 ms/image on Lite0).
+        of 8 2-3x slower per image than one image at a time (measured on 2 cores: 19 vs 45-70 ms/image on Lite0).
         Features do not depend on it, so neither do scores."""
         return self.batch_size if self.backbone.device.type == "cuda" else 1
 

@@ -77,8 +77,8 @@ class CategoryRouterModel(ServedModelBase):
                 index = [i for c in members for i in by_category.get(c, [])]
                 if not index:
                     continue
-                backbone = served[members[0]].detector.backbone
-                feats = backbone.extract([images[i] for i in index], batch_size=max(8, len(index)))
+                # one backbone pass over every row of the group (one image at a time on the CPU)
+                feats = served[members[0]].detector.extract([images[i] for i in index])
                 position = {i: j for j, i in enumerate(index)}
                 for category in members:
                     rows_of = by_category.get(category, [])

@@ -198,7 +198,7 @@ class ServedModelBase(mlflow.pyfunc.PythonModel):
             for start in range(0, len(index), det.batch_size):
                 chunk = index[start:start + det.batch_size]
                 self._score_chunks(slot, served, rows, images, chunk,
-                                 det.backbone.extract([images[i] for i in chunk], det.batch_size))
+                                 det.extract([images[i] for i in chunk]))
             return
         pred = det.predict_features(feats)
         threshold = float(det.threshold.value)
