@@ -873,6 +873,11 @@ def main(argv: list[str] | None = None) -> int:
 
         if type(exc).__name__ in ("MlflowException", "RestException") and governance.is_refusal(exc):
             return _fail(args, str(governance.refusal(exc, f"`adreg {args.command}`")), EXIT_REFUSED)
+        if type(exc).__name__ == "MlflowException" and "Max retries exceeded" in str(exc):
+            import mlflow
+
+            return _fail(args, f"the tracking store {mlflow.get_tracking_uri()} is not reachable (is the server "
+                               "running? check --tracking-uri / $MLFLOW_TRACKING_URI)", EXIT_BAD_INPUT)
         raise
 
 

@@ -41,6 +41,10 @@ def configure(tracking_uri: str | None = None) -> str:
         home = adreg_home()
         home.mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{home / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://")):
+        # a store that is down fails in seconds, not after MLflow's default 7 retries with exponential backoff
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
