@@ -287,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def write_readme_section(table: str, start: str, end: str, readme: Path | None = None) -> None:
+    """Replace what stands between the ``start`` and ``end`` markers of the README with ``table``
+    (nothing happens when the markers are missing). Shared by every benchmark's ``--update-readme``."""
+    readme = readme or README
+    text = readme.read_text()
+    if start in text and end in text:
+        pre, rest = text.split(start, 1)
+        readme.write_text(pre + start + "\n" + table + end + rest.split(end, 1)[1])
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
@@ -302,10 +312,7 @@ def main(argv=None) -> int:
     if args.log_mlflow:
         log_to_mlflow(rows)
     if args.update_readme:
-        text = README.read_text()
-        if START in text and END in text:
-            pre, rest = text.split(START, 1)
-            README.write_text(pre + START + "\n" + table + END + rest.split(END, 1)[1])
+        write_readme_section(table, START, END)
     return 0
 
 

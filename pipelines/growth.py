@@ -324,10 +324,9 @@ def main(argv=None) -> int:
     (out / "results.md").write_text(table)
     print("\n" + table)
     if args.update_readme:
-        text = README.read_text()
-        if START in text and END in text:
-            pre, rest = text.split(START, 1)
-            README.write_text(pre + START + "\n" + table + END + rest.split(END, 1)[1])
+        from pipelines.benchmark import write_readme_section
+
+        write_readme_section(table, START, END, README)
     return 0
 
 

@@ -143,10 +143,9 @@ def main(argv=None) -> int:
     (out / "runtime_bench.md").write_text(table)
     (out / "runtime_bench.json").write_text(json.dumps(rows, indent=2))
     if args.update_readme:
-        text = README.read_text()
-        if START in text and END in text:
-            pre, rest = text.split(START, 1)
-            README.write_text(pre + START + "\n" + table + END + rest.split(END, 1)[1])
+        from pipelines.benchmark import write_readme_section
+
+        write_readme_section(table, START, END, README)
     return 0
 
 
