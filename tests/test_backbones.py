@@ -81,3 +81,25 @@ def test_hf_unreachable_hub_id_says_how_to_work_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BackboneError, match="local-dir"):
         build_backbone("hf:facebook/dinov2-small")
+
+
+def test_preprocess_is_exactly_resize_then_normalise(bottle_dir):
+    """The lookup-table normalisation and the parallel resize give bit-identical inputs to the plain
+    (x / 255 - mean) / std of each resized image, in any mode and any batch grouping."""
+    bb = build_backbone("efficientnet-lite0", image_size=96)
+    paths = sorted((bottle_dir / "test").rglob("*.png"))[:: 17][:4]
+    imgs = [Image.open(p).convert("RGB") for p in paths] + [Image.open(paths[0]).convert("L")] + _images(2)
+
+    def reference(img):
+        arr = np.asarray(img.resize((96, 96), Image.BILINEAR).convert("RGB"), dtype=np.float32)
+        x = torch.from_numpy(arr).permute(2, 0, 1).div(255.0)
+        return (x - torch.tensor(bb.mean).view(3, 1, 1)) / torch.tensor(bb.std).view(3, 1, 1)
+
+    want = torch.stack([reference(img) for img in imgs])
+    assert torch.equal(bb.preprocess(imgs), want)
+    assert torch.equal(torch.cat([bb.preprocess([img]) for img in imgs]), want)
+    one, three = bb.extract(imgs, 1), bb.extract(imgs, 3)
+    singles = [bb.forward_features(want[i:i + 1]) for i in range(len(imgs))]
+    for layer in range(len(one.patches)):
+        assert torch.equal(one.patches[layer], torch.cat([s.patches[layer] for s in singles]))
+        assert torch.allclose(three.patches[layer], one.patches[layer], atol=1e-4)
