@@ -93,3 +93,16 @@ def test_spark_cli_exit_status(use_registered, spark, image_folder, tmp_path, ca
     assert rc == 0, capsys.readouterr()
     assert len(_rows(out)) == 2
     assert "scored 2 image(s), 0 failed" in capsys.readouterr().out
+
+
+def test_local_mode_bounds_the_images_per_task():
+    """A large local job is split into a multiple of the task slots with <= MAX_IMAGES_PER_TASK images each
+    (Spark's binaryFile scan keeps memory per file read until its task ends: one task per slot ran a
+    10,000-image job out of JVM heap)."""
+    from adreg.batch.spark import MAX_IMAGES_PER_TASK, local_partitions
+
+    assert local_partitions(2, None) == 2 and local_partitions(2, 5) == 2
+    assert local_partitions(2, 2 * MAX_IMAGES_PER_TASK) == 2
+    for n in (2 * MAX_IMAGES_PER_TASK + 1, 10_000, 123_457):
+        tasks = local_partitions(2, n)
+        assert tasks % 2 == 0 and -(-n // tasks) <= MAX_IMAGES_PER_TASK < -(-n // (tasks - 2))
