@@ -77,6 +77,7 @@ class WorkerWatcher(threading.Thread):
     def __init__(self, interval: float = 0.5):
         super().__init__(daemon=True)
         self.interval, self.peaks, self.stop_event = interval, {}, threading.Event()
+        self.jvm_peak = 0
 
     def sample(self) -> None:
         daemons, procs = set(), {}
@@ -90,6 +91,9 @@ class WorkerWatcher(threading.Thread):
             if "pyspark.daemon" in cmd or "pyspark/daemon.py" in cmd:
                 st = _status(int(entry))
                 procs[int(entry)] = st
+            elif "org.apache.spark.deploy.SparkSubmit" in cmd:
+                st = _status(int(entry))  # this job's JVM (driver + local executors)
+                self.jvm_peak = max(self.jvm_peak, _kib(st.get("VmHWM", "")), _kib(st.get("VmRSS", "")))
         daemons = {pid for pid, st in procs.items() if int(st.get("PPid", 0)) not in procs}
         for pid, st in procs.items():
             if pid not in daemons:  # a forked worker
@@ -103,8 +107,8 @@ class WorkerWatcher(threading.Thread):
 
 def run_one(args) -> dict:
     """One engine in this (child) process; prints a JSON line."""
-    from adreg import tracking
     from adreg.batch.score import ModelRef
+    from adreg import tracking
 
     tracking.configure(args.tracking_uri)
     ref = ModelRef(args.model_name, args.model_version, None)
@@ -139,6 +143,7 @@ def run_one(args) -> dict:
     return {"engine": f"Spark {args.master}", "threads": 1, "images": res.scored, "failed": res.failed,
             "seconds": res.seconds, "images_per_s": res.images_per_s, "spark_startup_s": startup,
             "workers": len(peaks), "peak_rss_gib": (peaks[0] / GiB) if peaks else float("nan"),
+            "jvm_peak_gib": watcher.jvm_peak / GiB,
             "worker_peaks_gib": [round(p / GiB, 3) for p in peaks], "partitions": res.extra.get("partitions")}
 
 
@@ -154,7 +159,9 @@ def child(engine: str, images_dir: Path, args, master: str | None = None) -> dic
         raise SystemExit(f"{engine} {master or ''} failed:\n{proc.stderr[-3000:]}")
     row = json.loads(lines[-1])
     print(f"  {row['engine']:<16} {row['images']:>6} img  {row['seconds']:7.1f} s  "
-          f"{row['images_per_s']:6.2f} img/s  peak {row['peak_rss_gib']:.2f} GiB", flush=True)
+          f"{row['images_per_s']:6.2f} img/s  peak {row['peak_rss_gib']:.2f} GiB"
+          + (f"  JVM {row['jvm_peak_gib']:.2f} GiB, {row['partitions']} tasks" if 'jvm_peak_gib' in row else ""),
+          flush=True)
     return row
 
 
@@ -181,8 +188,8 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(args)), flush=True)
         return 0
 
-    from adreg import tracking
     from adreg.batch import resolve_model
+    from adreg import tracking
 
     args.tracking_uri = tracking.configure(args.tracking_uri)
     ref = resolve_model(args.category, None if args.version else args.alias, args.version)
@@ -205,11 +212,13 @@ def main(argv=None) -> int:
         "spark2_vs_inprocess": two["images_per_s"] / inproc["images_per_s"],
         "scaling_efficiency": two["images_per_s"] / (2 * one["images_per_s"]),
     }
-    print(f"\n| engine | threads per worker | images | seconds | images/s | peak memory per worker (GiB) |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| engine | threads per worker | images | tasks | seconds | images/s | peak memory per worker (GiB) "
+          "| Spark JVM peak (GiB) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows + ([big_row] if big_row else []):
-        print(f"| {r['engine']} | {r['threads']} | {r['images']} | {r['seconds']:.1f} | {r['images_per_s']:.2f} "
-              f"| {r['peak_rss_gib']:.2f} |")
+        print(f"| {r['engine']} | {r['threads']} | {r['images']} | {r.get('partitions') or '-'} | {r['seconds']:.1f} "
+              f"| {r['images_per_s']:.2f} | {r['peak_rss_gib']:.2f} "
+              f"| {format(r['jvm_peak_gib'], '.2f') if 'jvm_peak_gib' in r else '-'} |")
     print(f"\nSpark local[2] / in-process throughput: {summary['spark2_vs_inprocess']:.2f}x (target >= 0.8)")
     print(f"scaling efficiency local[1] -> local[2]: {summary['scaling_efficiency']:.2f}")
     if big_row:
