@@ -94,8 +94,8 @@ def fit_options_from_args(args):
 def run_fit(opts, register: bool, promote_alias: str | None = None, tracking_uri: str | None = None,
             export: str | None = None):
     """Fit, log, optionally register and promote; prints a summary; returns (result, logged)."""
-    from adreg import registry, tracking
     from adreg.fitting import fit_category
+    from adreg.registry import tracking, versions
 
     uri = tracking.configure(tracking_uri)
     result = fit_category(opts)
@@ -108,11 +108,11 @@ def run_fit(opts, register: bool, promote_alias: str | None = None, tracking_uri
                  [k for k in KEY_ORDER if k in metrics])
     print(f"run: {logged.run_id} (tracking: {uri})")
     if register or promote_alias:
-        logged.version = registry.register(logged.model_uri, logged.run_id, opts.category, metrics)
-        logged.registered_name = registry.model_name(opts.category)
+        logged.version = versions.register(logged.model_uri, logged.run_id, opts.category, metrics)
+        logged.registered_name = versions.model_name(opts.category)
         print(f"registered {logged.registered_name} version {logged.version}")
         if promote_alias:
-            from adreg import lifecycle
+            from adreg.registry import lifecycle
 
             if result.evaluation is None:
                 raise AdregError("--promote needs a test set to run the promotion gate on; give --test-dir")
@@ -140,7 +140,7 @@ def _json_out(obj) -> None:
 
 
 def cmd_promote(args) -> int:
-    from adreg import lifecycle, registry, tracking
+    from adreg.registry import lifecycle, tracking, versions
 
     tracking.configure(args.tracking_uri)
     policy = lifecycle.GatePolicy(args.min_image_auroc, args.min_pixel_auroc, args.tolerance)
@@ -173,13 +173,13 @@ def cmd_promote(args) -> int:
         return 1
     was = f"(was version {promo.previous})" if promo.previous else "(new alias)"
     forced = " FORCED past a failed gate" if not report.passed else ""
-    print(f"{promo.alias} -> {registry.model_name(args.category)} version {promo.version} {was}{forced}")
+    print(f"{promo.alias} -> {versions.model_name(args.category)} version {promo.version} {was}{forced}")
     print(f"model URI: {promo.model_uri} (by {promo.by}, {promo.identity})")
     return 0
 
 
 def cmd_rollback(args) -> int:
-    from adreg import lifecycle, tracking
+    from adreg.registry import lifecycle, tracking
 
     tracking.configure(args.tracking_uri)
     promo = lifecycle.rollback(args.category, args.alias, reason=args.reason or "")
@@ -193,11 +193,11 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_history(args) -> int:
-    from adreg import lifecycle, registry, tracking
+    from adreg.registry import lifecycle, tracking, versions
 
     tracking.configure(args.tracking_uri)
     if args.json:
-        _json_out(registry.history(args.category))
+        _json_out(versions.history(args.category))
         return 0
     rows = lifecycle.history_rows(args.category)
     if not rows:
@@ -208,7 +208,7 @@ def cmd_history(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from adreg import lifecycle, tracking
+    from adreg.registry import lifecycle, tracking
 
     tracking.configure(args.tracking_uri)
     rows = lifecycle.compare(args.category, args.v1, args.v2)
@@ -220,10 +220,10 @@ def cmd_compare(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from adreg import registry, tracking
+    from adreg.registry import tracking, versions
 
     tracking.configure(args.tracking_uri)
-    rows = registry.list_versions()
+    rows = versions.list_versions()
     from adreg.pyfunc.status import annotate_rows
 
     annotate_rows(rows)  # "serving": live servers per version (adreg status CATEGORY for details)
@@ -240,7 +240,7 @@ def cmd_models(args) -> int:
 
 # -- governance: grants (admins), identity -------------------------------------------------------------
 def cmd_grant(args) -> int:
-    from adreg import governance, tracking
+    from adreg.registry import governance, tracking
 
     tracking.configure(args.tracking_uri)
     done = governance.grant(args.category, args.user, args.level)
@@ -253,7 +253,7 @@ def cmd_grant(args) -> int:
 
 
 def cmd_whoami(args) -> int:
-    from adreg import governance, tracking
+    from adreg.registry import governance, tracking
 
     tracking.configure(args.tracking_uri)
     ident = governance.identity()
@@ -364,8 +364,8 @@ def run_server(cmd: list[str], env: dict) -> int:
 
 
 def cmd_serve(args) -> int:
-    from adreg import registry, tracking
     from adreg.pyfunc.status import default_server_id
+    from adreg.registry import tracking, versions
 
     uri = tracking.configure(args.tracking_uri)
     check_port_free(args.host, args.port)
@@ -374,16 +374,16 @@ def cmd_serve(args) -> int:
               "server_host": args.host, "server_port": args.port,
               "server_id": args.server_id or default_server_id(args.host, args.port)}
     if args.category == "router":  # each bundled category follows its own alias (adreg.pyfunc.router)
-        model_uri = registry.model_uri(args.category, args.alias, pin)
+        model_uri = versions.model_uri(args.category, args.alias, pin)
         config.update(follow_alias="" if pin else args.alias)
         what = f"{model_uri}, each category following @{args.alias}" if not pin else model_uri
     else:
-        name = registry.model_name(args.category)
+        name = versions.model_name(args.category)
         if pin:
-            version = registry.model_uri(args.category, None, pin).rsplit("/", 1)[1]
+            version = versions.model_uri(args.category, None, pin).rsplit("/", 1)[1]
             what = f"{name} version {version} (pinned)"
         else:
-            registry.model_uri(args.category, args.alias)  # a helpful error when the alias is missing
+            versions.model_uri(args.category, args.alias)  # a helpful error when the alias is missing
             import mlflow
 
             version = str(mlflow.MlflowClient().get_model_version_by_alias(name, args.alias).version)
@@ -407,11 +407,11 @@ def cmd_serve(args) -> int:
 def cmd_status(args) -> int:
     import mlflow
 
-    from adreg import registry, tracking
     from adreg.pyfunc import status as server_status
+    from adreg.registry import tracking, versions
 
     tracking.configure(args.tracking_uri)
-    name = registry.model_name(args.category) if args.category != "router" else "adreg-router"
+    name = versions.model_name(args.category) if args.category != "router" else "adreg-router"
     try:
         model = mlflow.MlflowClient().get_registered_model(name)
     except mlflow.exceptions.MlflowException:
@@ -472,11 +472,11 @@ def cmd_predict(args) -> int:
     import mlflow
     import pandas as pd
 
-    from adreg import registry, tracking
     from adreg.images import file_to_b64
+    from adreg.registry import tracking, versions
 
     tracking.configure(args.tracking_uri)
-    model_uri = registry.model_uri(args.category, args.alias, args.version)
+    model_uri = versions.model_uri(args.category, args.alias, args.version)
     model = mlflow.pyfunc.load_model(model_uri, model_config={"device": args.device,
                                                               "return_map": bool(args.save_maps)})
     paths = [Path(p) for p in args.images]
@@ -510,13 +510,13 @@ def cmd_predict(args) -> int:
 
 
 def cmd_serve_bundle(args) -> int:
-    from adreg import bundle, registry, tracking
+    from adreg.registry import bundle, tracking, versions
 
     tracking.configure(args.tracking_uri)
     logged = bundle.build_router(args.categories, args.alias)
     print(f"registered {logged.registered_name} version {logged.version}: categories {', '.join(args.categories)} "
           f"(each at @{args.alias})")
-    promo = registry.promote(bundle.ROUTER, logged.version, args.promote, reason="serve-bundle")
+    promo = versions.promote(bundle.ROUTER, logged.version, args.promote, reason="serve-bundle")
     print(f"{promo.alias} -> version {promo.version}: serve it with `adreg serve router` ({promo.model_uri}); "
           "requests carry a 'category' column beside 'image'")
     return 0
@@ -524,8 +524,8 @@ def cmd_serve_bundle(args) -> int:
 
 # -- export (ONNX Runtime / OpenVINO backbone) --------------------------------------------------------
 def cmd_export(args) -> int:
-    from adreg import tracking
-    from adreg.export import export_version
+    from adreg.registry import tracking
+    from adreg.registry.export import export_version
 
     tracking.configure(args.tracking_uri)
     logged = export_version(args.category, args.version, args.runtime)
@@ -546,8 +546,8 @@ def _add_export_commands(sub) -> None:
 
 # -- batch scoring (in-process or Spark) --------------------------------------------------------------
 def cmd_score(args) -> int:
-    from adreg import tracking
     from adreg.batch import resolve_model, score_images
+    from adreg.registry import tracking
 
     tracking.configure(args.tracking_uri)
     ref = resolve_model(args.category, None if args.version else args.alias, args.version)  # before anything heavy
@@ -632,8 +632,8 @@ def _print_update(result, logged) -> None:
 
 
 def cmd_update(args) -> int:
-    from adreg import lifecycle, tracking
-    from adreg.update import UpdateOptions, update_version
+    from adreg.registry import lifecycle, tracking
+    from adreg.registry.update import UpdateOptions, update_version
 
     tracking.configure(args.tracking_uri)
     opts = UpdateOptions(category=args.category, add_good=args.add_good, from_alias=args.from_alias,
@@ -659,8 +659,8 @@ def cmd_update(args) -> int:
 
 
 def cmd_drift(args) -> int:
-    from adreg import tracking
-    from adreg.drift import DriftPolicy, check_drift
+    from adreg.monitoring.drift import DriftPolicy, check_drift
+    from adreg.registry import tracking
 
     tracking.configure(args.tracking_uri)
     rep = check_drift(args.category, args.folders, alias=args.alias, version=args.version,
@@ -738,7 +738,7 @@ def cmd_quickstart(args) -> int:
 
     opts = FitOptions(category=args.category, k_shot=args.k_shot, seed=args.seed, train_dir=args.train_dir)
     result, logged = run_fit(opts, register=True, promote_alias="production", tracking_uri=args.tracking_uri)
-    from adreg import tracking
+    from adreg.registry import tracking
 
     if not logged.promoted:
         return 1
@@ -869,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - a server refusing the user is a refusal, not a crash
-        from adreg import governance
+        from adreg.registry import governance
 
         if type(exc).__name__ in ("MlflowException", "RestException") and governance.is_refusal(exc):
             return _fail(args, str(governance.refusal(exc, f"`adreg {args.command}`")), EXIT_REFUSED)

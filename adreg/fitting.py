@@ -1,6 +1,6 @@
 """One fit of one category: data -> shots -> detector -> threshold -> evaluation.
 
-Pure computation, no MLflow: ``adreg.tracking`` logs what this returns. Keeping them apart lets the
+Pure computation, no MLflow: ``adreg.registry.tracking`` logs what this returns. Keeping them apart lets the
 benchmark fit many models without logging each, and keeps this testable on its own.
 """
 

@@ -108,7 +108,7 @@ class WorkerWatcher(threading.Thread):
 def run_one(args) -> dict:
     """One engine in this (child) process; prints a JSON line."""
     from adreg.batch.score import ModelRef
-    from adreg import tracking
+    from adreg.registry import tracking
 
     tracking.configure(args.tracking_uri)
     ref = ModelRef(args.model_name, args.model_version, None)
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         return 0
 
     from adreg.batch import resolve_model
-    from adreg import tracking
+    from adreg.registry import tracking
 
     args.tracking_uri = tracking.configure(args.tracking_uri)
     ref = resolve_model(args.category, None if args.version else args.alias, args.version)

@@ -245,7 +245,7 @@ def markdown(summary: list[dict], args) -> str:
 def log_to_mlflow(rows: list[dict]) -> None:
     import mlflow
 
-    from adreg import tracking
+    from adreg.registry import tracking
 
     tracking.configure()
     exp = tracking.experiment_id("benchmark")

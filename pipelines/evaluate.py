@@ -10,11 +10,11 @@ import json
 import sys
 import mlflow
 
-from adreg import registry, tracking
 from adreg.data import default_category_dir, read_labelled_folder
 from adreg.errors import AdregError, DataError
 from adreg.evaluation import evaluate
-from adreg.lifecycle import load_detector
+from adreg.registry import tracking, versions
+from adreg.registry.lifecycle import load_detector
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         tracking.configure(args.tracking_uri)
-        uri = registry.model_uri(args.category, args.alias, args.version or None)
+        uri = versions.model_uri(args.category, args.alias, args.version or None)
         test_dir = args.test_dir
         if not test_dir:
             root = default_category_dir(args.category)

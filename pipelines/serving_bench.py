@@ -37,10 +37,10 @@ from serving.process import Server
 
 
 def prepare(store: Path, quick: bool) -> dict:
-    from adreg import registry, tracking
     from adreg.data import default_category_dir
     from adreg.detector import Threshold
     from adreg.fitting import FitOptions, fit_category
+    from adreg.registry import tracking, versions
 
     uri = f"sqlite:///{store / 'mlflow.db'}"
     tracking.configure(uri)
@@ -50,12 +50,12 @@ def prepare(store: Path, quick: bool) -> dict:
                                      seed=0, device="cpu", **extra), show_progress=False)
     result = dataclasses.replace(result, evaluation=None)
     logged = tracking.log_fit(result)
-    v1 = registry.register(logged.model_uri, logged.run_id, "bottle")
+    v1 = versions.register(logged.model_uri, logged.run_id, "bottle")
     det2 = copy.copy(result.detector)
     det2.threshold = Threshold(result.detector.threshold.value * 2, "bench: doubled")
     logged = tracking.log_fit(dataclasses.replace(result, detector=det2))
-    v2 = registry.register(logged.model_uri, logged.run_id, "bottle")
-    registry.promote("bottle", v1, "production", reason="bench")
+    v2 = versions.register(logged.model_uri, logged.run_id, "bottle")
+    versions.promote("bottle", v1, "production", reason="bench")
     return {"uri": uri, "v1": v1, "v2": v2}
 
 
@@ -121,9 +121,9 @@ def version_of(url: str, payload: dict) -> str:
 
 def swap_to(url: str, payload: dict, version: str, timeout: float = 60) -> float:
     """Move production to ``version``; seconds until the first answer by it."""
-    from adreg import registry
+    from adreg.registry import versions
 
-    registry.promote("bottle", version, "production", reason="bench cycle")
+    versions.promote("bottle", version, "production", reason="bench cycle")
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if version_of(url, payload) == version:
@@ -149,8 +149,8 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     prep = prepare(store, args.quick)
     print(f"store ready in {time.monotonic() - t0:.0f} s: {prep}", flush=True)
-    from adreg import registry
     from adreg.data import default_category_dir
+    from adreg.registry import versions
 
     test_dir = default_category_dir("bottle") / "test"
     images = [base64.b64encode(q.read_bytes()).decode() for q in sorted(test_dir.rglob("*.png"))[:16]]
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         shadow_on, shadow_off = [], []
         for _ in range(args.rounds):
             shadow_off.append(measure(main_srv.url, payloads, args.requests, 600))
-            registry.promote("bottle", prep["v2"], "staging", reason="bench shadow")
+            versions.promote("bottle", prep["v2"], "staging", reason="bench shadow")
             time.sleep(6)  # the follower loads the candidate (poll 2 s + load)
             shadow_on.append(measure(main_srv.url, payloads, args.requests, 600))
             import mlflow

@@ -33,8 +33,8 @@ from serving.process import Server
 
 
 def prepare_store(store: Path, n_categories: int) -> tuple[str, list[str]]:
-    from adreg import bundle, registry, tracking
     from adreg.fitting import FitOptions, fit_category
+    from adreg.registry import bundle, tracking, versions
     import dataclasses
 
     uri = f"sqlite:///{store / 'mlflow.db'}"
@@ -46,9 +46,9 @@ def prepare_store(store: Path, n_categories: int) -> tuple[str, list[str]]:
     for name in names:
         r = dataclasses.replace(result, options=dataclasses.replace(result.options, category=name))
         logged = tracking.log_fit(r)
-        registry.promote(name, registry.register(logged.model_uri, logged.run_id, name), "production")
+        versions.promote(name, versions.register(logged.model_uri, logged.run_id, name), "production")
     router = bundle.build_router(names)
-    registry.promote("router", router.version, "production")
+    versions.promote("router", router.version, "production")
     return uri, names
 
 
@@ -155,10 +155,10 @@ def main(argv=None) -> int:
         for n in ((1, 4, 8) if "memory" in args.parts else ()):
             if n > len(names):
                 break
-            from adreg import bundle, registry
+            from adreg.registry import bundle, versions
 
             router_n = bundle.build_router(names[:n])
-            registry.promote("router", router_n.version, "production")
+            versions.promote("router", router_n.version, "production")
             group = [Server(uri, name, store / f"{name}-{n}.log") for name in names[:n]]
             rtr = Server(uri, "router", store / f"router-{n}.log")
             servers = group + [rtr]

@@ -34,7 +34,7 @@ def mtd_dir() -> Path:
 @pytest.fixture()
 def tracking_uri(tmp_path, monkeypatch) -> str:
     """A fresh sqlite tracking + registry store for one test."""
-    from adreg import tracking
+    from adreg.registry import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -56,14 +56,14 @@ def registered_bottle(bottle_fit, tmp_path_factory):
     """``bottle_fit`` logged, registered and promoted to production in a session store."""
     import mlflow
 
-    from adreg import registry, tracking
+    from adreg.registry import tracking, versions
 
     store = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{store / 'mlflow.db'}"
     tracking.configure(uri)
     logged = tracking.log_fit(bottle_fit)
-    version = registry.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
-    registry.promote("bottle", version, "production")
+    version = versions.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
+    versions.promote("bottle", version, "production")
     yield {"uri": uri, "version": version, "logged": logged, "result": bottle_fit}
     mlflow.set_tracking_uri(None)
 
@@ -71,7 +71,7 @@ def registered_bottle(bottle_fit, tmp_path_factory):
 @pytest.fixture()
 def use_registered(registered_bottle, monkeypatch):
     """Point this test's MLflow client (and subprocesses) at the session's registered store."""
-    from adreg import tracking
+    from adreg.registry import tracking
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registered_bottle["uri"])
     tracking.configure(registered_bottle["uri"])
@@ -131,7 +131,7 @@ def postgres_server():
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_uri(request, tmp_path, monkeypatch):
     """A fresh, empty MLflow tracking + registry store on each backend."""
-    from adreg import tracking
+    from adreg.registry import tracking
 
     if request.param == "sqlite":
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

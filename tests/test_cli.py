@@ -86,8 +86,8 @@ def test_hf_backbone_fit_log_and_serve_offline(bottle_dir, tmp_path, tracking_ur
     import torch
     from transformers import Dinov2Config, Dinov2Model
 
-    from adreg import registry, tracking
     from adreg.fitting import FitOptions, fit_category
+    from adreg.registry import tracking, versions
 
     torch.manual_seed(0)
     vit_dir = tmp_path / "tiny-dinov2"
@@ -99,7 +99,7 @@ def test_hf_backbone_fit_log_and_serve_offline(bottle_dir, tmp_path, tracking_ur
     result = fit_category(opts, show_progress=False)
     assert result.detector.method.summary()["feature_dim"] == 32
     logged = tracking.log_fit(result)
-    version = registry.register(logged.model_uri, logged.run_id, "widget", result.metrics())
+    version = versions.register(logged.model_uri, logged.run_id, "widget", result.metrics())
     shutil.rmtree(vit_dir)
     model = mlflow.pyfunc.load_model(f"models:/adreg-widget/{version}")
     img = product / "test" / "good" / "000.png"

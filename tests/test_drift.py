@@ -11,8 +11,8 @@ import shutil
 import mlflow
 import pytest
 
-from adreg import lineage
 from adreg.cli import main as cli_main
+from adreg.registry import lineage
 
 
 @pytest.fixture()

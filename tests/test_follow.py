@@ -21,11 +21,11 @@ import mlflow
 import pytest
 from PIL import Image
 
-from adreg import lifecycle, registry, tracking
 from adreg.detector import Threshold
 from adreg.images import encode_png_b64, file_to_b64
 from adreg.pyfunc import status as server_status
 from adreg.pyfunc.shadow import latest_summary
+from adreg.registry import lifecycle, tracking, versions
 from tests.servers import adreg_server, post_images, wait_for
 
 POLL = 1.0
@@ -37,7 +37,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 def _log_register(result) -> str:
     logged = tracking.log_fit(result)
-    return registry.register(logged.model_uri, logged.run_id, "bottle")
+    return versions.register(logged.model_uri, logged.run_id, "bottle")
 
 
 def _broken_version(v1: str, tmp: Path) -> str:
@@ -50,7 +50,7 @@ def _broken_version(v1: str, tmp: Path) -> str:
     with mlflow.start_run(experiment_id=tracking.experiment_id("bottle"), run_name="broken-artifact") as run:
         mlflow.log_artifacts(str(local), "model")
         mlflow.set_tag("adreg.model_complete", "true")
-    return registry.register(f"runs:/{run.info.run_id}/model", run.info.run_id, "bottle")
+    return versions.register(f"runs:/{run.info.run_id}/model", run.info.run_id, "bottle")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def store(bottle_fit, tmp_path_factory):
     det2.threshold = Threshold(bottle_fit.detector.threshold.value * 2, "test: doubled")
     v2 = _log_register(dataclasses.replace(lean, detector=det2))
     v3 = _broken_version(v1, root / "broken")
-    registry.promote("bottle", v1, "production")
+    versions.promote("bottle", v1, "production")
     yield {"uri": uri, "v1": v1, "v2": v2, "v3": v3, "t1": bottle_fit.detector.threshold.value,
            "t2": det2.threshold.value}
     mlflow.set_tracking_uri(None)
@@ -166,7 +166,7 @@ def test_rows_name_their_version_and_requests_are_bounded(server, store, images)
 
 def test_promote_and_rollback_reach_the_running_server(server, store, images, client):
     before = _rows(server.url, images["bad"][:1])[0]
-    registry.promote("bottle", store["v2"], "production", reason="test")
+    versions.promote("bottle", store["v2"], "production", reason="test")
     t0 = time.monotonic()
     after = wait_for(lambda: next((r for r in _rows(server.url, images["bad"][:1])
                                    if r["model_version"] == store["v2"]), None), 30, what="version 2 answering")
@@ -188,7 +188,7 @@ def test_promote_and_rollback_reach_the_running_server(server, store, images, cl
 def test_shadow_is_logged_and_never_changes_production(server, store, images, client):
     batch = images["good"] + images["bad"]
     without = _rows(server.url, batch)
-    registry.promote("bottle", store["v2"], "staging", reason="shadow test")
+    versions.promote("bottle", store["v2"], "staging", reason="shadow test")
     wait_for(lambda: (_entry(client).get("shadow") or {}).get("version") == store["v2"], 20, what="shadow loaded")
     with_shadow = []
     for _ in range(4):  # 32 rows: one logged batch
@@ -212,7 +212,7 @@ def test_shadow_is_logged_and_never_changes_production(server, store, images, cl
 
 
 def test_a_broken_version_is_refused_and_the_old_one_keeps_answering(server, store, images, client):
-    registry.promote("bottle", store["v3"], "production", reason="broken on purpose")
+    versions.promote("bottle", store["v3"], "production", reason="broken on purpose")
     entry = wait_for(lambda: ((e := _entry(client)).get("last_failure") or {}).get("version") == store["v3"] and e,
                      30, what="the failed swap reported")
     assert entry["version"] == store["v1"] and entry["last_failure"]["reason"]
@@ -254,7 +254,7 @@ def test_four_clients_through_ten_promote_rollback_cycles_lose_nothing(server, s
     try:
         for _ in range(10):
             for version in (store["v2"], store["v1"]):
-                registry.promote("bottle", version, "production", reason="cycle")
+                versions.promote("bottle", version, "production", reason="cycle")
                 wait_for(lambda: _rows(server.url, images["bad"][:1])[0]["model_version"] == version, 30,
                          interval=0.1, what=f"version {version}")
     finally:

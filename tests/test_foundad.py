@@ -66,7 +66,7 @@ def test_state_roundtrip_and_loss_curve_logged(small_foundad, tmp_path, tracking
     again = AnomalyDetector.load(tmp_path / "det", device="cpu")
     img = [load_image(bottle_dir / "test" / "broken_small" / "001.png")]
     np.testing.assert_allclose(again.predict(img).scores, det.predict(img).scores, rtol=1e-6)
-    from adreg.tracking import _log_curves
+    from adreg.registry.tracking import _log_curves
 
     with mlflow.start_run() as run:
         _log_curves(run.info.run_id, det.method.curves)

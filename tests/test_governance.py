@@ -11,8 +11,9 @@ import mlflow
 import pytest
 import requests
 
-from adreg import cli, governance, lifecycle, registry, tracking
-from adreg.governance import PermissionDenied
+from adreg import cli
+from adreg.registry import governance, lifecycle, tracking, versions
+from adreg.registry.governance import PermissionDenied
 from serving.process import free_port, stop_process_group
 
 ADMIN = ("admin", "admin-pass-0123456789")
@@ -81,7 +82,7 @@ def editor_version(auth_server, bottle_fit):
     """The editor fits (logs) and registers the first version of a new category."""
     login(auth_server, "editor")
     logged = tracking.log_fit(bottle_fit)
-    return registry.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
+    return versions.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
 
 
 def _cli(capsys, *argv):
@@ -102,25 +103,25 @@ def test_roles_production_is_for_managers_and_history_names_the_users(auth_serve
     code, out, err = _cli(capsys, "promote", "bottle", "--version", v, "--alias", "production")
     assert code == 1 and out == ""
     assert err.strip().count("\n") == 0 and "needs MANAGE permission on registered model adreg-bottle" in err
-    assert "production" not in registry._get_model("bottle").aliases
+    assert "production" not in versions._get_model("bottle").aliases
     # ... and by the server itself when adreg is bypassed
     with pytest.raises(mlflow.exceptions.MlflowException, match="MANAGE"):
         mlflow.MlflowClient().set_registered_model_alias("adreg-bottle", "production", v)
-    assert "production" not in registry._get_model("bottle").aliases
+    assert "production" not in versions._get_model("bottle").aliases
     with pytest.raises(PermissionDenied, match="needs MANAGE"):
         lifecycle.rollback("bottle")
-    assert registry.history("bottle") == []  # nothing changed, nothing recorded
+    assert versions.history("bottle") == []  # nothing changed, nothing recorded
 
     # the editor may promote to staging (no gate needed here: the registry call)
-    promo = registry.promote("bottle", v, "staging", reason="trial on line 2")
+    promo = versions.promote("bottle", v, "staging", reason="trial on line 2")
     assert (promo.by, promo.identity) == ("editor", governance.AUTHENTICATED)
 
     # reader: list and load, but no promotion
     login(auth_server, "reader")
-    assert [r["version"] for r in registry.list_versions()] == [int(v)]
+    assert [r["version"] for r in versions.list_versions()] == [int(v)]
     assert lifecycle.load_version_detector("bottle", v, device="cpu").threshold is not None
     with pytest.raises(PermissionDenied, match="needs EDIT permission.*user 'reader' has READ"):
-        registry.promote("bottle", v, "staging")
+        versions.promote("bottle", v, "staging")
     code, out, err = _cli(capsys, "grant", "bottle", "reader", "MANAGE")
     assert code == 1 and "reader" in err
 
@@ -138,7 +139,7 @@ def test_roles_production_is_for_managers_and_history_names_the_users(auth_serve
     assert code == 0, err
     result = json.loads(out)
     assert result["promoted"] and result["by"] == "manager" and result["gate"]["gate_passed"]
-    assert str(registry._get_model("bottle").aliases["production"]) == v  # str on a server, int on sqlite
+    assert str(versions._get_model("bottle").aliases["production"]) == v  # str on a server, int on sqlite
 
     # the history names both users as authenticated identities, in order; --json parses
     code, out, err = _cli(capsys, "history", "bottle", "--json")
@@ -155,8 +156,8 @@ def test_roles_production_is_for_managers_and_history_names_the_users(auth_serve
 
 def test_an_event_cannot_be_signed_with_another_users_name(auth_server, editor_version):
     login(auth_server, "editor")
-    registry.promote("bottle", editor_version, "staging", reason="again")
-    exp_id = registry.lifecycle_experiment_id("bottle")
+    versions.promote("bottle", editor_version, "staging", reason="again")
+    exp_id = versions.lifecycle_experiment_id("bottle")
     client = mlflow.MlflowClient()
     run = client.create_run(exp_id)
     with pytest.raises(mlflow.exceptions.MlflowException, match="authenticated user"):

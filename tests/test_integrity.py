@@ -8,8 +8,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from adreg import cli, integrity, lifecycle, registry, tracking
+from adreg import cli, integrity
 from adreg.integrity import IntegrityError
+from adreg.registry import lifecycle, tracking, versions
 
 
 def _folder(tmp_path) -> Path:
@@ -48,8 +49,8 @@ def test_manifest_detects_modified_missing_and_added_files(tmp_path):
 def tampered_store(tracking_uri, bottle_fit, tmp_path):
     """bottle_fit logged and registered in a fresh sqlite store, promoted; returns (version, detector folder)."""
     logged = tracking.log_fit(bottle_fit)
-    version = registry.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
-    registry.promote("bottle", version, "production")
+    version = versions.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
+    versions.promote("bottle", version, "production")
     run_tag = mlflow.MlflowClient().get_run(logged.run_id).data.tags[integrity.DIGEST_TAG]
     assert mlflow.MlflowClient().get_model_version("adreg-bottle", version).tags[integrity.DIGEST_TAG] == run_tag
     folders = [p.parent for p in (tmp_path / "artifacts").rglob("detector/config.json")]
@@ -74,7 +75,7 @@ def test_edited_artifact_in_the_store_is_refused_with_the_file_named(tampered_st
     assert "config.json" in json.loads(out)["error"]
     with pytest.raises(IntegrityError, match="config.json was modified"):
         lifecycle.promote_gated("bottle", version, "staging")  # the gate refuses to evaluate it
-    assert "staging" not in registry._get_model("bottle").aliases
+    assert "staging" not in versions._get_model("bottle").aliases
 
     # rewriting the manifest to match does not help: the version's digest tag no longer matches
     integrity.write_manifest(folder)

@@ -12,9 +12,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from adreg import lifecycle, registry, tracking
 from adreg.errors import RegistryError
-from adreg.lifecycle import GatePolicy
+from adreg.registry import lifecycle, tracking, versions
+from adreg.registry.lifecycle import GatePolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET = {"good": 6, "broken_large": 4, "broken_small": 4, "contamination": 4}
@@ -49,7 +49,7 @@ def two_fits(bottle_dir, eval_subset):
 
 def _register(result) -> str:
     logged = tracking.log_fit(result)
-    return registry.register(logged.model_uri, logged.run_id, "bottle", result.metrics())
+    return versions.register(logged.model_uri, logged.run_id, "bottle", result.metrics())
 
 
 POLICY = GatePolicy(min_image_auroc=0.9, min_pixel_auroc=0.9, tolerance=0.005)
@@ -63,7 +63,7 @@ def test_gate_refuses_regression_force_is_recorded_and_rollback_walks_back(store
     assert promo is not None and report.baseline_version == v1 and report.candidate["aupro"] > report.baseline["aupro"]
     promo, report = lifecycle.promote_gated("bottle", v3, "production", POLICY)
     assert promo is None and any("aupro" in f and "regresses" in f for f in report.failures)
-    assert registry._get_model("bottle").aliases["production"] == int(v2)
+    assert versions._get_model("bottle").aliases["production"] == int(v2)
     promo, report = lifecycle.promote_gated("bottle", v3, "production", POLICY, force=True, reason="hotfix")
     assert promo is not None and not report.passed
     tags = mlflow.MlflowClient().get_model_version("adreg-bottle", v3).tags
@@ -76,7 +76,7 @@ def test_gate_refuses_regression_force_is_recorded_and_rollback_walks_back(store
     assert lifecycle.rollback("bottle").version == v1
     with pytest.raises(RegistryError, match="no earlier version"):
         lifecycle.rollback("bottle")
-    actions = [(e["action"], e["version"]) for e in registry.history("bottle")]
+    actions = [(e["action"], e["version"]) for e in versions.history("bottle")]
     assert actions == [("promote", v1), ("promote", v2), ("refused", v3), ("force", v3),
                        ("rollback", v2), ("rollback", v1)]
     rows = lifecycle.history_rows("bottle")
@@ -89,7 +89,7 @@ def test_absolute_floors_apply_without_a_baseline(store_uri, two_fits):
     assert promo is None and report.failures == [
         f"pixel_auroc {report.candidate['pixel_auroc']:.4f} is below the floor 0.9990"]
     with pytest.raises(RegistryError, match="no alias 'staging'"):
-        registry.model_uri("bottle", "staging")
+        versions.model_uri("bottle", "staging")
 
 
 def test_compare_side_by_side(store_uri, two_fits):
@@ -104,21 +104,21 @@ def test_compare_side_by_side(store_uri, two_fits):
 def test_deleted_versions_are_reported_and_skipped(store_uri, two_fits):
     v1, v2, v3 = (_register(two_fits["subspace"]) for _ in range(3))
     for v in (v1, v2, v3):
-        registry.promote("bottle", v, "production")
+        versions.promote("bottle", v, "production")
     mlflow.MlflowClient().delete_model_version("adreg-bottle", v2)
     assert lifecycle.rollback("bottle").version == v1  # v2 is gone: skipped, and said so
-    assert "skipped deleted versions " + v2 in registry.history("bottle")[-1]["reason"]
+    assert "skipped deleted versions " + v2 in versions.history("bottle")[-1]["reason"]
     mlflow.MlflowClient().delete_model_version("adreg-bottle", v1)
     with pytest.raises(RegistryError, match=f"pointed at version {v1}, which has been deleted"):
-        registry.model_uri("bottle", "production")
+        versions.model_uri("bottle", "production")
 
 
 CONCURRENT_REGISTER = """
 import sys
-from adreg import registry, tracking
+from adreg.registry import tracking, versions
 tracking.configure(sys.argv[1])
 for _ in range(3):
-    print(registry.register(sys.argv[2], sys.argv[3], "bottle"), flush=True)
+    print(versions.register(sys.argv[2], sys.argv[3], "bottle"), flush=True)
 """
 
 
@@ -149,18 +149,18 @@ def test_fit_killed_midway_leaves_no_registered_version(store_uri, tmp_path):
     assert runs, "the fit never started logging"
     run = client.get_run(runs[0].info.run_id)
     assert run.data.tags.get("adreg.model_complete") != "true"
-    assert registry.categories() == [] or registry.list_versions() == []
+    assert versions.categories() == [] or versions.list_versions() == []
     with pytest.raises(RegistryError, match="no completely logged model"):
-        registry.register(f"runs:/{run.info.run_id}/model", run.info.run_id, "bottle")
+        versions.register(f"runs:/{run.info.run_id}/model", run.info.run_id, "bottle")
 
 
 CONCURRENT_PROMOTE = """
 import os, sys
-from adreg import registry, tracking
+from adreg.registry import tracking, versions
 tracking.configure(sys.argv[1])
 for i in range(int(sys.argv[3])):
     v = sys.argv[2].split(",")[i % 2]
-    registry.promote("bottle", v, "staging", reason=f"{os.environ['ADREG_USER']} #{i}")
+    versions.promote("bottle", v, "staging", reason=f"{os.environ['ADREG_USER']} #{i}")
 """
 
 
@@ -180,7 +180,7 @@ def test_concurrent_promotions_from_two_processes_lose_no_event(tracking_uri, tw
                               stderr=subprocess.PIPE, text=True) for user in ("qe-anna", "qe-ben")]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
-    events = registry.history("bottle")
+    events = versions.history("bottle")
     assert events[0]["by"] == "old-tool" and events[0]["identity"] == "label (legacy tag)"
     reasons = sorted(e["reason"] for e in events[1:])
     assert reasons == sorted(f"{u} #{i}" for u in ("qe-anna", "qe-ben") for i in range(n))
@@ -188,7 +188,7 @@ def test_concurrent_promotions_from_two_processes_lose_no_event(tracking_uri, tw
     assert [e["at"] for e in events] == sorted(e["at"] for e in events)
     runs = mlflow.search_runs(experiment_names=["adreg-bottle/lifecycle"], output_format="list")
     assert len(runs) == 2 * n  # one run per event, in the lifecycle experiment
-    model = registry._get_model("bottle")
+    model = versions._get_model("bottle")
     assert not [k for k in model.tags if k.startswith("adreg.history.") and "abcdef" not in k]  # no new tag events
     current = str(model.aliases["staging"])
     assert lifecycle.production_stack(events, "staging")[-1] == current

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import requests
 
-from adreg import lifecycle, registry, tracking
 from adreg.images import file_to_b64, load_image
+from adreg.registry import lifecycle, tracking, versions
 from serving.process import free_port, stop_process_group
 
 
@@ -49,7 +49,7 @@ def mlflow_server(tmp_path, monkeypatch):
 def test_fit_register_gate_and_load_through_a_tracking_server(mlflow_server, bottle_fit, bottle_dir):
     url, artifacts = mlflow_server
     logged = tracking.log_fit(bottle_fit)
-    version = registry.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
+    version = versions.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
     promo, report = lifecycle.promote_gated("bottle", version, "production")  # gate re-evaluates via the server
     assert promo is not None and report.passed
     assert report.candidate["image_auroc"] == pytest.approx(bottle_fit.evaluation.metrics["image_auroc"])

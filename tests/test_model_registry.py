@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adreg import registry
 from adreg.errors import RegistryError
 from adreg.images import file_to_b64, load_image
+from adreg.registry import versions
 
 
 def test_logged_model_is_arrays_config_and_pinned_requirements(use_registered, tmp_path):
@@ -60,23 +60,23 @@ def test_pyfunc_rows_errors_and_maps(use_registered, bottle_dir):
 
 def test_registry_errors_are_clear(use_registered):
     with pytest.raises(RegistryError, match="unknown category 'screw'.*bottle"):
-        registry.model_uri("screw")
+        versions.model_uri("screw")
     with pytest.raises(RegistryError, match="no alias 'staging'.*production -> v"):
-        registry.model_uri("bottle", "staging")
+        versions.model_uri("bottle", "staging")
     with pytest.raises(RegistryError, match="no version 99"):
-        registry.promote("bottle", 99, "staging")
+        versions.promote("bottle", 99, "staging")
     with pytest.raises(RegistryError, match="alias"):
-        registry.promote("bottle", use_registered["version"], "Bad Alias!")
+        versions.promote("bottle", use_registered["version"], "Bad Alias!")
 
 
 def test_promotion_is_recorded_and_listed(use_registered):
     v = use_registered["version"]
-    promo = registry.promote("bottle", v, "staging", reason="test")
+    promo = versions.promote("bottle", v, "staging", reason="test")
     assert promo.model_uri == "models:/adreg-bottle@staging"
     tags = mlflow.MlflowClient().get_model_version("adreg-bottle", v).tags
     assert tags["adreg.promoted.staging.reason"] == "test"
     assert tags["adreg.promoted.staging.from_version"] == "none"
-    rows = registry.list_versions()
+    rows = versions.list_versions()
     row = next(r for r in rows if r["version"] == int(v))
     assert set(row["aliases"].split(",")) >= {"production", "staging"}
     assert float(row["image_auroc"]) >= 0.98
@@ -86,5 +86,5 @@ def test_incomplete_run_is_never_registered(tracking_uri):
     with mlflow.start_run() as run:  # a fit that died before its model was logged
         mlflow.log_param("category", "bottle")
     with pytest.raises(RegistryError, match="no completely logged model"):
-        registry.register(f"runs:/{run.info.run_id}/model", run.info.run_id, "bottle")
-    assert registry.categories() == []
+        versions.register(f"runs:/{run.info.run_id}/model", run.info.run_id, "bottle")
+    assert versions.categories() == []

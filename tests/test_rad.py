@@ -86,9 +86,9 @@ def test_one_shot_rad_on_bottle_logged_and_loaded(bottle_dir, tracking_uri):
     import mlflow
     import pandas as pd
 
-    from adreg import tracking
     from adreg.fitting import FitOptions, fit_category
     from adreg.images import file_to_b64
+    from adreg.registry import tracking
 
     result = fit_category(FitOptions(category="bottle", method="rad", train_dir=str(bottle_dir), k_shot=1, seed=0,
                                      device="cpu"), show_progress=False)

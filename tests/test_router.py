@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import requests
 
-from adreg import bundle, lifecycle, registry, tracking
 from adreg.errors import AdregError
 from adreg.images import file_to_b64
+from adreg.registry import bundle, lifecycle, tracking, versions
 from tests.servers import adreg_server, wait_for
 
 
@@ -23,14 +23,14 @@ def router_store(registered_bottle, bottle_dir, tmp_path_factory):
     cap = dataclasses.replace(registered_bottle["result"], options=dataclasses.replace(
         registered_bottle["result"].options, category="cap"))
     logged = tracking.log_fit(cap)
-    registry.promote("cap", registry.register(logged.model_uri, logged.run_id, "cap"), "production")
+    versions.promote("cap", versions.register(logged.model_uri, logged.run_id, "cap"), "production")
     cap_logged = logged
     vial = fit_category(FitOptions(category="vial", train_dir=str(bottle_dir / "train" / "good"), k_shot=1,
                                    image_size=256, aug_count=2, holdout=5, device="cpu"), show_progress=False)
     logged = tracking.log_fit(vial)
-    registry.promote("vial", registry.register(logged.model_uri, logged.run_id, "vial"), "production")
+    versions.promote("vial", versions.register(logged.model_uri, logged.run_id, "vial"), "production")
     router = bundle.build_router(["bottle", "cap", "vial"])
-    registry.promote("router", router.version, "production")
+    versions.promote("router", router.version, "production")
     return {"uri": registered_bottle["uri"], "vial": vial, "cap_logged": cap_logged}
 
 
@@ -42,7 +42,7 @@ def test_router_shares_backbones_and_matches_single_models(router_store, bottle_
     assert router.categories() == ["bottle", "cap", "vial"]
     assert len(router.backbones) == 2  # bottle and cap share one Lite0@320; vial has Lite0@256
     assert router.detectors["bottle"].backbone is router.detectors["cap"].backbone
-    assert registry.categories() == ["bottle", "cap", "vial"]  # the router is not a category
+    assert versions.categories() == ["bottle", "cap", "vial"]  # the router is not a category
 
     good, bad = bottle_dir / "test" / "good" / "003.png", bottle_dir / "test" / "contamination" / "005.png"
     frame = pd.DataFrame({"category": ["bottle", "vial", "nope", "cap", "bottle"],
@@ -90,8 +90,8 @@ def test_router_over_rest_follows_each_category_and_bounds_requests(router_store
             [("adreg-cap", version["cap"]), ("adreg-bottle", version["bottle"])]
         # a new cap version (the same logged model registered again), promoted: only cap's rows change
         logged = router_store["cap_logged"]
-        new_cap = registry.register(logged.model_uri, logged.run_id, "cap")
-        registry.promote("cap", new_cap, "production")
+        new_cap = versions.register(logged.model_uri, logged.run_id, "cap")
+        versions.promote("cap", new_cap, "production")
         wait_for(lambda: rows()[0]["model_version"] == new_cap, 30, what="cap's new version in the router")
         now = rows()
         assert now[2]["model_version"] == version["bottle"] and now[0]["score"] == pytest.approx(first[0]["score"])

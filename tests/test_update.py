@@ -11,8 +11,8 @@ import shutil
 import mlflow
 import pytest
 
-from adreg import lineage, manifest, registry, tracking
 from adreg.cli import main as cli_main
+from adreg.registry import lineage, manifest, tracking, versions as registry
 
 GOOD = [f"{i:03d}.png" for i in range(100, 108)]  # bottle train goods the parent never saw
 DEFECTS = ["010.png", "011.png"]  # bottle test/broken_large images outside the evaluation set
@@ -127,7 +127,7 @@ def test_update_records_lineage_skips_duplicates_and_holds_out_suspects(store, t
 
 
 def test_include_suspects_takes_them_in(store, tmp_path):
-    from adreg.update import UpdateOptions, prepare_update
+    from adreg.registry.update import UpdateOptions, prepare_update
 
     folder = capture_folder(store, tmp_path, goods=GOOD[:4], defects=DEFECTS, duplicate=False, corrupt=False)
     held = prepare_update(UpdateOptions("bottle", [str(folder)], from_version="1", holdout=1), show_progress=False)
@@ -160,7 +160,7 @@ def test_bad_inputs_are_clear_errors_with_nothing_registered(store, tmp_path, ca
 
 
 def test_failure_half_way_registers_nothing_and_leaves_the_parent_untouched(store, tmp_path, monkeypatch):
-    from adreg.update import UpdateOptions, update_version
+    from adreg.registry.update import UpdateOptions, update_version
 
     client = mlflow.MlflowClient()
     parent_files = {a.path: a.file_size for a in client.list_artifacts(store["run_id"], "fit")}

@@ -82,10 +82,10 @@ def resolve_model(category: str, alias: str | None = "production", version=None)
     """Check the category and alias/version in the registry (RegistryError, one line) and pin the version."""
     import mlflow
 
-    from adreg import registry
+    from adreg.registry import versions
 
-    registry.model_uri(category, alias, version)  # raises the usual one-line RegistryError
-    name = registry.model_name(category)
+    versions.model_uri(category, alias, version)  # raises the usual one-line RegistryError
+    name = versions.model_name(category)
     if version is not None:
         return ModelRef(name, str(int(version)), None)
     mv = mlflow.MlflowClient().get_model_version_by_alias(name, alias)

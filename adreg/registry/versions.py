@@ -3,7 +3,7 @@
 Stages are deprecated in MLflow 3, so promotion moves a registered-model alias (``production``,
 ``staging``) and records who/when/from-which-version as tags on the promoted version. Every lifecycle
 event is one run of the category's lifecycle experiment ``adreg-<category>/lifecycle`` (searchable and
-comparable in the MLflow UI); who may move which alias is ``adreg.governance``'s business.
+comparable in the MLflow UI); who may move which alias is ``adreg.registry.governance``'s business.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from adreg import governance
 from adreg.errors import RegistryError
 from adreg.fitting import check_category
 from adreg.integrity import DIGEST_TAG
+from adreg.registry import governance
 
 PREFIX = "adreg-"
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -116,7 +116,7 @@ PARAM_MAX = 6000
 
 def lifecycle_experiment_id(category: str, create: bool = True) -> str | None:
     """The category's lifecycle experiment (``adreg-<category>/lifecycle``): one run per event."""
-    from adreg.tracking import _artifact_location
+    from adreg.registry.tracking import _artifact_location
 
     client = _client()
     name = governance.lifecycle_experiment_name(category)

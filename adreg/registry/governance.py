@@ -6,7 +6,7 @@ Role model (on an MLflow server started with authentication, ``mlflow server --a
 * editor  (EDIT): fit, register, promote to ``staging`` (or any alias but ``production``);
 * manager (MANAGE): move or roll back ``production``, force a promotion past a failed gate.
 
-The server enforces what it can: writes need EDIT, and the ``adreg-auth`` app (``adreg.auth_app``) refuses
+The server enforces what it can: writes need EDIT, and the ``adreg-auth`` app (``adreg.registry.auth_app``) refuses
 any change of the ``production`` alias without MANAGE, and gives the creator of a category EDIT, not
 MANAGE. adreg checks the rest (``--force``, the role of an action) with ``require`` BEFORE changing
 anything. Without an authenticated server there are no users: ``$ADREG_USER`` (else the login) is only

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import mlflow
 
-from adreg import lifecycle, lineage, manifest, registry, tracking
 from adreg.data import CategoryData
 from adreg.errors import DataError, ImageDecodeError, RegistryError
 from adreg.evaluation import evaluate
 from adreg.fitting import FitOptions, FitResult, check_category
 from adreg.images import load_image
+from adreg.registry import lifecycle, lineage, manifest, tracking, versions
 from adreg.thresholds import calibrate
 
 
@@ -65,8 +65,8 @@ class UpdateResult(FitResult):
     suspects: list[dict] = field(default_factory=list)  # path, score (under the parent)
     include_suspects: bool = False
     method_report: dict = field(default_factory=dict)
-    manifest_entries: list[dict] = field(default_factory=list)  # read by adreg.lineage
-    calibration: list[dict] = field(default_factory=list)  # path, label, score, origin (adreg.lineage)
+    manifest_entries: list[dict] = field(default_factory=list)  # read by adreg.registry.lineage
+    calibration: list[dict] = field(default_factory=list)  # path, label, score, origin (adreg.registry.lineage)
     n_parent_training: int = 0
     seconds: float = 0.0
 
@@ -98,11 +98,11 @@ def resolve_parent(category: str, from_alias: str | None = "production", from_ve
     """(version, model version entity) of the parent, with the registry's helpful errors."""
     check_category(category)
     if from_version is not None:
-        version = registry._check_version(category, from_version)
+        version = versions._check_version(category, from_version)
     else:
-        registry.model_uri(category, from_alias)  # raises a clear error for a missing alias / deleted version
-        version = str(registry._get_model(category).aliases[from_alias])
-    mv = mlflow.MlflowClient().get_model_version(registry.model_name(category), version)
+        versions.model_uri(category, from_alias)  # raises a clear error for a missing alias / deleted version
+        version = str(versions._get_model(category).aliases[from_alias])
+    mv = mlflow.MlflowClient().get_model_version(versions.model_name(category), version)
     return version, mv
 
 
@@ -146,7 +146,7 @@ def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateRes
     if not opts.add_good:
         raise DataError("give at least one --add-good folder of good images")
     version, mv = resolve_parent(opts.category, opts.from_alias, opts.from_version)
-    name = registry.model_name(opts.category)
+    name = versions.model_name(opts.category)
     parent_run = mlflow.MlflowClient().get_run(mv.run_id)
     parent_manifest = lineage.run_manifest(mv.run_id)
     parent_entries = parent_manifest["images"]
@@ -226,7 +226,7 @@ def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateRes
 
     evaluation = evaluate(detector, eval_samples, detector.threshold.value, show_progress)
 
-    # the new run's id is filled in by adreg.manifest.document when it is logged
+    # the new run's id is filled in by adreg.registry.manifest.document when it is logged
     train_paths = [paths[i] for i in train_idx]
     entries = [dict(e) for e in parent_entries]
     entries += [manifest.entry(paths[i], "update", None, sha256=hashes[i]) for i in train_idx]
@@ -276,7 +276,7 @@ def update_version(opts: UpdateOptions, register: bool = False, promote_alias: s
     outcome = UpdateOutcome(result, logged)
     if register or promote_alias:
         added = len(result.added)
-        logged.version = registry.register(
+        logged.version = versions.register(
             logged.model_uri, logged.run_id, opts.category, result.metrics(),
             tags={"adreg.lineage": "update", "adreg.parent.version": result.parent_version,
                   "adreg.parent.run_id": result.parent_run_id, "adreg.training_images": str(k),

@@ -7,7 +7,7 @@ points at now, evaluated on the same images. ``force`` overrides a failed gate a
 Every promotion, refusal and rollback is an event in the category's history (one run each in the
 lifecycle experiment ``adreg-<category>/lifecycle``; older registered-model tag events are still read),
 so ``rollback`` can restore the previous version and ``history`` can show who did what, when and why.
-Permissions (``adreg.governance``) are checked before the gate runs: a refusal changes nothing.
+Permissions (``adreg.registry.governance``) are checked before the gate runs: a refusal changes nothing.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from pathlib import Path
 
 import mlflow
 
-from adreg import governance, integrity, registry
+from adreg import integrity
 from adreg.data import Sample, read_labelled_folder
 from adreg.detector import AnomalyDetector
 from adreg.errors import DataError, RegistryError
 from adreg.evaluation import evaluate
+from adreg.registry import governance, versions
 
 COMPARED = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -83,7 +84,7 @@ def load_detector(model_uri: str, device: str = "auto") -> AnomalyDetector:
 
 def load_version_detector(category: str, version, device: str = "auto") -> AnomalyDetector:
     """A registered version's detector; its artifacts must match the manifest digest set on the version."""
-    name = registry.model_name(category)
+    name = versions.model_name(category)
     expected = mlflow.MlflowClient().get_model_version(name, str(version)).tags.get(integrity.DIGEST_TAG)
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
     configs = list(local.rglob("detector/config.json"))
@@ -99,9 +100,9 @@ def load_version_detector(category: str, version, device: str = "auto") -> Anoma
 
 def logged_eval_set(category: str, version) -> tuple[list[Sample], str]:
     """The evaluation set logged with a version's run."""
-    from adreg.tracking import EVAL_MANIFEST
+    from adreg.registry.tracking import EVAL_MANIFEST
 
-    mv = mlflow.MlflowClient().get_model_version(registry.model_name(category), str(version))
+    mv = mlflow.MlflowClient().get_model_version(versions.model_name(category), str(version))
     try:
         manifest = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/{EVAL_MANIFEST}")
     except Exception:  # noqa: BLE001 - missing artifact surfaces as various MLflow errors
@@ -131,7 +132,7 @@ def run_gate(category: str, version, alias: str, policy: GatePolicy, eval_dir: s
     else:
         samples, eval_set = logged_eval_set(category, version)
     candidate = candidate_metrics or evaluate_version(category, version, samples, device)
-    current = registry._get_model(category).aliases.get(alias)
+    current = versions._get_model(category).aliases.get(alias)
     current = None if current is None else str(current)
     baseline = None
     if current is not None and str(current) != version:
@@ -144,21 +145,21 @@ def run_gate(category: str, version, alias: str, policy: GatePolicy, eval_dir: s
 def promote_gated(category: str, version, alias: str = "production", policy: GatePolicy | None = None,
                   force: bool = False, reason: str = "", eval_dir: str | None = None,
                   device: str = "auto", candidate_metrics: dict | None = None
-                  ) -> tuple[registry.Promotion | None, GateReport]:
+                  ) -> tuple[versions.Promotion | None, GateReport]:
     """Run the gate and promote when it passes (or when forced); returns (promotion or None, report).
     The user's permission for the alias (and for ``force``) is checked first: refused, nothing runs."""
-    registry._check_version(category, version)
+    versions._check_version(category, version)
     governance.require(category, governance.needed_for_alias(alias), f"moving alias {alias!r}")
     if force:
         governance.require(category, "MANAGE", "forcing a promotion past the gate")
     report = run_gate(category, version, alias, policy or GatePolicy(), eval_dir, device, candidate_metrics)
     if not report.passed and not force:
-        registry.record_event(category, {"action": "refused", "alias": alias, "version": str(version),
+        versions.record_event(category, {"action": "refused", "alias": alias, "version": str(version),
                                          "previous": report.baseline_version, "reason": reason or "gate failed",
                                          **report.summary()})
         return None, report
     action = "promote" if report.passed else "force"
-    promo = registry.promote(category, version, alias, reason=reason or action, action=action,
+    promo = versions.promote(category, version, alias, reason=reason or action, action=action,
                              details=report.summary())
     return promo, report
 
@@ -179,15 +180,15 @@ def production_stack(events: list[dict], alias: str) -> list[str]:
     return stack
 
 
-def rollback(category: str, alias: str = "production", reason: str = "") -> registry.Promotion:
+def rollback(category: str, alias: str = "production", reason: str = "") -> versions.Promotion:
     """Point ``alias`` back at the version it held before the current one (skipping deleted versions)."""
-    model = registry._get_model(category)
+    model = versions._get_model(category)
     governance.require(category, governance.needed_for_alias(alias), f"rolling back alias {alias!r}")
     current = model.aliases.get(alias)
-    stack = production_stack(registry.history(category), alias)
+    stack = production_stack(versions.history(category), alias)
     if current is not None and (not stack or stack[-1] != str(current)):
         stack.append(str(current))  # the alias was moved outside adreg; treat that as the latest promotion
-    existing = registry.existing_versions(category)
+    existing = versions.existing_versions(category)
     skipped = []
     stack.pop() if stack else None
     while stack and stack[-1] not in existing:
@@ -197,14 +198,14 @@ def rollback(category: str, alias: str = "production", reason: str = "") -> regi
                             + (f" (versions {', '.join(skipped)} were deleted)" if skipped else ""))
     target = stack[-1]
     note = f"; skipped deleted versions {', '.join(skipped)}" if skipped else ""
-    return registry.promote(category, target, alias, reason=(reason or "rollback") + note, action="rollback")
+    return versions.promote(category, target, alias, reason=(reason or "rollback") + note, action="rollback")
 
 
 def compare(category: str, v1, v2) -> list[dict]:
     """Rows of (what, v1, v2, delta) from the two versions' runs: key metrics, then differing params."""
     client = mlflow.MlflowClient()
-    name = registry.model_name(category)
-    runs = [client.get_run(client.get_model_version(name, registry._check_version(category, v)).run_id)
+    name = versions.model_name(category)
+    runs = [client.get_run(client.get_model_version(name, versions._check_version(category, v)).run_id)
             for v in (v1, v2)]
     rows = []
     keys = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "threshold",
@@ -224,7 +225,7 @@ def compare(category: str, v1, v2) -> list[dict]:
 
 def history_rows(category: str) -> list[dict]:
     rows = []
-    for e in registry.history(category):
+    for e in versions.history(category):
         gate = ""
         if "gate_passed" in e:
             cand = e.get("candidate_metrics") or {}
