@@ -11,7 +11,14 @@ import numpy as np
 from scipy import ndimage
 
 
-def _sorted_counts(y_true: np.ndarray, y_score: np.ndarray):
+def descending_order(y_score) -> np.ndarray:
+    """The permutation every curve here sorts by: stable argsort of the flattened scores, reversed.
+    Sorting in the scores' own dtype gives the same permutation as in float64 (the cast is exact and
+    monotonic), so ``evaluate_scores`` sorts millions of pixels once for all pixel metrics."""
+    return np.argsort(np.asarray(y_score).ravel(), kind="mergesort")[::-1]
+
+
+def _sorted_counts(y_true: np.ndarray, y_score: np.ndarray, order: np.ndarray | None = None):
     """True/false positive counts at every distinct threshold, descending (sklearn's construction)."""
     y_true = np.asarray(y_true).ravel().astype(bool)
     y_score = np.asarray(y_score, dtype=np.float64).ravel()
@@ -19,7 +26,7 @@ def _sorted_counts(y_true: np.ndarray, y_score: np.ndarray):
         raise ValueError(f"labels {y_true.shape} and scores {y_score.shape} differ in size")
     if not np.isfinite(y_score).all():
         raise ValueError("scores contain NaN or infinity")
-    order = np.argsort(y_score, kind="mergesort")[::-1]
+    order = descending_order(y_score) if order is None else order
     y_score, y_true = y_score[order], y_true[order]
     last_of_tie = np.r_[np.flatnonzero(np.diff(y_score)), y_true.size - 1]
     tps = np.cumsum(y_true)[last_of_tie]
@@ -33,23 +40,23 @@ def _need_both_classes(y_true) -> None:
         raise ValueError("AUROC needs both positive and negative samples")
 
 
-def roc_curve(y_true, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(y_true, y_score, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds), starting at (0, 0) with threshold +inf."""
     _need_both_classes(y_true)
-    tps, fps, thr = _sorted_counts(y_true, y_score)
+    tps, fps, thr = _sorted_counts(y_true, y_score, order)
     tpr = np.r_[0.0, tps / tps[-1]]
     fpr = np.r_[0.0, fps / fps[-1]]
     return fpr, tpr, np.r_[np.inf, thr]
 
 
-def auroc(y_true, y_score) -> float:
-    fpr, tpr, _ = roc_curve(y_true, y_score)
+def auroc(y_true, y_score, order: np.ndarray | None = None) -> float:
+    fpr, tpr, _ = roc_curve(y_true, y_score, order)
     return float(np.trapezoid(tpr, fpr))
 
 
-def f1_max(y_true, y_score) -> tuple[float, float]:
+def f1_max(y_true, y_score, order: np.ndarray | None = None) -> tuple[float, float]:
     """Best F1 over all thresholds and the threshold reaching it (predict anomalous when score >= it)."""
-    tps, fps, thr = _sorted_counts(y_true, y_score)
+    tps, fps, thr = _sorted_counts(y_true, y_score, order)
     if tps[-1] == 0:
         raise ValueError("F1 needs at least one positive sample")
     precision = tps / np.maximum(tps + fps, 1)
@@ -59,7 +66,7 @@ def f1_max(y_true, y_score) -> tuple[float, float]:
     return float(f1[best]), float(thr[best])
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
+def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, order: np.ndarray | None = None) -> float:
     """Area under the per-region-overlap curve up to ``max_fpr``, divided by ``max_fpr``.
 
     ``masks`` (N, H, W) binary ground truth, ``maps`` (N, H, W) anomaly scores. Regions are the
@@ -87,7 +94,7 @@ def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
     # every anomalous pixel adds 1/(n_regions * |its region|) to the mean PRO when it is exceeded
     pro_weight = np.where(flat_labels > 0, 1.0 / (n_regions * region_sizes[flat_labels]), 0.0)
     normal = (flat_labels == 0).astype(np.float64) / n_normal
-    order = np.argsort(maps.ravel(), kind="mergesort")[::-1]
+    order = descending_order(maps) if order is None else order
     scores = maps.ravel()[order]
     last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
     pro = np.r_[0.0, np.cumsum(pro_weight[order])[last_of_tie]]
@@ -110,7 +117,8 @@ def evaluate_scores(labels, scores, masks=None, maps=None) -> dict[str, float]:
         out["image_auroc"] = auroc(labels, scores)
         out["image_f1_max"], out["image_f1_threshold"] = f1_max(labels, scores)
     if masks is not None and maps is not None and np.asarray(masks).any():
-        out["pixel_auroc"] = auroc(masks, maps)
-        out["pixel_f1_max"], _ = f1_max(masks, maps)
-        out["aupro"] = aupro(masks, maps)
+        order = descending_order(maps)  # one sort of all pixels for the three pixel metrics
+        out["pixel_auroc"] = auroc(masks, maps, order)
+        out["pixel_f1_max"], _ = f1_max(masks, maps, order)
+        out["aupro"] = aupro(masks, maps, order=order)
     return out
