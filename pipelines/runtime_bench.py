@@ -7,8 +7,9 @@ Per dataset: one SubspaceAD fit (1 shot, seed 0, the benchmark's dataset setting
 openvino, ``threads`` each). Accuracy: image and pixel AUROC of each runtime on the full test set, and the
 largest relative score difference to torch. Speed: ``--n-images`` decoded test images scored with
 ``AnomalyDetector.predict`` (PIL in, scores + maps out: resize, normalise, backbone, head, smoothing;
-no PNG decode) at batch 1 and 8, and the backbone alone (``backbone.extract``, including resize and
-normalise) on the same images. The variants are interleaved in ``--rounds`` rounds (rotating order) and
+no PNG decode) at batch 1 and 8, and the backbone alone (``AnomalyDetector.extract`` on the same chunks
+as ``predict``, including resize and normalise: torch one image per pass on the CPU, an exported backbone
+up to its ``cpu_batch``) on the same images. The variants are interleaved in ``--rounds`` rounds (rotating order) and
 each figure is the median over rounds, so load from other processes hits all of them alike.
 Writes runtime_bench.md / .json to --out; --update-readme rewrites the README table between markers.
 """
@@ -66,7 +67,7 @@ def bench_dataset(dataset: str, args, tmp: Path) -> list[dict]:
     for det in dets.values():  # warm-up: first calls allocate and pick kernels
         det.batch_size = 8
         det.predict(images[:8])
-        det.backbone.extract(images[:1], 1)
+        det.extract(images[:1])
     times: dict[tuple, list[float]] = {}
     order = list(RUNTIMES)
     for r in range(args.rounds):
@@ -76,8 +77,8 @@ def bench_dataset(dataset: str, args, tmp: Path) -> list[dict]:
             for bs in (1, 8):
                 det.batch_size = bs
                 times.setdefault((rt, bs, "model"), []).append(_timed(lambda: det.predict(images)) / len(images))
-                times.setdefault((rt, bs, "backbone"), []).append(
-                    _timed(lambda: det.backbone.extract(images, bs)) / len(images))
+                times.setdefault((rt, bs, "backbone"), []).append(  # as predict runs it (det.backbone_batch)
+                    _timed(lambda: [det.extract(images[i:i + bs]) for i in range(0, len(images), bs)]) / len(images))
     rows = []
     for rt in RUNTIMES:
         m = evals[rt].metrics

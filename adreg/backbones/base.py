@@ -7,7 +7,6 @@ tensors, so any backbone works with any method.
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from adreg.errors import ConfigError
+from adreg.images import thread_map
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -98,10 +98,7 @@ class Backbone(torch.nn.Module, ABC):
         Several images are resized in parallel threads (PIL releases the GIL while resampling); the result
         does not depend on it."""
         s = self.image_size
-        resize = lambda img: img.resize((s, s), Image.BILINEAR)  # noqa: E731
-        if len(images) > 1:
-            return self.normalise(list(_resize_pool().map(resize, images)))
-        return self.normalise([resize(img) for img in images])
+        return self.normalise(thread_map(lambda img: img.resize((s, s), Image.BILINEAR), images))
 
     def normalise(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images of one size as a batch tensor scaled to [0, 1] and normalised with mean/std.
@@ -152,17 +149,6 @@ class Backbone(torch.nn.Module, ABC):
 
 #: images resized and normalised together by ``Backbone.extract`` (bounded memory: ~1.2 MiB each at 320 px)
 PREPROCESS_GROUP = 8
-_POOL = None
-
-
-def _resize_pool():
-    """A small process-wide thread pool for PIL resizing (created on first use)."""
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="adreg-resize")
-    return _POOL
 
 
 def resize_to_grid(maps: list[torch.Tensor], grid: tuple[int, int]) -> list[torch.Tensor]:
