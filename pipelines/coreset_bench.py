@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--knn-budgets", default="0,16384,4096", help="patches; 0 = the full bank")
-    p.add_argument("--rad-budgets", default="0,64,32", help="reference views; 0 = the full bank")
+    p.add_argument("--rad-budgets", default="0,256,64", help="reference views; 0 = the full bank")
     p.add_argument("--rad-timing", default="bottle", help="datasets to time RAD batching on")
     p.add_argument("--timing-images", type=int, default=16)
     p.add_argument("--max-test", type=int, default=0, help="score only this many test images, half good, half "
