@@ -103,3 +103,14 @@ def test_preprocess_is_exactly_resize_then_normalise(bottle_dir):
     for layer in range(len(one.patches)):
         assert torch.equal(one.patches[layer], torch.cat([s.patches[layer] for s in singles]))
         assert torch.allclose(three.patches[layer], one.patches[layer], atol=1e-4)
+
+
+def test_thread_map_keeps_order_raises_and_nests():
+    from adreg.images import thread_map
+
+    assert thread_map(lambda x: x * x, range(20)) == [x * x for x in range(20)]
+    # a call made from a pool thread runs inline, so nesting cannot exhaust the pool and deadlock
+    assert thread_map(lambda x: thread_map(lambda y: (x, y), [1, 2]), [7, 8, 9]) == [
+        [(x, 1), (x, 2)] for x in (7, 8, 9)]
+    with pytest.raises(ZeroDivisionError):
+        thread_map(lambda x: 1 / x, [1, 0, 2])

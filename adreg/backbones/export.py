@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -208,6 +209,7 @@ class ExportedBackbone(Backbone):
             self._queue = module.AsyncInferQueue(compiled, 2)
             self._queue.set_callback(self._collect)
             self._results: dict[int, list[np.ndarray]] = {}
+            self._lock = threading.Lock()  # one batch in flight per backbone (routers share backbones)
 
     def spec(self) -> dict:
         """The source torch backbone's spec: a detector saved from here rebuilds the same features."""
@@ -229,13 +231,16 @@ class ExportedBackbone(Backbone):
         if self.runtime == "onnxruntime":
             return self._session.run(None, {self._input: x})
         if len(x) == 1:
-            self._request.infer({0: x})
-            return [np.array(self._request.get_output_tensor(i).data, copy=True) for i in range(2 * self.n_layers)]
-        self._results = {}
-        for i in range(len(x)):
-            self._queue.start_async({0: x[i:i + 1]}, i)
-        self._queue.wait_all()
-        parts = [self._results.pop(i) for i in range(len(x))]
+            with self._lock:
+                self._request.infer({0: x})
+                return [np.array(self._request.get_output_tensor(i).data, copy=True)
+                        for i in range(2 * self.n_layers)]
+        with self._lock:
+            self._results = {}
+            for i in range(len(x)):
+                self._queue.start_async({0: x[i:i + 1]}, i)
+            self._queue.wait_all()
+            parts = [self._results.pop(i) for i in range(len(x))]
         return [np.concatenate([p[k] for p in parts]) for k in range(2 * self.n_layers)]
 
     def forward_features(self, x: torch.Tensor) -> Features:

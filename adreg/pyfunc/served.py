@@ -166,6 +166,7 @@ class ServedModelBase(mlflow.pyfunc.PythonModel):
         model_input = self._check_request(model_input, columns)
         rows = [{"score": None, "is_anomaly": None, "threshold": None, "anomaly_map": "", "error": "",
                  "model_name": "", "model_version": "", "model_alias": ""} for _ in range(len(model_input))]
+
         def decode(item):
             i, value = item
             try:
