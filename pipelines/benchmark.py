@@ -297,22 +297,35 @@ def write_readme_section(table: str, start: str, end: str, readme: Path | None =
         readme.write_text(pre + start + "\n" + table + end + rest.split(end, 1)[1])
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows as a CSV with the union of their keys as columns (sorted)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_results(out: Path, rows: list[dict], table: str, markers: tuple[str, str] | None,
+                  readme: Path | None = None) -> None:
+    """A benchmark's outputs: ``out``/results.csv (the rows), results.md (the table), the table printed, and
+    with ``markers`` (``--update-readme``) the README section between them replaced by the table."""
+    write_csv(out / "results.csv", rows)
+    (out / "results.md").write_text(table)
+    print("\n" + table)
+    if markers:
+        write_readme_section(table, *markers, readme)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = run(args)
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
     table = markdown(summarise(rows), args)
-    (out / "results.md").write_text(table)
-    print("\n" + table)
+    write_results(out, rows, table, (START, END) if args.update_readme else None)
     if args.log_mlflow:
         log_to_mlflow(rows)
-    if args.update_readme:
-        write_readme_section(table, START, END)
     return 0
 
 

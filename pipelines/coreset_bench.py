@@ -16,7 +16,6 @@ README block between the coreset-bench markers.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import shlex
@@ -37,7 +36,7 @@ from adreg.images import load_image
 from adreg.methods import build_method
 from adreg.metrics import evaluate_scores
 from adreg.postprocess import anomaly_maps, image_scores
-from pipelines.benchmark import _ints, dataset_args, score_features
+from pipelines.benchmark import _ints, dataset_args, score_features, write_results
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- coreset-bench:start -->", "<!-- coreset-bench:end -->"
@@ -224,17 +223,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for dataset in args.datasets.split(",") for r in run_dataset(args, dataset)]
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
-    table = markdown(rows, args)
-    (out / "results.md").write_text(table)
-    print("\n" + table)
-    if args.update_readme:
-        from pipelines.benchmark import write_readme_section
-
-        write_readme_section(table, START, END, README)
+    write_results(out, rows, markdown(rows, args), (START, END) if args.update_readme else None, README)
     return 0
 
 

@@ -45,7 +45,7 @@ from adreg.images import load_image
 from adreg.methods import build_method
 from adreg.metrics import evaluate_scores
 from adreg.thresholds import good_quantile
-from pipelines.benchmark import DATASET_SETTINGS, GENERIC_SETTINGS, score_features
+from pipelines.benchmark import DATASET_SETTINGS, GENERIC_SETTINGS, score_features, write_csv, write_results
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- growth:start -->", "<!-- growth:end -->"
@@ -136,14 +136,6 @@ def grow(name, params, batches, views, seed, backbone_ms, test, size, sigma, top
             f"{row['ms_per_image']:.1f} ms/img update {row['update_seconds']:.1f}s refit {row['refit_seconds']:.1f}s"
             + (f" held out {held} (defects caught {caught})" if guard is not None else ""))
     return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def parse_row(row: dict) -> dict:
@@ -317,18 +309,12 @@ def main(argv=None) -> int:
         rows = [parse_row(r) for f in args.from_csv.split(",") for r in csv.DictReader(open(f))]
     else:
         rows = run(args)
-    write_csv(out / "results.csv", rows)
     own = DATASET_SETTINGS.get(args.dataset, GENERIC_SETTINGS)
     note = (f"{args.dataset}; backbone {args.backbone}, blocks {args.layers or own['layers'] or 'default'}, "
             f"augment {args.augment or own['augment']} x{own['aug_count'] if args.aug_count is None else args.aug_count}, "
             f"image score top {args.top_fraction if args.top_fraction is not None else own['top_fraction']}")
-    table = markdown(summarise(rows), args, note)
-    (out / "results.md").write_text(table)
-    print("\n" + table)
-    if args.update_readme:
-        from pipelines.benchmark import write_readme_section
-
-        write_readme_section(table, START, END, README)
+    write_results(out, rows, markdown(summarise(rows), args, note), (START, END) if args.update_readme else None,
+                  README)
     return 0
 
 
