@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -27,11 +28,33 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x.squeeze(1)
 
 
+@functools.lru_cache(maxsize=16)
+def axis_operator(n_in: int, n_out: int, sigma: float) -> torch.Tensor:
+    """(n_out, n_in) float64 matrix of one axis of ``anomaly_maps``: bilinear upsampling (align_corners
+    False) followed by the Gaussian blur with reflect padding, both linear, so composed once per shape."""
+    eye = torch.eye(n_in, dtype=torch.float64).unsqueeze(1)
+    up = F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0, :].T  # (n_out, n_in)
+    if sigma <= 0:
+        return up
+    k = gaussian_kernel1d(sigma).double()
+    r = k.numel() // 2
+    basis = torch.eye(n_out, dtype=torch.float64).unsqueeze(1)
+    blur = F.conv1d(F.pad(basis, (r, r), mode="reflect"), k.view(1, 1, -1))[:, 0, :].T  # column i: blurred e_i
+    return blur @ up
+
+
 def anomaly_maps(patch_scores: torch.Tensor, size: int | tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
-    """Bilinear upsampling of (B, h, w) patch scores to ``size``, then Gaussian smoothing."""
+    """Bilinear upsampling of (B, h, w) patch scores to ``size``, then Gaussian smoothing.
+
+    Both steps are separable and linear, so each map is ``A_h @ scores @ A_w.T`` with one (size, h)
+    matrix per axis (``axis_operator``): the same maps as upsampling and blurring (``gaussian_blur``) up to
+    float32 rounding, at a fraction of the cost (no full-size intermediate)."""
     size = (size, size) if isinstance(size, int) else tuple(size)
-    up = F.interpolate(patch_scores.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False)
-    return gaussian_blur(up.squeeze(1), sigma)
+    h, w = patch_scores.shape[-2:]
+    x = patch_scores.float()
+    a_h = axis_operator(int(h), int(size[0]), float(sigma)).to(x.device, torch.float32)
+    a_w = axis_operator(int(w), int(size[1]), float(sigma)).to(x.device, torch.float32)
+    return torch.matmul(torch.matmul(a_h, x), a_w.T)
 
 
 def image_scores(maps: torch.Tensor, top_fraction: float = 0.01) -> torch.Tensor:

@@ -84,7 +84,7 @@ def test_hf_unreachable_hub_id_says_how_to_work_offline(monkeypatch):
 
 
 def test_preprocess_is_exactly_resize_then_normalise(bottle_dir):
-    """The lookup-table normalisation and the parallel resize give bit-identical inputs to the plain
+    """The batch normalisation and the parallel resize give bit-identical inputs to the plain
     (x / 255 - mean) / std of each resized image, in any mode and any batch grouping."""
     bb = build_backbone("efficientnet-lite0", image_size=96)
     paths = sorted((bottle_dir / "test").rglob("*.png"))[:: 17][:4]

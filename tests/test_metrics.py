@@ -85,3 +85,22 @@ def test_evaluate_scores_sorts_pixels_once_with_identical_results():
     assert got["pixel_auroc"] == auroc(masks, m64)
     assert got["pixel_f1_max"] == f1_max(masks, m64)[0]
     assert got["aupro"] == aupro(masks, m64)
+
+
+@pytest.mark.parametrize("grid,size,sigma", [((20, 20), (320, 320), 4.0), ((16, 24), (224, 300), 2.0),
+                                             ((40, 40), (320, 320), 0.0)])
+def test_anomaly_maps_equal_upsample_then_blur(grid, size, sigma):
+    """The composed per-axis operator gives the maps of bilinear upsampling followed by the reflect-padded
+    Gaussian blur (float32 rounding apart), for square and non-square grids and no smoothing."""
+    import torch
+    import torch.nn.functional as F
+
+    from adreg.postprocess import anomaly_maps, gaussian_blur
+
+    scores = torch.from_numpy(np.random.default_rng(0).gamma(2.0, 1.0, (3, *grid)).astype(np.float32))
+    up = F.interpolate(scores.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    want = gaussian_blur(up, sigma)
+    got = anomaly_maps(scores, size, sigma)
+    assert got.shape == want.shape == (3, *size)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    assert not torch.allclose(got, up) or sigma == 0  # the blur did something

@@ -103,24 +103,15 @@ class Backbone(torch.nn.Module, ABC):
     def normalise(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images of one size as a batch tensor scaled to [0, 1] and normalised with mean/std.
 
-        A per-channel lookup table of the 256 byte values, computed with the same float32 operations as
-        ``(x / 255 - mean) / std`` on the whole batch, so the values are bit-identical and the work is one
-        gather per channel."""
+        ``(x / 255 - mean) / std`` as three in-place float32 operations on the whole batch (one uint8 ->
+        float32 copy into channel-first order first): each is correctly rounded, so the values are the same
+        bit for bit as per-image arithmetic, and torch runs them on all threads."""
         arr = np.stack([np.asarray(img if img.mode == "RGB" else img.convert("RGB")) for img in images])
-        lut = self._lut()
-        out = np.empty((arr.shape[0], 3, arr.shape[1], arr.shape[2]), dtype=np.float32)
-        for c in range(3):
-            np.take(lut[c], arr[..., c], out=out[:, c])
-        return torch.from_numpy(out)
-
-    def _lut(self) -> np.ndarray:
-        key = (tuple(self.mean), tuple(self.std))
-        if getattr(self, "_lut_key", None) != key:
-            v = torch.arange(256, dtype=torch.float32).div_(255.0).view(1, 256)
-            mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1)
-            std = torch.tensor(self.std, dtype=torch.float32).view(3, 1)
-            self._lut_table, self._lut_key = ((v - mean) / std).numpy(), key
-        return self._lut_table
+        out = torch.empty((arr.shape[0], 3, arr.shape[1], arr.shape[2]), dtype=torch.float32)
+        out.copy_(torch.from_numpy(arr).permute(0, 3, 1, 2))
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return out.div_(255.0).sub_(mean).div_(std)
 
     @torch.inference_mode()
     def extract(self, images: Sequence[Image.Image], batch_size: int = 8,
