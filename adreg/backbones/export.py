@@ -192,6 +192,10 @@ class ExportedBackbone(Backbone):
                 opts.intra_op_num_threads = self.threads
                 opts.inter_op_num_threads = 1
             opts.execution_mode = module.ExecutionMode.ORT_SEQUENTIAL
+            # no busy-waiting between runs: spinning pool threads take the cores from the heads, the
+            # smoothing and the resize threads that run between backbone calls
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
             opts.graph_optimization_level = module.GraphOptimizationLevel.ORT_ENABLE_ALL
             self._session = module.InferenceSession(str(folder / ONNX_FILE), sess_options=opts,
                                                     providers=["CPUExecutionProvider"])
