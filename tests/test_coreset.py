@@ -70,3 +70,17 @@ def test_small_banks_are_kept_whole_and_budget_is_checked(patches):
     assert core.indices.tolist() == list(range(50)) and core.radius == 0.0
     with pytest.raises(ConfigError, match="budget"):
         greedy_coreset(patches, 0)
+
+
+@pytest.mark.parametrize("bank_rows,query_rows", [(3456, 700), (2048, 512), (100, 3000)])
+def test_max_cosine_tiles_equal_the_full_similarity_matrix(patches, bank_rows, query_rows):
+    """The CPU-tiled nearest-neighbour search gives each query's highest cosine over the whole bank, for
+    banks and query sets that are not multiples of the tile, in float32 and float16 banks."""
+    from adreg.methods.knn import max_cosine
+
+    bank = patches[:bank_rows]
+    queries = patches.flip(0)[:query_rows] + 0.01  # not in the bank as they are
+    queries = F.normalize(queries, dim=1)
+    want = (queries @ bank.T).max(1).values
+    torch.testing.assert_close(max_cosine(queries, bank), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(max_cosine(queries, bank.half()), want, rtol=0, atol=2e-3)

