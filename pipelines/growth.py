@@ -152,6 +152,16 @@ def parse_row(row: dict) -> dict:
     return out
 
 
+def merge_runs(runs: list[list[dict]]) -> list[dict]:
+    """Rows of several runs as one: a later run's row replaces an earlier one of the same method,
+    condition, seed and step (a re-measured method or seed overrides the old figures)."""
+    merged: dict[tuple, dict] = {}
+    for rows in runs:
+        for r in rows:
+            merged[(r["method"], r["condition"], r["seed"], r["step"])] = r
+    return list(merged.values())
+
+
 def run(args) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,7 +210,7 @@ def run(args) -> list[dict]:
         evalset = (test_feats, labels, masks)
         clean = [(order[:usable[0]], [False] * usable[0])]
         clean += [(order[a:b], [False] * (b - a)) for a, b in zip(usable, usable[1:])]
-        for name in args.methods.split(","):
+        for name in [m for m in args.methods.split(",") if m]:
             params = method_params.get(name, {})
             top = top_arg if top_arg is not None else build_method(name).default_top_fraction
             rows += grow(name, params, clean, views, seed, backbone_ms, evalset, size, args.sigma, top,
@@ -277,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="mtd", help="bundled category: mtd or bottle (or --data)")
     p.add_argument("--data", help="a category folder instead of the bundled one")
-    p.add_argument("--methods", default="rad,subspace,knn")
+    p.add_argument("--methods", default="rad,subspace,knn",
+                   help="methods that get the clean rows ('' = none: only the contamination rows)")
     p.add_argument("--method-params", default="{}", help='JSON per method, e.g. {"rad": {"bank_budget": 256}}')
     p.add_argument("--steps", default="8,16,32,64,128,256", help="goods after each step (first = the fit)")
     p.add_argument("--seeds", default="0,1,2")
@@ -297,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--out", default="bench-results/growth")
     p.add_argument("--update-readme", action="store_true")
-    p.add_argument("--from-csv", help="comma list of results/partial CSVs of earlier runs: no run, one table of them")
+    p.add_argument("--from-csv", help="comma list of results/partial CSVs of earlier runs: no run, one table of them (a later "
+                        "file's row replaces an earlier one of the same method, condition, seed and step)")
     return p
 
 
@@ -306,7 +318,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.from_csv:
-        rows = [parse_row(r) for f in args.from_csv.split(",") for r in csv.DictReader(open(f))]
+        rows = merge_runs([[parse_row(r) for r in csv.DictReader(open(f))] for f in args.from_csv.split(",")])
     else:
         rows = run(args)
     own = DATASET_SETTINGS.get(args.dataset, GENERIC_SETTINGS)

@@ -1,6 +1,8 @@
 """The benchmark pipeline as a CI smoke run (1 method, 1 seed, the real bottle test set) and its cache."""
 
 import csv
+
+import pytest
 import os
 import shutil
 
@@ -75,3 +77,20 @@ def test_cache_key_changes_with_backbone_file_and_derivation(tmp_path, monkeypat
     assert cache_key(b320, [img], {"kind": "test"}) != k
     _, hit = cached_features(b320, [img], lambda: [load_image(img)], {"kind": "test"})
     assert not hit
+
+
+def test_growth_tables_merge_runs_and_a_later_run_replaces_the_same_rows():
+    from pipelines.growth import merge_runs, summarise
+
+    def row(method, seed, step, auroc, condition="clean"):
+        return {"method": method, "condition": condition, "seed": seed, "step": step, "goods": 8 << step,
+                "image_auroc": auroc, "held_out": 0, "defects_caught": 0, "defects_added": 0}
+
+    old = [row("knn", 0, 0, 0.70), row("knn", 0, 1, 0.75), row("rad", 0, 0, 0.77)]
+    new = [row("knn", 0, 0, 0.71), row("knn", 1, 0, 0.73)]
+    merged = merge_runs([old, new])
+    assert len(merged) == 4
+    table = {(e["method"], e["goods"]): e for e in summarise(merged)}
+    assert table[("knn", 8)]["seeds"] == 2 and table[("knn", 8)]["image_auroc"][0] == pytest.approx(0.72)
+    assert table[("knn", 16)]["image_auroc"][0] == pytest.approx(0.75)
+    assert table[("rad", 8)]["seeds"] == 1
