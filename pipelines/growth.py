@@ -14,7 +14,8 @@ compare like with like whether or not the feature cache was hit.
 Contamination rows (``--contamination 0.05``): the same growth with 5% defective test images mixed into
 every batch of added goods (those images leave the test set of every condition of that seed), once
 taken in blindly and once through the contamination guard (the current model scores the batch; what
-it scores above its threshold, calibrated on the validation goods with the 0.99 quantile, is held out).
+it scores above its threshold, calibrated on the validation goods with the 0.99 quantile, is held out);
+``--guard-quantiles 0.99,0.9`` adds a guarded row per stricter quantile.
 
 Writes results.csv / results.md to --out and, with --update-readme, the README's growth table.
 """
@@ -229,7 +230,10 @@ def run(args) -> list[dict]:
             for name in [m for m in args.contamination_methods.split(",") if m]:
                 params = method_params.get(name, {})
                 top = top_arg if top_arg is not None else build_method(name).default_top_fraction
-                for cond, guard in (("5% defects", None), ("5% defects + guard", (cal_feats, 0.99))):
+                guards = [("5% defects", None)] + [
+                    ("5% defects + guard" + ("" if q == 0.99 else f" q{q:g}"), (cal_feats, q))
+                    for q in (float(x) for x in args.guard_quantiles.split(",") if x.strip())]
+                for cond, guard in guards:
                     cond = cond.replace("5%", f"{args.contamination:.0%}")
                     out = grow(name, params, dirty, views, seed, backbone_ms, evalset, size, args.sigma, top,
                                refit=False, guard=guard, condition=cond)
@@ -294,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--contamination", type=float, default=0.05, help="defective fraction mixed in (0 = no rows)")
     p.add_argument("--contamination-methods", default="rad", help="methods that get the contamination rows")
+    p.add_argument("--guard-quantiles", default="0.99",
+                   help="guard thresholds to compare: quantiles of the calibration goods' scores (0.99 = the "
+                        "threshold rule adreg update's guard uses; lower ones hold out more)")
     p.add_argument("--full-bank", default="knn", help="methods also run at the first step with bank_budget=0")
     p.add_argument("--no-refit", action="store_true", help="skip the full refits (no 'full refit s' column)")
     p.add_argument("--backbone", default="efficientnet-lite0")
