@@ -46,19 +46,27 @@ class CategoryData:
     root: Path | None = None  # the folder the data was resolved from
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
+def repo_root() -> Path | None:
+    """The source checkout adreg runs from (the folder holding its pyproject.toml), None when installed."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "adreg" / "__init__.py").is_file() else None
 
 
-def default_data_root() -> Path:
-    """Where the bundled real datasets live: ``$ADREG_DATA_ROOT`` or ``../shared/datasets``."""
+def default_data_root() -> Path | None:
+    """Where the bundled real datasets live: ``$ADREG_DATA_ROOT``; else, running from a checkout,
+    ``<checkout>/../shared/datasets``; else None (an installed package has no bundled data)."""
     env = os.environ.get("ADREG_DATA_ROOT")
-    return Path(env) if env else repo_root().parent / "shared" / "datasets"
+    if env:
+        return Path(env)
+    root = repo_root()
+    return None if root is None else root.parent / "shared" / "datasets"
 
 
 def default_category_dir(category: str) -> Path | None:
     """The bundled folder of ``category`` (MVTec ``mvtec_ad/<category>``, or ``mtd``), if there is one."""
     root = default_data_root()
+    if root is None:
+        return None
     candidate = root / "mvtec_ad" / category
     if (candidate / "train" / "good").is_dir():
         return candidate

@@ -1,12 +1,33 @@
-"""User-facing errors.
+"""Errors by type: what went wrong decides the class, the advice and the exit code.
 
-Everything a user can get wrong (paths, images, names, options) raises an ``AdregError`` with a
-message that says what is wrong and what to do; the CLI prints it without a traceback.
+Everything a user or the environment can get wrong raises an ``AdregError`` subclass whose message says
+what is wrong and what to do; the CLI prints it on one line (``--verbose`` adds the original cause, kept as
+``__cause__``) and exits with ``exit_code``:
+
+=====================  ====  =======================================================================
+class                  exit  when
+=====================  ====  =======================================================================
+``DataError``          2     a folder, image or mask that cannot be used as given
+``ConfigError``        2     an option value that makes no sense
+``BackboneError``      2     a backbone that cannot be built or loaded offline
+``NotFoundError``      2     an unknown category, version or alias (the message lists what exists)
+``StoreUnreachable``   2     the tracking / registry store cannot be reached or opened
+``ConflictError``      2     the store refused a write that collides with existing state
+``PermissionDenied``   1     the acting user lacks a permission (nothing was changed)
+``IntegrityError``     1     a model whose files do not match their recorded digest (refused)
+=====================  ====  =======================================================================
+
+A gate refusing a promotion is not an error: it is a result (``PromoteOutcome.promoted`` is False) and
+the CLI exits 1.
 """
+
+EXIT_DONE, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class AdregError(Exception):
     """Base class of errors caused by input or environment, not by a bug."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 class DataError(AdregError):
@@ -21,9 +42,33 @@ class BackboneError(AdregError):
     """A backbone that cannot be built or loaded (typically: weights not reachable offline)."""
 
 
+class ConfigError(AdregError):
+    """An option value that makes no sense."""
+
+
 class RegistryError(AdregError):
+    """Something about the model registry that cannot be done as asked (e.g. no earlier version)."""
+
+
+class NotFoundError(RegistryError):
     """An unknown category, alias or version in the model registry."""
 
 
-class ConfigError(AdregError):
-    """An option value that makes no sense."""
+class ConflictError(RegistryError):
+    """The store refused a write that collides with existing state."""
+
+
+class StoreUnreachable(AdregError):
+    """The tracking / registry store (server or database) cannot be reached or opened."""
+
+
+class PermissionDenied(AdregError):
+    """The acting user lacks the permission an action needs; nothing was changed."""
+
+    exit_code = EXIT_REFUSED  # a refusal, not bad input
+
+
+class IntegrityError(AdregError):
+    """A model whose artifacts do not match the digest recorded when it was logged; it is refused."""
+
+    exit_code = EXIT_REFUSED

@@ -1,13 +1,17 @@
-"""One fit of one category: data -> shots -> detector -> threshold -> evaluation.
+"""The model work of a fit and of an update, in one place: data -> shots -> detector -> grow -> threshold ->
+evaluation.
 
-Pure computation, no MLflow: ``adreg.registry.tracking`` logs what this returns. Keeping them apart lets the
-benchmark fit many models without logging each, and keeps this testable on its own.
+Pure computation, no MLflow: ``adreg.registry.tracking`` logs what ``fit_category`` returns, and
+``adreg.registry.update`` resolves and downloads a parent, then hands it to ``grow_detector``. Keeping them
+apart lets the benchmarks fit many models through the same code without logging each, and keeps this
+testable on its own. Every result carries the calibration images with the scores they got
+(``calibration``), so nothing is scored twice to be logged.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,16 +24,10 @@ from adreg.errors import ConfigError, DataError
 from adreg.evaluation import EvalResult, evaluate, score_samples
 from adreg.images import load_image
 from adreg.methods import build_method
+from adreg.names import ROUTER, check_category
 from adreg.thresholds import calibrate
 
 log = logging.getLogger(__name__)
-CATEGORY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-
-
-def check_category(category: str) -> str:
-    if not CATEGORY_RE.match(category or ""):
-        raise ConfigError(f"category {category!r} must be 1-63 letters, digits, '_', '-' or '.', starting alphanumeric")
-    return category
 
 
 @dataclass
@@ -72,6 +70,7 @@ class FitResult:
     shots: list[Path]
     calibration_source: str
     evaluation: EvalResult | None
+    calibration: list[dict] = field(default_factory=list)  # path, label, score (+ origin) of each calibration image
 
     def metrics(self) -> dict[str, float]:
         out = {k: float(v) for k, v in self.detector.fit_info.items() if isinstance(v, (int, float))}
@@ -93,18 +92,23 @@ def load_category_data(opts: FitOptions) -> CategoryData:
     return resolve_dataset(train_dir, opts.val_dir, opts.test_dir)
 
 
-def fit_category(opts: FitOptions, show_progress: bool = True) -> FitResult:
-    """Fit, calibrate and (when a test set exists) evaluate one detector."""
+def fit_category(opts: FitOptions, show_progress: bool = True, backbone=None) -> FitResult:
+    """Fit, calibrate and (when a test set exists) evaluate one detector.
+
+    ``backbone``: an already built backbone to use instead of building ``opts.backbone`` (the benchmarks
+    pass one with a feature cache below it; it must match ``opts``' backbone, layers and image size)."""
     check_category(opts.category)
-    if opts.category == "router":
+    if opts.category == ROUTER:
         raise ConfigError("'router' is reserved for the multi-category router model; choose another category name")
     device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
     data = load_category_data(opts)
     holdout = 0 if data.val else opts.holdout
     shots, held_out = split_shots(data.train, opts.k_shot, opts.seed, holdout)
-    backbone = build_backbone(opts.backbone, layers=opts.layers, image_size=opts.image_size,
-                              precision=opts.precision).to(device)
+    if backbone is None:
+        backbone = build_backbone(opts.backbone, layers=opts.layers, image_size=opts.image_size,
+                                  precision=opts.precision)
+    backbone = backbone.to(device)
     method = build_method(opts.method, **opts.method_params)
     opts.method_params = method.get_params()  # record the defaults too
     if opts.top_fraction is None:
@@ -122,18 +126,102 @@ def fit_category(opts: FitOptions, show_progress: bool = True) -> FitResult:
     if data.val:
         source = "validation folder"
         scores, _, _ = score_samples(detector, data.val, show_progress)
-        good = [s for s, x in zip(scores, data.val) if x.label == 0]
-        bad = [s for s, x in zip(scores, data.val) if x.label == 1]
+        calibration = [{"path": str(x.path), "label": int(x.label), "score": float(s)} for s, x in zip(scores, data.val)]
     elif held_out:
         source = f"{len(held_out)} held-out good training images"
-        good = detector.predict([load_image(p) for p in held_out], show_progress=show_progress).scores
-        bad = []
+        scores = detector.predict([load_image(p) for p in held_out], show_progress=show_progress).scores
+        calibration = [{"path": str(p), "label": 0, "score": float(s)} for p, s in zip(held_out, scores)]
     else:
         raise DataError(f"no validation images: all {len(data.train)} training images are shots; "
                         "give --val-dir, or use a smaller --k-shot so some good images can be held out")
+    good = [c["score"] for c in calibration if c["label"] == 0]
+    bad = [c["score"] for c in calibration if c["label"] == 1]
     detector.threshold = calibrate(good, bad, q=opts.threshold_quantile)
     detector.threshold.details["source"] = source
     evaluation = None
     if data.test:
         evaluation = evaluate(detector, data.test, detector.threshold.value, show_progress)
-    return FitResult(opts, detector, data, shots, source, evaluation)
+    return FitResult(opts, detector, data, shots, source, evaluation, calibration)
+
+
+# -- growing a fitted detector (adreg update) ---------------------------------------------------------------
+@dataclass
+class GrowResult:
+    """What ``grow_detector`` did to a detector: the indices (into the images it was given) it learned from
+    and calibrated on, the suspects it held out, the method's report, the new calibration and evaluation."""
+
+    train_index: list[int]
+    calibration_index: list[int]
+    suspects: list[dict]          # path, score under the parent
+    parent_threshold: float
+    method_report: dict
+    calibration: list[dict]       # path, label, score, origin
+    calibration_source: str
+    threshold_quantile: float
+    evaluation: EvalResult | None
+
+
+def grow_detector(detector: AnomalyDetector, images: list, paths: list[Path], *, include_suspects: bool = False,
+                  holdout: int = 20, min_calibration: int = 20, seed: int = 0,
+                  parent_calibration: list[dict] = (), parent_label: str = "the parent",
+                  threshold_quantile: float = 0.99, eval_samples: list | None = None,
+                  show_progress: bool = True) -> GrowResult:
+    """Grow a fitted, calibrated ``detector`` (in place) with new good ``images`` (decoded, ``paths`` beside).
+
+    * contamination guard: images the detector itself scores above its threshold are suspects, held out
+      unless ``include_suspects``;
+    * of the accepted images, ``holdout`` (at most half) are held out, the rest are learned from
+      (``AnomalyDetector.update``);
+    * the threshold is recalibrated by the detector's own rule on the held-out new goods, plus the parent's
+      calibration images (``parent_calibration``: path, label; those on this machine and not learned from)
+      when fewer than ``min_calibration`` new ones are held out or the rule needs defects (f1_optimal);
+    * ``eval_samples`` (the parent's evaluation set) evaluate the grown detector.
+    Raises ``DataError`` when nothing is left to learn from or to calibrate on."""
+    if detector.threshold is None:
+        raise ConfigError("the detector has no calibrated threshold; refit it")
+    parent_threshold = float(detector.threshold.value)
+    parent_scores = detector.predict(images, show_progress=show_progress).scores
+    suspects = [{"path": str(p), "score": float(s)} for p, s in zip(paths, parent_scores) if s > parent_threshold]
+    keep = [i for i, s in enumerate(parent_scores) if include_suspects or s <= parent_threshold]
+    if not keep:
+        raise DataError(f"all {len(images)} new image(s) score above {parent_label}'s threshold "
+                        f"{parent_threshold:.4g} (suspected defects); check them, or pass --include-suspects "
+                        "to take them in; nothing registered")
+    order = list(keep)
+    random.Random(seed).shuffle(order)
+    n_cal = min(max(holdout, 0), len(order) // 2)
+    cal_idx, train_idx = sorted(order[:n_cal]), sorted(order[n_cal:])
+    method_report = detector.update([images[i] for i in train_idx], show_progress=show_progress)
+
+    q = float(detector.threshold.details.get("q") or threshold_quantile)
+    calibration: list[dict] = []
+    if cal_idx:
+        scores = detector.predict([images[i] for i in cal_idx], show_progress=show_progress).scores
+        calibration = [{"path": str(paths[i]), "label": 0, "score": float(s), "origin": "held-out new good"}
+                       for i, s in zip(cal_idx, scores)]
+    n_new_cal = len(calibration)
+    rule = detector.threshold.rule
+    used_parent = 0
+    if n_new_cal < min_calibration or rule == "f1_optimal":
+        learned = {str(paths[i]) for i in train_idx}
+        refs = [r for r in parent_calibration if r["path"] not in learned and Path(r["path"]).is_file()
+                and (rule == "f1_optimal" or int(r["label"]) == 0)]
+        if refs:
+            scores = detector.predict([load_image(r["path"]) for r in refs], show_progress=show_progress).scores
+            calibration += [{"path": r["path"], "label": int(r["label"]), "score": float(s),
+                             "origin": f"{parent_label} calibration"} for r, s in zip(refs, scores)]
+            used_parent = len(refs)
+    good = [c["score"] for c in calibration if c["label"] == 0]
+    bad = [c["score"] for c in calibration if c["label"] == 1]
+    if not good:
+        raise DataError(f"no good images left to recalibrate the threshold on ({parent_label}'s calibration "
+                        "images are not on this machine and too few new ones were given); add more good images")
+    detector.threshold = calibrate(good, bad if rule == "f1_optimal" else None, q=q)
+    parts = [f"{n_new_cal} held-out new good images"] if n_new_cal else []
+    if used_parent:
+        parts.append(f"{used_parent} of {parent_label}'s calibration images")
+    source = " + ".join(parts)
+    detector.threshold.details["source"] = source
+    evaluation = evaluate(detector, eval_samples, detector.threshold.value, show_progress) if eval_samples else None
+    return GrowResult(train_idx, cal_idx, suspects, parent_threshold, method_report, calibration, source, q,
+                      evaluation)

@@ -13,20 +13,18 @@ import hashlib
 import json
 from pathlib import Path
 
-from adreg.errors import AdregError
+from adreg.errors import IntegrityError
+
+__all__ = ["IntegrityError", "MANIFEST_FILE", "DIGEST_TAG", "sha256_file", "write_manifest", "has_manifest", "verify",
+           "manifest_digest"]
 
 MANIFEST_FILE = "integrity.json"
 DIGEST_TAG = "adreg.artifacts_sha256"
 _CHUNK = 1 << 20
 
 
-class IntegrityError(AdregError):
-    """A model artifact differs from what was hashed at fit: the model is refused, not loaded."""
-
-    exit_code = 1  # a refusal, not bad input
-
-
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (the one hash adreg uses for files: manifests, duplicates, labels)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):

@@ -6,10 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # the object API: no pyplot, no backend switch, no display needed
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -18,7 +15,8 @@ from adreg.metrics import auroc, roc_curve  # noqa: E402
 
 
 def roc_figure(labels, scores, title: str = ""):
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    fig = Figure(figsize=(4, 4), dpi=100)
+    ax = fig.subplots()
     fpr, tpr, _ = roc_curve(labels, scores)
     ax.plot(fpr, tpr, lw=2, label=f"AUROC {auroc(labels, scores):.4f}")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
@@ -31,7 +29,8 @@ def roc_figure(labels, scores, title: str = ""):
 
 def histogram_figure(labels, scores, threshold: float | None = None, title: str = ""):
     labels, scores = np.asarray(labels), np.asarray(scores)
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    fig = Figure(figsize=(5, 3.2), dpi=100)
+    ax = fig.subplots()
     bins = np.linspace(scores.min(), scores.max(), 30)
     ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label=f"good ({(labels == 0).sum()})", color="tab:green")
     ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label=f"defective ({(labels == 1).sum()})", color="tab:red")
@@ -57,7 +56,8 @@ def overlay_grid(samples: Sequence[Sample], maps: np.ndarray, scores, threshold:
                  indices: Sequence[int], masks: dict[int, np.ndarray] | None = None, cols: int = 4):
     """Each selected image with its map as a heat overlay (red = anomalous; scale fixed at 2x threshold)."""
     rows = int(np.ceil(len(indices) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), dpi=90, squeeze=False)
+    fig = Figure(figsize=(3 * cols, 3.2 * rows), dpi=90)
+    axes = fig.subplots(rows, cols, squeeze=False)
     vmax = 2 * threshold if threshold else float(np.max(maps[list(indices)]))
     for ax in axes.ravel():
         ax.axis("off")
@@ -91,6 +91,5 @@ def save_report(folder: str | Path, samples, scores, maps, threshold, masks: dic
                                                  pick_examples(samples, scores, n_examples), masks)))
     for name, fig in figures:
         fig.savefig(folder / name)
-        plt.close(fig)
         out.append(folder / name)
     return out

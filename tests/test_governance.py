@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from adreg import cli
+from adreg.registry.resolve import get_model
 from adreg.registry import governance, lifecycle, tracking, versions
 from adreg.registry.governance import PermissionDenied
 from serving.process import free_port, stop_process_group
@@ -103,11 +104,11 @@ def test_roles_production_is_for_managers_and_history_names_the_users(auth_serve
     code, out, err = _cli(capsys, "promote", "bottle", "--version", v, "--alias", "production")
     assert code == 1 and out == ""
     assert err.strip().count("\n") == 0 and "needs MANAGE permission on registered model adreg-bottle" in err
-    assert "production" not in versions._get_model("bottle").aliases
+    assert "production" not in get_model("bottle").aliases
     # ... and by the server itself when adreg is bypassed
     with pytest.raises(mlflow.exceptions.MlflowException, match="MANAGE"):
         mlflow.MlflowClient().set_registered_model_alias("adreg-bottle", "production", v)
-    assert "production" not in versions._get_model("bottle").aliases
+    assert "production" not in get_model("bottle").aliases
     with pytest.raises(PermissionDenied, match="needs MANAGE"):
         lifecycle.rollback("bottle")
     assert versions.history("bottle") == []  # nothing changed, nothing recorded
@@ -139,7 +140,7 @@ def test_roles_production_is_for_managers_and_history_names_the_users(auth_serve
     assert code == 0, err
     result = json.loads(out)
     assert result["promoted"] and result["by"] == "manager" and result["gate"]["gate_passed"]
-    assert str(versions._get_model("bottle").aliases["production"]) == v  # str on a server, int on sqlite
+    assert str(get_model("bottle").aliases["production"]) == v  # str on a server, int on sqlite
 
     # the history names both users as authenticated identities, in order; --json parses
     code, out, err = _cli(capsys, "history", "bottle", "--json")

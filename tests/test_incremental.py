@@ -90,19 +90,6 @@ def test_detector_update_equals_refit_and_records_counts(real, tmp_path):
         grown.update([], show_progress=False)
 
 
-def test_old_subspace_state_scores_but_refuses_to_update(real, tmp_path):
-    """A model saved before incremental updates (no statistics in its state, no new params) still loads
-    and scores the same; updating it is a clear error that says to refit."""
-    det = AnomalyDetector(real["backbone"], build_method("subspace"), augment="none").fit(real["goods"][:2],
-                                                                                        show_progress=False)
-    folder = det.save(tmp_path / "old", bundle_backbone=False)
-    state = load_file(str(folder / STATE_FILE))
-    save_file({k: v for k, v in state.items() if not k.startswith("stat_")}, str(folder / STATE_FILE))
-    old = AnomalyDetector.load(folder, device="cpu")
-    np.testing.assert_allclose(old.predict(real["tests"]).scores, det.predict(real["tests"]).scores, rtol=1e-6)
-    with pytest.raises(ConfigError, match="predates incremental updates"):
-        old.update(real["goods"][2:3], show_progress=False)
-
 
 @pytest.mark.parametrize("name", ["knn", "rad"])
 def test_old_bank_models_load_with_default_params(real, tmp_path, name):

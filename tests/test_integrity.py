@@ -10,6 +10,7 @@ import pytest
 
 from adreg import cli, integrity
 from adreg.integrity import IntegrityError
+from adreg.registry.resolve import get_model
 from adreg.registry import lifecycle, tracking, versions
 
 
@@ -75,7 +76,7 @@ def test_edited_artifact_in_the_store_is_refused_with_the_file_named(tampered_st
     assert "config.json" in json.loads(out)["error"]
     with pytest.raises(IntegrityError, match="config.json was modified"):
         lifecycle.promote_gated("bottle", version, "staging")  # the gate refuses to evaluate it
-    assert "staging" not in versions._get_model("bottle").aliases
+    assert "staging" not in get_model("bottle").aliases
 
     # rewriting the manifest to match does not help: the version's digest tag no longer matches
     integrity.write_manifest(folder)

@@ -13,6 +13,7 @@ import mlflow
 import pytest
 
 from adreg.errors import RegistryError
+from adreg.registry.resolve import get_model
 from adreg.registry import lifecycle, tracking, versions
 from adreg.registry.lifecycle import GatePolicy
 
@@ -63,7 +64,7 @@ def test_gate_refuses_regression_force_is_recorded_and_rollback_walks_back(store
     assert promo is not None and report.baseline_version == v1 and report.candidate["aupro"] > report.baseline["aupro"]
     promo, report = lifecycle.promote_gated("bottle", v3, "production", POLICY)
     assert promo is None and any("aupro" in f and "regresses" in f for f in report.failures)
-    assert versions._get_model("bottle").aliases["production"] == int(v2)
+    assert get_model("bottle").aliases["production"] == int(v2)
     promo, report = lifecycle.promote_gated("bottle", v3, "production", POLICY, force=True, reason="hotfix")
     assert promo is not None and not report.passed
     tags = mlflow.MlflowClient().get_model_version("adreg-bottle", v3).tags
@@ -79,7 +80,7 @@ def test_gate_refuses_regression_force_is_recorded_and_rollback_walks_back(store
     actions = [(e["action"], e["version"]) for e in versions.history("bottle")]
     assert actions == [("promote", v1), ("promote", v2), ("refused", v3), ("force", v3),
                        ("rollback", v2), ("rollback", v1)]
-    rows = lifecycle.history_rows("bottle")
+    rows = lifecycle.history_rows(versions.history("bottle"))
     assert rows[1]["reason"] == "better pixels" and rows[2]["gate"].startswith("FAILED")
 
 
@@ -165,15 +166,9 @@ for i in range(int(sys.argv[3])):
 
 
 def test_concurrent_promotions_from_two_processes_lose_no_event(tracking_uri, two_fits, monkeypatch):
-    """Two writers promote at once: every event is a run of its own, all found, in order; events of the
-    older tag format are merged in; rollback's replay still works on the merged history."""
-    import json as _json
-
+    """Two writers promote at once: every event is a run of its own, all found, in order; rollback's replay
+    works on that history."""
     v1, v2 = _register(two_fits["subspace"]), _register(two_fits["subspace"])
-    legacy = {"at": "2000-01-01T00:00:00.000+00:00", "by": "old-tool", "action": "promote", "alias": "staging",
-              "version": v1, "previous": None, "reason": "from the tag era"}
-    mlflow.MlflowClient().set_registered_model_tag("adreg-bottle", "adreg.history.0946684800000.abcdef",
-                                                   _json.dumps(legacy))
     n = 6
     procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_PROMOTE, tracking_uri, f"{v1},{v2}", str(n)],
                               env=dict(os.environ, ADREG_USER=user), stdout=subprocess.PIPE,
@@ -181,15 +176,14 @@ def test_concurrent_promotions_from_two_processes_lose_no_event(tracking_uri, tw
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
     events = versions.history("bottle")
-    assert events[0]["by"] == "old-tool" and events[0]["identity"] == "label (legacy tag)"
-    reasons = sorted(e["reason"] for e in events[1:])
+    reasons = sorted(e["reason"] for e in events)
     assert reasons == sorted(f"{u} #{i}" for u in ("qe-anna", "qe-ben") for i in range(n))
-    assert all(e["identity"] == "label ($ADREG_USER)" for e in events[1:])
+    assert all(e["identity"] == "label ($ADREG_USER)" for e in events)
     assert [e["at"] for e in events] == sorted(e["at"] for e in events)
     runs = mlflow.search_runs(experiment_names=["adreg-bottle/lifecycle"], output_format="list")
     assert len(runs) == 2 * n  # one run per event, in the lifecycle experiment
-    model = versions._get_model("bottle")
-    assert not [k for k in model.tags if k.startswith("adreg.history.") and "abcdef" not in k]  # no new tag events
+    model = get_model("bottle")
+    assert not [k for k in model.tags if k.startswith("adreg.history.")]  # events are runs, not model tags
     current = str(model.aliases["staging"])
     assert lifecycle.production_stack(events, "staging")[-1] == current
 

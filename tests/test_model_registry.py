@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adreg.errors import RegistryError
+from adreg.errors import ConfigError, NotFoundError, RegistryError
 from adreg.images import file_to_b64, load_image
 from adreg.registry import versions
 
@@ -58,14 +58,14 @@ def test_pyfunc_rows_errors_and_maps(use_registered, bottle_dir):
     assert out.loc[0, "anomaly_map"] and out.loc[1, "anomaly_map"] == ""
 
 
-def test_registry_errors_are_clear(use_registered):
-    with pytest.raises(RegistryError, match="unknown category 'screw'.*bottle"):
+def test_registry_errors_are_clear_and_typed(use_registered):
+    with pytest.raises(NotFoundError, match="unknown category 'screw'.*bottle"):
         versions.model_uri("screw")
-    with pytest.raises(RegistryError, match="no alias 'staging'.*production -> v"):
+    with pytest.raises(NotFoundError, match="no alias 'staging'.*production -> v"):
         versions.model_uri("bottle", "staging")
-    with pytest.raises(RegistryError, match="no version 99"):
+    with pytest.raises(NotFoundError, match="no version 99"):
         versions.promote("bottle", 99, "staging")
-    with pytest.raises(RegistryError, match="alias"):
+    with pytest.raises(ConfigError, match="alias"):
         versions.promote("bottle", use_registered["version"], "Bad Alias!")
 
 

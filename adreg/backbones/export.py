@@ -279,8 +279,6 @@ def resolve_runtime(detector_dir: str | Path, runtime: str | None, device: str |
         runtime = "torch"  # on a GPU an exported version runs its torch backbone there
     if int(threads or 0) < 0:
         raise ConfigError(f"threads must be 0 (runtime default) or a positive count, got {threads}")
-    if int(threads or 0) > 0:
-        torch.set_num_threads(int(threads))
     if runtime == "torch":
         return runtime, device or "auto"
     if str(device or "auto").lower() not in ("auto", "cpu"):

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from adreg.errors import ConfigError, DataError
 from adreg.images import IMAGE_EXTENSIONS
+from adreg.registry.resolve import ModelRef, resolve
 
 # One row per image. ``score``/``is_anomaly`` are null when ``error`` is set; ``error`` is null when the
 # row was scored; ``model_alias`` is null when a version number was asked for.
@@ -42,19 +43,6 @@ SCHEMA = pa.schema([
 ])
 COLUMNS = [f.name for f in SCHEMA]
 _ROW_PREFIX = re.compile(r"^row \d+: ")  # the served model labels errors by row; our rows carry the path
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A registered model pinned to one version for the whole job."""
-
-    name: str
-    version: str
-    alias: str | None
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
 
 
 @dataclass
@@ -79,17 +67,8 @@ def progress_enabled() -> bool:
 
 
 def resolve_model(category: str, alias: str | None = "production", version=None) -> ModelRef:
-    """Check the category and alias/version in the registry (RegistryError, one line) and pin the version."""
-    import mlflow
-
-    from adreg.registry import versions
-
-    versions.model_uri(category, alias, version)  # raises the usual one-line RegistryError
-    name = versions.model_name(category)
-    if version is not None:
-        return ModelRef(name, str(int(version)), None)
-    mv = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
-    return ModelRef(name, str(mv.version), alias)
+    """Pin the job to one version (``adreg.registry.resolve.resolve``: one-line NotFoundError)."""
+    return resolve(category, version, alias)
 
 
 def _is_image(name: str) -> bool:
@@ -183,6 +162,40 @@ def _read_b64(path: str) -> tuple[str, str | None]:
         return "", f"cannot read file: {exc.strerror or exc}"
 
 
+def load_scoring_model(ref: ModelRef, device: str = "auto", return_map: bool = False):
+    """The served pyfunc model of a pinned version, loaded in-process (the same model ``adreg serve`` runs)."""
+    import mlflow
+
+    return mlflow.pyfunc.load_model(ref.uri, model_config={"device": device, "return_map": bool(return_map)})
+
+
+def iter_scores(loaded, ref: ModelRef, paths: list[str], batch_size: int = 16, save_maps: str | None = None):
+    """Score image files with a loaded model, ``batch_size`` at a time; yields each batch's rows (``SCHEMA``
+    columns, plus ``map`` where a map was written into ``save_maps``). A file that cannot be read or decoded
+    gets its own ``error`` and does not fail the others."""
+    import pandas as pd
+
+    for lo in range(0, len(paths), batch_size):
+        batch = paths[lo:lo + batch_size]
+        payload, read_errors = zip(*(_read_b64(p) for p in batch))
+        out = loaded.predict(pd.DataFrame({"image": list(payload)}))
+        rows = []
+        for i, (path, rec) in enumerate(zip(batch, out.to_dict("records"))):
+            error = read_errors[i] or (_ROW_PREFIX.sub("", rec["error"]) if rec.get("error") else None)
+            scored = error is None and rec.get("score") is not None
+            row = {"path": path, "score": float(rec["score"]) if scored else None,
+                   "is_anomaly": bool(rec["is_anomaly"]) if scored else None,
+                   "threshold": None if rec.get("threshold") is None else float(rec["threshold"]),
+                   "model_name": ref.name, "model_version": ref.version, "model_alias": ref.alias, "error": error}
+            if save_maps and scored and rec.get("anomaly_map"):
+                target = map_file(save_maps, path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(base64.b64decode(rec["anomaly_map"]))
+                row["map"] = str(target)
+            rows.append(row)
+        yield rows
+
+
 def score_images(category: str, inputs: list[str], output: str, alias: str | None = "production",
                  version=None, batch_size: int = 16, save_maps: str | None = None, resume: bool = False,
                  device: str = "auto", flush_rows: int = 256, show_progress: bool = True,
@@ -192,9 +205,6 @@ def score_images(category: str, inputs: list[str], output: str, alias: str | Non
     Checks everything a user can get wrong (category, alias/version, inputs, output) before the model
     is loaded. Returns counts; ``output_failed`` > 0 means some rows carry an error.
     """
-    import mlflow
-    import pandas as pd
-
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     ref = model or resolve_model(category, alias, version)
@@ -205,7 +215,7 @@ def score_images(category: str, inputs: list[str], output: str, alias: str | Non
     result = BatchResult(output=output, model=ref, skipped=len(paths) - len(todo))
     start = time.perf_counter()
     if todo:
-        loaded = mlflow.pyfunc.load_model(ref.uri, model_config={"device": device, "return_map": bool(save_maps)})
+        loaded = load_scoring_model(ref, device, bool(save_maps))
         writer = _PartWriter(output, max(flush_rows, batch_size))
         bar = None
         if show_progress and progress_enabled():
@@ -213,23 +223,7 @@ def score_images(category: str, inputs: list[str], output: str, alias: str | Non
 
             bar = tqdm(total=len(todo), desc=f"scoring ({ref.name} v{ref.version})", unit="img")
         try:
-            for lo in range(0, len(todo), batch_size):
-                batch = todo[lo:lo + batch_size]
-                payload, read_errors = zip(*(_read_b64(p) for p in batch))
-                out = loaded.predict(pd.DataFrame({"image": list(payload)}))
-                rows = []
-                for i, (path, rec) in enumerate(zip(batch, out.to_dict("records"))):
-                    error = read_errors[i] or (_ROW_PREFIX.sub("", rec["error"]) if rec.get("error") else None)
-                    scored = error is None and rec.get("score") is not None
-                    rows.append({"path": path, "score": float(rec["score"]) if scored else None,
-                                 "is_anomaly": bool(rec["is_anomaly"]) if scored else None,
-                                 "threshold": None if rec.get("threshold") is None else float(rec["threshold"]),
-                                 "model_name": ref.name, "model_version": ref.version, "model_alias": ref.alias,
-                                 "error": error})
-                    if save_maps and scored and rec.get("anomaly_map"):
-                        target = map_file(save_maps, path)
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(base64.b64decode(rec["anomaly_map"]))
+            for rows in iter_scores(loaded, ref, todo, batch_size, save_maps):
                 writer.add(rows)
                 result.scored += len(rows)
                 result.failed += sum(r["error"] is not None for r in rows)

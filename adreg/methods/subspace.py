@@ -93,9 +93,6 @@ class SubspaceAD(AnomalyMethod):
 
     def update(self, features: Features, progress=None, synthetic: Features | None = None) -> dict:
         self._check_updatable()
-        if self.stats is None:
-            raise ConfigError("this SubspaceAD model was saved by an adreg version that predates incremental "
-                              "updates (no PCA statistics in its state); refit it with 'adreg fit' instead")
         before_n, before_k = self.stats.n, int(self.components.shape[1])
         views, per_view = self._accumulate(self.stats, features, progress)
         self._solve()
@@ -119,22 +116,18 @@ class SubspaceAD(AnomalyMethod):
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         self._check_fitted()
-        state = {"mean": self.mean, "components": self.components, "eigenvalues": self.eigenvalues}
-        if self.stats is not None:
-            state.update({"stat_count": torch.tensor([float(self.stats.n)], dtype=torch.float64),
-                          "stat_sum": self.stats.sum, "stat_scatter": self.stats.outer})
-        return state
+        return {"mean": self.mean, "components": self.components, "eigenvalues": self.eigenvalues,
+                "stat_count": torch.tensor([float(self.stats.n)], dtype=torch.float64),
+                "stat_sum": self.stats.sum, "stat_scatter": self.stats.outer}
 
     def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
         self.mean = state["mean"].to(torch.float64)
         self.components = state["components"].to(torch.float64)
         self.eigenvalues = state["eigenvalues"].to(torch.float64)
-        self.stats = None  # states saved before incremental updates have no statistics: scoring only
-        if "stat_scatter" in state:
-            self.stats = StreamingCovariance(self.mean.numel())
-            self.stats.n = int(state["stat_count"].reshape(-1)[0].item())
-            self.stats.sum = state["stat_sum"].to(torch.float64).cpu()
-            self.stats.outer = state["stat_scatter"].to(torch.float64).cpu()
+        self.stats = StreamingCovariance(self.mean.numel())
+        self.stats.n = int(state["stat_count"].reshape(-1)[0].item())
+        self.stats.sum = state["stat_sum"].to(torch.float64).cpu()
+        self.stats.outer = state["stat_scatter"].to(torch.float64).cpu()
         self._fitted = True
 
     def to(self, device) -> "SubspaceAD":

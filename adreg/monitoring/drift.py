@@ -33,9 +33,10 @@ import numpy as np
 
 from adreg.errors import ConfigError, DataError, ImageDecodeError
 from adreg.images import load_image
-from adreg.registry import lifecycle, lineage, manifest, tracking, versions
-
-MONITORING_SUFFIX = "monitoring"
+from adreg import store
+from adreg.names import monitoring_experiment_name
+from adreg.registry import lineage, manifest
+from adreg.registry.resolve import load_detector, model_version, resolve
 
 
 @dataclass
@@ -116,9 +117,10 @@ def compare_scores(scores, reference, threshold: float, policy: DriftPolicy) -> 
 
 
 def histogram_figure(scores, reference, threshold: float, title: str):
-    from adreg.reports import plt  # the Agg backend is selected there
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
+    fig = Figure(figsize=(5.5, 3.4), dpi=100)
+    ax = fig.subplots()
     both = np.r_[scores, reference]
     bins = np.linspace(both.min(), both.max(), 30) if both.size and both.min() < both.max() else 10
     ax.hist(reference, bins=bins, alpha=0.6, density=True, color="tab:green",
@@ -155,15 +157,11 @@ def check_drift(category: str, folders: list[str] | str, alias: str | None = "pr
     policy = policy or DriftPolicy()
     policy.check()
     folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
-    if version is not None:
-        version, alias = versions._check_version(category, version), None
-    else:
-        versions.model_uri(category, alias)  # clear errors for unknown alias / deleted version
-        version = str(versions._get_model(category).aliases[alias])
-    name = versions.model_name(category)
-    mv = mlflow.MlflowClient().get_model_version(name, version)
-    detector = lifecycle.load_version_detector(category, version, device)
-    reference_doc = lineage.run_reference(mv.run_id, detector)
+    ref = resolve(category, version, alias)
+    version, alias, name = ref.version, ref.alias, ref.name
+    mv = model_version(ref)
+    reference_doc = lineage.run_reference(mv.run_id)
+    detector = load_detector(ref, device)
     reference = [r["score"] for r in reference_doc["images"] if r["label"] == 0]
     if len(reference) < 2:
         raise DataError(f"{name} version {version} has {len(reference)} reference good score(s); drift needs "
@@ -188,7 +186,7 @@ def log_drift(report: DriftReport, folders: list[str], policy: DriftPolicy, refe
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
 
-    exp = tracking.experiment_id(f"{report.category}-{MONITORING_SUFFIX}")
+    exp = store.experiment_id(monitoring_experiment_name(report.category))
     at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     with mlflow.start_run(experiment_id=exp, run_name=f"drift-{report.category}-v{report.version}-{at}") as run:
         mlflow.set_tags({"adreg.category": report.category, "adreg.monitoring": "drift",
@@ -216,12 +214,9 @@ def log_drift(report: DriftReport, folders: list[str], policy: DriftPolicy, refe
         writer.writerows(report.scores)
         mlflow.log_text(buf.getvalue(), "drift/scores.csv")
         with tempfile.TemporaryDirectory() as tmp:
-            import matplotlib.pyplot as plt
-
             fig = histogram_figure([s["score"] for s in report.scores], reference, report.threshold,
                                    f"{report.model_name} v{report.version}: {report.verdict}")
             fig.savefig(Path(tmp) / "histogram.png")
-            plt.close(fig)
             mlflow.log_artifact(str(Path(tmp) / "histogram.png"), "drift")
     client = mlflow.MlflowClient()
     client.set_model_version_tag(report.model_name, report.version, "adreg.drift.last",

@@ -27,6 +27,8 @@ from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 
+from adreg.names import category_of
+
 _log = logging.getLogger("adreg.capture")
 IMAGE_SUFFIXES = (".png", ".jpg")
 
@@ -115,7 +117,7 @@ class Capture:
             Image.open(io.BytesIO(raw)).save(buf, format="PNG")
             raw, suffix = buf.getvalue(), ".png"
         name = str(row.get("model_name") or "")
-        category = name[len("adreg-"):] if name.startswith("adreg-") else (name or "unknown")
+        category = category_of(name) or name or "unknown"
         verdict = "flagged" if row.get("is_anomaly") else "ok"
         folder = self.directory / category / verdict / at.strftime("%Y%m%d")
         folder.mkdir(parents=True, exist_ok=True)

@@ -34,15 +34,12 @@ from pathlib import Path
 
 import mlflow
 
+from adreg import store
 from adreg.errors import AdregError
+from adreg.names import model_name
+from adreg.reference import REFERENCE_DIR, REFERENCE_RTOL, read_reference
 
 _log = logging.getLogger("adreg.follow")
-
-REFERENCE_DIR = "reference"
-REFERENCE_FILE = "reference.json"
-REFERENCE_RTOL = 1e-2  # CPU/GPU and thread-count differences stay far below this; a wrong state does not
-REFERENCE_SIDE = 160   # reference images are stored small: enough to exercise backbone + head
-
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
@@ -80,56 +77,9 @@ class VerifyError(AdregError):
     """A version that loaded but does not reproduce its logged reference scores."""
 
 
-# -- reference images, written at fit time ---------------------------------------------------------
-def reference_paths(result, n_test: int = 2) -> list[Path]:
-    """A fit's reference images: its first shot and up to ``n_test`` test images (a good and a
-    defective one when there are both)."""
-    paths = [Path(p) for p in result.shots if Path(p).is_file()][:1]  # an update's parent shots may be elsewhere
-    test = [s for s in (getattr(result.data, "test", []) or []) if Path(s.path).is_file()]
-    good = [s for s in test if not s.label]
-    bad = [s for s in test if s.label]
-    for s in (good[:1] + bad[:1] + good[1:] + bad[1:])[:n_test]:
-        paths.append(Path(s.path))
-    return paths
-
-
-def write_reference(det, directory: Path, category: str, paths: list[Path]) -> None:
-    """Small copies of ``paths`` and the scores ``det`` gives them, into ``directory/reference``."""
-    from PIL import Image
-
-    from adreg.images import load_image
-
-    ref = Path(directory) / REFERENCE_DIR
-    ref.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i, path in enumerate(paths):
-        img = load_image(path)
-        img.thumbnail((REFERENCE_SIDE, REFERENCE_SIDE), Image.BILINEAR)
-        name = f"ref_{i}.png"
-        img.save(ref / name)
-        files.append(name)
-    # score the stored files (decoded again), so the check at serve time sees exactly these pixels
-    images = [load_image(ref / f) for f in files]
-    scores = det.predict(images).scores.tolist() if images else []
-    (ref / REFERENCE_FILE).write_text(json.dumps({
-        "category": category, "rtol": REFERENCE_RTOL,
-        "images": [{"file": f, "score": float(s), "source": str(p)} for f, s, p in zip(files, scores, paths)]},
-        indent=2))
-
-
-def read_reference(directory: Path) -> dict:
-    path = Path(directory) / REFERENCE_DIR / REFERENCE_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def verify(served: Served, run) -> None:
     """Raise ``VerifyError`` unless ``served`` reproduces its reference scores (``run`` executes on the
-    inference thread). A model logged before reference images existed must score a gray image finitely."""
-    from PIL import Image
-
+    inference thread)."""
     from adreg.images import load_image
 
     det = served.detector
@@ -138,10 +88,7 @@ def verify(served: Served, run) -> None:
     ref = read_reference(served.directory) if served.directory else {}
     entries = ref.get("images") or []
     if not entries:
-        score = float(run(det.predict, [Image.new("RGB", (64, 64), "gray")]).scores[0])
-        if not math.isfinite(score):
-            raise VerifyError("it scores a plain gray image as NaN/inf")
-        return
+        raise VerifyError("its detector folder holds no reference images to verify it against")
     images = [load_image(served.directory / REFERENCE_DIR / e["file"]) for e in entries]
     scores = run(det.predict, images).scores
     rtol = float(ref.get("rtol", REFERENCE_RTOL))
@@ -188,10 +135,8 @@ class Follower:
         self.cfg = cfg
         self.backbones = backbones
         self.run = run
+        # its own client: the process-wide tracking URI is left as it is
         uri = str(cfg.get("tracking_uri") or "") or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
-        if str(cfg.get("tracking_uri") or ""):
-            mlflow.set_tracking_uri(uri)
-            mlflow.set_registry_uri(uri)
         self.uri = uri
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in the server log
         self.client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -321,14 +266,7 @@ class Follower:
         mv = self.client.get_model_version(name, version)
         dst = self.root / f"{name}-v{version}-{secrets.token_hex(3)}"
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}",
-                                                             dst_path=str(dst)))
-            directory = local / "artifacts" / "detector"
-            if not (directory / "config.json").is_file():
-                found = next(local.rglob("detector/config.json"), None)
-                if found is None:
-                    raise AdregError(f"models:/{name}/{version} holds no adreg detector artifact")
-                directory = found.parent
+            directory = store.download_detector(name, version, dst, self.client)
             # a swapped-in version runs the backbone runtime it was exported for (the snapshot's logged
             # "runtime" config key belongs to the snapshot)
             served = load_served(directory, {**self.cfg, "runtime": ""}, self.backbones, name, version, alias)
@@ -386,5 +324,5 @@ def load_served(directory: Path, cfg: dict, backbones: dict, name: str = "", ver
         raise AdregError(f"the detector in {directory} has no threshold; it was not calibrated")
     if not name:
         category = read_reference(directory).get("category")
-        name = f"adreg-{category}" if category else ""
+        name = model_name(category) if category else ""
     return Served(det, name, str(version or ""), alias, directory)

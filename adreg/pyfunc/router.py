@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from adreg.names import model_name
 from adreg.pyfunc.follow import load_served
 from adreg.pyfunc.served import ServedModelBase
 
@@ -39,7 +40,7 @@ class CategoryRouterModel(ServedModelBase):
         alias = self.manifest.get("alias", "production") if follow else ""
         self.slots = {}
         for category, entry in self.manifest["categories"].items():
-            served = load_served(root / entry["dir"], cfg, self.backbones, f"adreg-{category}",
+            served = load_served(root / entry["dir"], cfg, self.backbones, model_name(category),
                                  str(entry.get("version", "")), alias or self.manifest.get("alias", ""))
             self.slots[category] = Slot(served.name, alias, served)
         self._start_services(list(self.slots.values()), self.backbones)
@@ -48,7 +49,7 @@ class CategoryRouterModel(ServedModelBase):
     def detectors(self) -> dict:
         return {c: s.current.detector for c, s in self.slots.items()}
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+    def _predict_frame(self, model_input) -> pd.DataFrame:
         frame, rows, images = self._decode_rows(model_input, (CATEGORY_COLUMN, "image"))
         categories = [str(c) for c in frame[CATEGORY_COLUMN].tolist()]
         served = {c: s.current for c, s in self.slots.items()}  # one read per request

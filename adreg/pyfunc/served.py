@@ -18,10 +18,16 @@ snapshot), ``registered_model``, ``model_version``, ``tracking_uri``, ``poll_sec
 ``runtime`` torch/onnxruntime/openvino (``adreg.backbones.export``; an exported version logs its own) and
 ``threads`` (CPU threads, 0 = leave as is).
 Map pixels are uint8 with 128 at the decision threshold (value = clip(128 * map / threshold, 0, 255)).
+
+The request bounds protect an HTTP server and apply where MLflow's scoring server loaded the model. A model
+loaded in-process (``mlflow.pyfunc.load_model(...).predict(frame)``: a notebook, MLflow's evaluate, Spark's
+batches) takes a frame of any length and scores it ``STREAM_ROWS`` rows at a time, so memory is bounded by
+the chunk, not by the frame.
 """
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,6 +71,8 @@ class BadRequest(MlflowException, AdregError):
 
 
 IMAGE_COLUMN = "image"
+STREAM_ROWS = 64  # rows decoded and scored at a time when the model is used in-process
+_SERVER_MODEL_PATH = "__pyfunc_model_path__"  # set by MLflow's scoring server in the process it serves from
 MODEL_COLUMNS = ["model_name", "model_version", "model_alias"]
 OUTPUT_COLUMNS = ["score", "is_anomaly", "threshold", "anomaly_map", "error", *MODEL_COLUMNS]
 DEFAULT_MODEL_CONFIG = {"device": "auto", "precision": "fp32", "return_map": False, "map_max_side": 512,
@@ -94,6 +102,14 @@ def encode_map(amap: np.ndarray, threshold: float, original_size: tuple[int, int
     return encode_png_b64(Image.fromarray(scaled).resize(size, Image.BILINEAR))
 
 
+def _renumber(error: str, offset: int) -> str:
+    """``row i: ...`` of a chunk as ``row offset+i: ...`` of the whole frame."""
+    if not error.startswith("row "):
+        return error
+    head, sep, rest = error[4:].partition(":")
+    return f"row {int(head) + offset}{sep}{rest}" if head.isdigit() else error
+
+
 def request_size(values) -> int:
     """Characters of image text in a request (what dominates its body), counted without decoding."""
     return sum(len(v) for v in values if isinstance(v, (str, bytes, bytearray)))
@@ -115,6 +131,11 @@ class ServedModelBase(mlflow.pyfunc.PythonModel):
         self.max_image_pixels = int(cfg["max_image_pixels"])
         self.max_request_chars = int(float(cfg["max_request_mib"]) * 2 ** 20)
         self.max_rows = int(cfg["max_rows"])
+        self.bounded = bool(os.environ.get(_SERVER_MODEL_PATH))  # inside MLflow's scoring server
+        if int(cfg.get("threads") or 0) > 0:  # asked for in the model config: the serving process's own choice
+            import torch
+
+            torch.set_num_threads(int(cfg["threads"]))
         # MLflow's server calls predict from a pool of threads. Inference runs on ONE dedicated thread:
         # that serialises it (the backbone and our batching are not re-entrant) and keeps torch/oneDNN's
         # per-thread kernel caches warm; a cold pool thread made the first requests of each batch
@@ -134,10 +155,11 @@ class ServedModelBase(mlflow.pyfunc.PythonModel):
         if str(cfg["capture_dir"]) and float(cfg["capture_rate"]) > 0:
             self.capture = capture.Capture(Path(str(cfg["capture_dir"])), float(cfg["capture_rate"]),
                                            float(cfg["capture_max_mib"]))
-        if str(cfg["shadow_alias"]):
-            self.shadow = shadow.Shadow(cfg, self._run)
-        if str(cfg["follow_alias"]) or self.shadow is not None:
+        if str(cfg["follow_alias"]) or str(cfg["shadow_alias"]):
             self.follower = follow.Follower(slots, cfg, backbones, self._run)
+        if str(cfg["shadow_alias"]):
+            self.shadow = shadow.Shadow(cfg, self._run, client=self.follower.client)
+        if self.follower is not None:
             self.follower.start()
 
     def _check_request(self, model_input, columns: tuple[str, ...]) -> pd.DataFrame:
@@ -152,6 +174,8 @@ class ServedModelBase(mlflow.pyfunc.PythonModel):
                              f"column(s) {', '.join(columns)} (base64-encoded images in 'image')")
         if len(model_input) == 0:
             raise BadRequest("empty request: send at least one row")
+        if not self.bounded:
+            return model_input
         if len(model_input) > self.max_rows:
             raise BadRequest(f"too many rows: {len(model_input)} in one request, this server takes at most "
                              f"{self.max_rows} (max_rows); split the request")
@@ -226,6 +250,22 @@ class ServedModelBase(mlflow.pyfunc.PythonModel):
             if row["score"] is not None:
                 self.capture.offer(values[i], row)
 
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """Score a request (served: bounded, at once) or a frame of any length (in-process: in chunks)."""
+        if self.bounded or not isinstance(model_input, pd.DataFrame) or len(model_input) <= STREAM_ROWS:
+            return self._predict_frame(model_input)
+        parts = []
+        for start in range(0, len(model_input), STREAM_ROWS):
+            chunk = model_input.iloc[start:start + STREAM_ROWS]
+            out = self._predict_frame(chunk)
+            if start:  # errors name rows of the whole frame
+                out["error"] = [_renumber(e, start) for e in out["error"]]
+            parts.append(out)
+        return pd.concat(parts, ignore_index=True)
+
+    def _predict_frame(self, model_input) -> pd.DataFrame:
+        raise NotImplementedError
+
     @staticmethod
     def _frame(rows: list[dict]) -> pd.DataFrame:
         out = pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
@@ -255,8 +295,7 @@ class AnomalyDetectorModel(ServedModelBase):
     def detector(self):
         return self.slot.current.detector
 
-    # pd.DataFrame hints tell MLflow to keep using the logged signature (no type-hint schema inference)
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+    def _predict_frame(self, model_input) -> pd.DataFrame:
         frame, rows, images = self._decode_rows(model_input)
         served = self.slot.current  # one read: a swap during this request does not touch it
         self._name_rows(rows, range(len(rows)), served)

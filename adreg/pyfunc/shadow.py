@@ -21,6 +21,9 @@ import time
 
 import mlflow
 
+from adreg import store
+from adreg.names import category_of, fit_experiment_name
+
 _log = logging.getLogger("adreg.shadow")
 KIND_TAG = "adreg.kind"
 CANDIDATE_TAG = "adreg.shadow.candidate_version"
@@ -80,7 +83,9 @@ class _Pair:
 
 
 class Shadow:
-    def __init__(self, cfg: dict, run, batch_rows: int = 32, flush_seconds: float = 10.0, queue_size: int = 32):
+    def __init__(self, cfg: dict, run, batch_rows: int = 32, flush_seconds: float = 10.0, queue_size: int = 32,
+                 client=None):
+        self.client = client  # the follower's client (its tracking URI); None: MLflow's current one
         self.run = run  # the inference thread (a candidate with its own backbone must not race production's)
         self.batch_rows = batch_rows
         self.flush_seconds = flush_seconds
@@ -139,7 +144,7 @@ class Shadow:
         pair = self.pair
         if pair is None:
             return
-        client = mlflow.MlflowClient()
+        client = self.client or mlflow.MlflowClient()
         if pair.run_id is None:
             pair.run_id = _start_run(client, pair, self.server_id)
         now = int(time.time() * 1000)
@@ -155,21 +160,11 @@ class Shadow:
             client.set_terminated(pair.run_id)
 
 
-def _experiment_id(client, model_name: str) -> str:
-    exp = client.get_experiment_by_name(model_name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(model_name)
-    except mlflow.exceptions.MlflowException:
-        return client.get_experiment_by_name(model_name).experiment_id
-
-
 def _start_run(client, pair: _Pair, server_id: str) -> str:
     prod, cand = pair.prod, pair.cand
     run = client.create_run(
-        _experiment_id(client, prod.name), run_name=f"shadow-{cand.alias}-v{cand.version}-vs-v{prod.version}",
-        tags={KIND_TAG: "shadow", "adreg.category": prod.name[len("adreg-"):], "adreg.registered_model": prod.name,
+        store.experiment_id(prod.name, client=client), run_name=f"shadow-{cand.alias}-v{cand.version}-vs-v{prod.version}",
+        tags={KIND_TAG: "shadow", "adreg.category": category_of(prod.name), "adreg.registered_model": prod.name,
               PRODUCTION_TAG: str(prod.version), CANDIDATE_TAG: str(cand.version),
               "adreg.shadow.production_alias": prod.alias, "adreg.shadow.candidate_alias": cand.alias,
               "adreg.shadow.server": server_id,
@@ -189,7 +184,7 @@ def latest_summary(category: str, version, client=None) -> dict | None:
     """The newest shadow comparison with ``version`` of ``adreg-<category>`` as candidate, or None:
     {run_id, production_version, candidate_version, shadow_rows, flag rates, disagreements, score_correlation}."""
     client = client or mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(f"adreg-{category}")
+    exp = client.get_experiment_by_name(fit_experiment_name(category))
     if exp is None:
         return None
     runs = client.search_runs([exp.experiment_id],

@@ -114,13 +114,15 @@ def annotate_rows(rows: list[dict]) -> None:
     """Add ``serving`` (live server ids, comma-separated) to ``adreg models`` rows (category, version)."""
     import mlflow
 
+    from adreg.names import model_name
+
     client = mlflow.MlflowClient()
     cache: dict[str, dict] = {}
     for row in rows:
         category = row.get("category")
         if category not in cache:
             try:
-                cache[category] = serving_by_version(client.get_registered_model(f"adreg-{category}"))
+                cache[category] = serving_by_version(client.get_registered_model(model_name(category)))
             except Exception:  # a model deleted meanwhile: no column value, no failure
                 cache[category] = {}
         row["serving"] = ",".join(cache[category].get(str(row.get("version")), []))

@@ -17,11 +17,12 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-from adreg.errors import AdregError
+from adreg import store
+from adreg.errors import ConfigError
+from adreg.names import ROUTER, model_name
 from adreg.pyfunc.router import CATEGORY_COLUMN, MANIFEST
 from adreg.registry import tracking, versions
-
-ROUTER = "router"  # registered as adreg-router; reserved, not a category name
+from adreg.registry.resolve import resolve
 
 
 def router_signature() -> ModelSignature:
@@ -37,24 +38,19 @@ def build_router(categories: list[str], alias: str = "production") -> tracking.L
     from adreg.pyfunc.served import DEFAULT_MODEL_CONFIG
 
     if not categories:
-        raise AdregError("name at least one category to bundle")
+        raise ConfigError("name at least one category to bundle")
     if len(set(categories)) != len(categories):
-        raise AdregError("a category is named twice")
+        raise ConfigError("a category is named twice")
     client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "detectors"
         root.mkdir()
         manifest = {"alias": alias, "categories": {}}
         for category in categories:
-            uri = versions.model_uri(category, alias)
-            version = str(client.get_model_version_by_alias(versions.model_name(category), alias).version)
-            local = Path(mlflow.artifacts.download_artifacts(f"models:/{versions.model_name(category)}/{version}",
-                                                             dst_path=str(Path(tmp) / "download" / category)))
-            config = next(local.rglob("detector/config.json"), None)
-            if config is None:
-                raise AdregError(f"{uri} holds no adreg detector artifact")
-            shutil.copytree(config.parent, root / category)
-            manifest["categories"][category] = {"dir": category, "version": version, "source": uri}
+            ref = resolve(category, None, alias)
+            detector_dir = store.download_detector(ref.name, ref.version, Path(tmp) / "download" / category, client)
+            shutil.copytree(detector_dir, root / category)
+            manifest["categories"][category] = {"dir": category, "version": ref.version, "source": ref.alias_uri}
         (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
         example = pd.DataFrame({CATEGORY_COLUMN: [categories[0]],
                                 "image": [encode_png_b64(Image.new("RGB", (64, 64), "gray"))]})
@@ -69,5 +65,5 @@ def build_router(categories: list[str], alias: str = "production") -> tracking.L
             mlflow.set_tag("adreg.model_complete", "true")
     logged = tracking.LoggedFit(run_id=run.info.run_id, model_uri=info.model_uri)
     logged.version = versions.register(info.model_uri, run.info.run_id, ROUTER)
-    logged.registered_name = versions.model_name(ROUTER)
+    logged.registered_name = model_name(ROUTER)
     return logged

@@ -18,10 +18,10 @@ from pathlib import Path
 import mlflow
 from mlflow.models import Model
 
-from adreg import integrity
+from adreg import integrity, store
 from adreg.backbones.export import EXPORT_DIR, _import_runtime, check_runtime, export_into, read_manifest
-from adreg.errors import RegistryError
 from adreg.registry import tracking, versions
+from adreg.registry.resolve import resolve
 
 COPIED_RUN_TAGS = ("adreg.category", "adreg.method", "adreg.backbone", "adreg.data_source")
 
@@ -48,22 +48,18 @@ def export_version(category: str, version, runtime: str = "openvino") -> trackin
 
     runtime = check_runtime(runtime, allow_torch=False)
     _import_runtime(runtime)  # fail before downloading anything
-    version = versions._check_version(category, version)
-    name = versions.model_name(category)
+    ref = resolve(category, version)
+    version, name = ref.version, ref.name
     client = mlflow.MlflowClient()
     mv = client.get_model_version(name, version)
     source_run = client.get_run(mv.run_id)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}",
-                                                         dst_path=str(Path(tmp) / "source")))
-        config = next(local.rglob("detector/config.json"), None)
-        if config is None:
-            raise RegistryError(f"{name} version {version} holds no adreg detector artifact")
+        # export only what was registered: downloaded and verified against the version's digest
+        source_dir = store.download_detector(name, version, Path(tmp) / "source", client)
+        local = source_dir.parents[1]  # the downloaded model folder (MLmodel, input example)
         detector_dir = Path(tmp) / "detector"
-        shutil.copytree(config.parent, detector_dir)
-        if integrity.has_manifest(detector_dir):  # export only what was registered
-            integrity.verify(detector_dir, source_run.data.tags.get(integrity.DIGEST_TAG))
-            (detector_dir / integrity.MANIFEST_FILE).unlink()
+        shutil.copytree(source_dir, detector_dir)
+        (detector_dir / integrity.MANIFEST_FILE).unlink(missing_ok=True)
         shutil.rmtree(detector_dir / EXPORT_DIR, ignore_errors=True)  # re-exporting replaces an earlier export
         export_into(detector_dir, runtime)
         check = read_manifest(detector_dir)

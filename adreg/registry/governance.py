@@ -22,34 +22,18 @@ from dataclasses import dataclass
 import mlflow
 import requests
 
-from adreg.errors import AdregError, ConfigError
-from adreg.fitting import check_category
+from adreg import store
+from adreg.errors import AdregError, ConfigError, NotFoundError, PermissionDenied, StoreUnreachable
+from adreg.names import fit_experiment_name, lifecycle_experiment_name, model_name
 
-PREFIX = "adreg-"
+__all__ = ["PermissionDenied", "Identity", "identity", "permission", "needed_for_alias", "require", "grant",
+           "is_refusal", "refusal", "model_name", "lifecycle_experiment_name", "fit_experiment_name"]
+
 LEVELS = ("READ", "EDIT", "MANAGE")
 RANK = {"NO_PERMISSIONS": 0, "DENY": 0, "READ": 1, "USE": 1, "EDIT": 2, "MANAGE": 3}
 PROTECTED_ALIASES = ("production",)
 AUTHENTICATED, LABEL_ENV, LABEL_LOGIN = "authenticated", "label ($ADREG_USER)", "label (login)"
 TIMEOUT_S = 30  # read timeout; a server that is down fails at connect, at once
-
-
-class PermissionDenied(AdregError):
-    """The acting user lacks the permission an action needs; nothing was changed."""
-
-    exit_code = 1  # a refusal, not bad input
-
-
-def model_name(category: str) -> str:
-    return PREFIX + check_category(category)
-
-
-def lifecycle_experiment_name(category: str) -> str:
-    """One experiment per category holds its lifecycle events, one run each ('/' cannot be in a category)."""
-    return f"{model_name(category)}/lifecycle"
-
-
-def fit_experiment_name(category: str) -> str:
-    return model_name(category)
 
 
 @dataclass(frozen=True)
@@ -78,8 +62,8 @@ def _get(url: str, path: str, params: dict | None = None) -> requests.Response:
     try:
         return requests.get(url + path, params=params, auth=_credentials(), timeout=TIMEOUT_S)
     except requests.RequestException as exc:
-        raise ConfigError(f"cannot reach the MLflow server at {url} ({type(exc).__name__}); "
-                          "check --tracking-uri / MLFLOW_TRACKING_URI") from None
+        raise StoreUnreachable(f"cannot reach the MLflow server at {url} ({type(exc).__name__}); "
+                               "check --tracking-uri / MLFLOW_TRACKING_URI") from exc
 
 
 _identities: dict[tuple, Identity] = {}
@@ -147,17 +131,6 @@ def experiment_levels(level: str) -> str:
     return "READ" if level == "READ" else "EDIT"
 
 
-def _experiment_id(name: str) -> str:
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except mlflow.exceptions.MlflowException:  # created concurrently
-        return client.get_experiment_by_name(name).experiment_id
-
-
 def grant(category: str, user: str, level: str) -> list[dict]:
     """Give ``user`` a role on a category: ``level`` on ``adreg-<category>``, and what the role needs on the
     category's fit and lifecycle experiments. Admin (or MANAGE on the resources) only; returns the grants."""
@@ -175,11 +148,13 @@ def grant(category: str, user: str, level: str) -> list[dict]:
     client = mlflow.MlflowClient()
     try:
         client.get_registered_model(name)
-    except MlflowException:
-        raise ConfigError(f"unknown category {category!r}: register a version first (adreg fit --register)") from None
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise store.translate(exc, f"reading {name}") or exc from exc
+        raise NotFoundError(f"unknown category {category!r}: register a version first (adreg fit --register)") from None
     targets = [("registered_model", name, level, name)]
     for exp_name in (fit_experiment_name(category), lifecycle_experiment_name(category)):
-        targets.append(("experiment", _experiment_id(exp_name), experiment_levels(level), exp_name))
+        targets.append(("experiment", store.experiment_id(exp_name), experiment_levels(level), exp_name))
     auth = get_app_client("basic-auth", tracking_uri=ident.server)
     done = []
     for rtype, rid, perm, label in targets:
@@ -192,22 +167,17 @@ def grant(category: str, user: str, level: str) -> list[dict]:
                 auth.revoke_user_permission(user, rtype, rid)
                 auth.grant_user_permission(user, rtype, rid, perm)
         except MlflowException as exc:
-            text = str(exc)
-            if "403" in text or "PERMISSION_DENIED" in text or "Permission denied" in text:
+            if store.is_refusal(exc):
                 raise PermissionDenied(f"granting permissions on {name} needs an admin (or MANAGE on it); "
-                                       f"user {ident.user!r} is neither") from None
-            if "404" in text or "not found" in text.lower() or "RESOURCE_DOES_NOT_EXIST" in text:
-                raise ConfigError(f"the server has no user {user!r}; an admin creates it first") from None
-            raise
+                                       f"user {ident.user!r} is neither") from exc
+            if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or exc.get_http_status_code() == 404:
+                raise NotFoundError(f"the server has no user {user!r}; an admin creates it first") from exc
+            raise store.translate(exc, f"granting {perm} on {label}") or exc from exc
         done.append({"resource_type": rtype, "resource": label, "user": user, "permission": perm})
     return done
 
 
-def is_refusal(exc: Exception) -> bool:
-    """Whether an MLflow error is the server refusing the user (403/401), not a bug or bad input."""
-    code = getattr(exc, "error_code", "") or ""
-    status = exc.get_http_status_code() if hasattr(exc, "get_http_status_code") else None
-    return code in ("PERMISSION_DENIED", "UNAUTHENTICATED") or status in (401, 403) or " 403" in str(exc)[:200]
+is_refusal = store.is_refusal
 
 
 def refusal(exc: Exception, doing: str) -> PermissionDenied:

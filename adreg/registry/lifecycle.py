@@ -5,7 +5,7 @@ alias runs a gate: the candidate is evaluated on the evaluation set logged with 
 it must meet absolute floors and must not regress beyond ``tolerance`` against the version the alias
 points at now, evaluated on the same images. ``force`` overrides a failed gate and is recorded.
 Every promotion, refusal and rollback is an event in the category's history (one run each in the
-lifecycle experiment ``adreg-<category>/lifecycle``; older registered-model tag events are still read),
+lifecycle experiment ``adreg-<category>/lifecycle``),
 so ``rollback`` can restore the previous version and ``history`` can show who did what, when and why.
 Permissions (``adreg.registry.governance``) are checked before the gate runs: a refusal changes nothing.
 """
@@ -18,12 +18,13 @@ from pathlib import Path
 
 import mlflow
 
-from adreg import integrity
+from adreg import store
 from adreg.data import Sample, read_labelled_folder
 from adreg.detector import AnomalyDetector
 from adreg.errors import DataError, RegistryError
 from adreg.evaluation import evaluate
 from adreg.registry import governance, versions
+from adreg.registry.resolve import check_version, existing_versions, get_model, load_detector, model_version, resolve
 
 COMPARED = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -73,40 +74,20 @@ def check_gate(candidate: dict, baseline: dict | None, policy: GatePolicy) -> li
     return failures
 
 
-def load_detector(model_uri: str, device: str = "auto") -> AnomalyDetector:
-    """The detector inside a logged adreg pyfunc model, loaded directly (no pyfunc wrapper)."""
-    local = Path(mlflow.artifacts.download_artifacts(model_uri))
-    configs = list(local.rglob("detector/config.json"))
-    if not configs:
-        raise RegistryError(f"{model_uri} holds no adreg detector artifact")
-    return AnomalyDetector.load(configs[0].parent, device=device)
-
-
 def load_version_detector(category: str, version, device: str = "auto") -> AnomalyDetector:
-    """A registered version's detector; its artifacts must match the manifest digest set on the version."""
-    name = versions.model_name(category)
-    expected = mlflow.MlflowClient().get_model_version(name, str(version)).tags.get(integrity.DIGEST_TAG)
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
-    configs = list(local.rglob("detector/config.json"))
-    if not configs:
-        raise RegistryError(f"models:/{name}/{version} holds no adreg detector artifact")
-    if expected:  # the version was registered with a digest: the folder must hold exactly that manifest
-        if not integrity.has_manifest(configs[0].parent):
-            raise integrity.IntegrityError(f"model refused: {name} version {version} was registered with artifact "
-                                           f"digest {expected[:12]}... but its integrity manifest is gone")
-        integrity.verify(configs[0].parent, expected)
-    return AnomalyDetector.load(configs[0].parent, device=device)
+    """A registered version's detector, downloaded and verified (``adreg.registry.resolve.load_detector``)."""
+    return load_detector(resolve(category, version), device)
 
 
 def logged_eval_set(category: str, version) -> tuple[list[Sample], str]:
     """The evaluation set logged with a version's run."""
     from adreg.registry.tracking import EVAL_MANIFEST
 
-    mv = mlflow.MlflowClient().get_model_version(versions.model_name(category), str(version))
-    try:
-        manifest = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/{EVAL_MANIFEST}")
-    except Exception:  # noqa: BLE001 - missing artifact surfaces as various MLflow errors
-        raise DataError(f"version {version} was logged without an evaluation set; pass --eval-dir") from None
+    mv = model_version(resolve(category, version))
+    manifest = store.load_run_dict(mv.run_id, EVAL_MANIFEST)
+    if manifest is None:
+        raise DataError(f"version {version} was logged without an evaluation set (fitted without a test folder); "
+                        "pass --eval-dir")
     samples = [Sample(Path(r["path"]), r["label"], r["defect"], r["mask_path"] and Path(r["mask_path"]))
                for r in manifest["samples"]]
     missing = [str(s.path) for s in samples if not s.path.is_file()]
@@ -132,7 +113,7 @@ def run_gate(category: str, version, alias: str, policy: GatePolicy, eval_dir: s
     else:
         samples, eval_set = logged_eval_set(category, version)
     candidate = candidate_metrics or evaluate_version(category, version, samples, device)
-    current = versions._get_model(category).aliases.get(alias)
+    current = get_model(category).aliases.get(alias)
     current = None if current is None else str(current)
     baseline = None
     if current is not None and str(current) != version:
@@ -148,7 +129,7 @@ def promote_gated(category: str, version, alias: str = "production", policy: Gat
                   ) -> tuple[versions.Promotion | None, GateReport]:
     """Run the gate and promote when it passes (or when forced); returns (promotion or None, report).
     The user's permission for the alias (and for ``force``) is checked first: refused, nothing runs."""
-    versions._check_version(category, version)
+    version = check_version(category, version)
     governance.require(category, governance.needed_for_alias(alias), f"moving alias {alias!r}")
     if force:
         governance.require(category, "MANAGE", "forcing a promotion past the gate")
@@ -182,13 +163,13 @@ def production_stack(events: list[dict], alias: str) -> list[str]:
 
 def rollback(category: str, alias: str = "production", reason: str = "") -> versions.Promotion:
     """Point ``alias`` back at the version it held before the current one (skipping deleted versions)."""
-    model = versions._get_model(category)
+    model = get_model(category)
     governance.require(category, governance.needed_for_alias(alias), f"rolling back alias {alias!r}")
     current = model.aliases.get(alias)
     stack = production_stack(versions.history(category), alias)
     if current is not None and (not stack or stack[-1] != str(current)):
         stack.append(str(current))  # the alias was moved outside adreg; treat that as the latest promotion
-    existing = versions.existing_versions(category)
+    existing = {str(v) for v in existing_versions(category)}
     skipped = []
     stack.pop() if stack else None
     while stack and stack[-1] not in existing:
@@ -204,9 +185,7 @@ def rollback(category: str, alias: str = "production", reason: str = "") -> vers
 def compare(category: str, v1, v2) -> list[dict]:
     """Rows of (what, v1, v2, delta) from the two versions' runs: key metrics, then differing params."""
     client = mlflow.MlflowClient()
-    name = versions.model_name(category)
-    runs = [client.get_run(client.get_model_version(name, versions._check_version(category, v)).run_id)
-            for v in (v1, v2)]
+    runs = [client.get_run(model_version(resolve(category, v)).run_id) for v in (v1, v2)]
     rows = []
     keys = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "threshold",
             "test_accuracy", "test_false_alarm_rate", "fit_seconds", "latency_ms_per_image"]
@@ -223,9 +202,10 @@ def compare(category: str, v1, v2) -> list[dict]:
     return rows
 
 
-def history_rows(category: str) -> list[dict]:
+def history_rows(events: list[dict]) -> list[dict]:
+    """Printable rows of history events (``versions.history``)."""
     rows = []
-    for e in versions.history(category):
+    for e in events:
         gate = ""
         if "gate_passed" in e:
             cand = e.get("candidate_metrics") or {}

@@ -9,8 +9,7 @@ Logged with every fit and update (``adreg.registry.tracking.log_fit`` calls ``lo
   under this model. ``adreg drift`` compares production scores with the good ones.
 * for an update: the parent version and run as tags and params.
 
-Reading them back (``run_manifest``, ``run_reference``) falls back, for runs logged before these
-artifacts existed, to what the run's parameters and ``fit/shots_and_threshold.json`` allow.
+Reading them back: ``run_manifest``, ``run_reference``.
 """
 
 from __future__ import annotations
@@ -20,9 +19,8 @@ from pathlib import Path
 
 import mlflow
 
-from adreg.data import Sample, resolve_dataset, split_shots
+from adreg import store
 from adreg.errors import DataError
-from adreg.images import load_image
 from adreg.registry import manifest
 
 REFERENCE_ARTIFACT = "reference/calibration_scores.json"
@@ -31,24 +29,10 @@ UPDATE_REPORT_ARTIFACT = "update/report.json"
 
 
 # -- writing (inside the active run) --------------------------------------------------------------------
-def calibration_samples(result) -> list[Sample]:
-    """The images a fit's threshold was calibrated on: the validation set, else the held-out goods
-    (the same split ``fit_category`` made)."""
-    if result.data.val:
-        return list(result.data.val)
-    opts = result.options
-    held_out = split_shots(result.data.train, min(opts.k_shot, len(result.data.train)), opts.seed, opts.holdout)[1]
-    return [Sample(Path(p), 0, "good") for p in held_out]
-
-
 def reference_document(result) -> dict:
-    """Calibration images with their scores: carried by the result (updates), else re-scored."""
+    """The calibration images with the scores the fit or update gave them (``FitResult.calibration``)."""
     det = result.detector
-    images = getattr(result, "calibration", None)
-    if images is None:
-        samples = calibration_samples(result)
-        scores = det.predict([load_image(s.path) for s in samples]).scores if samples else []
-        images = [{"path": str(s.path), "label": int(s.label), "score": float(v)} for s, v in zip(samples, scores)]
+    images = result.calibration
     return {"threshold": det.threshold.value, "rule": det.threshold.rule, "details": det.threshold.details,
             "source": result.calibration_source, "images": images}
 
@@ -103,51 +87,17 @@ def log_lineage(run_id: str, result, lineage: dict | None = None) -> dict:
 
 
 # -- reading (any logged run) ---------------------------------------------------------------------------
-def _load_dict(run_id: str, path: str) -> dict | None:
-    try:
-        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{path}")
-    except Exception:  # noqa: BLE001 - a missing artifact surfaces as various MLflow errors
-        return None
-
-
 def run_manifest(run_id: str) -> dict:
-    """A run's training manifest; for runs logged before manifests existed, built from the logged shots
-    list, hashing the files that exist here (the others keep a null hash and cannot be de-duplicated)."""
-    doc = _load_dict(run_id, manifest.MANIFEST_ARTIFACT)
-    if doc is not None:
-        return doc
-    shots = _load_dict(run_id, SHOTS_ARTIFACT)
-    if shots is None:
-        raise DataError(f"run {run_id} logged neither {manifest.MANIFEST_ARTIFACT} nor {SHOTS_ARTIFACT}: "
-                        "its training images are unknown; refit with `adreg fit`")
-    entries = [manifest.entry(p, "fit", run_id) for p in shots["shots"]]
-    return {**manifest.document("", entries, run_id), "rebuilt_from": SHOTS_ARTIFACT}
+    """A run's training manifest (``training/manifest.json``)."""
+    doc = store.load_run_dict(run_id, manifest.MANIFEST_ARTIFACT)
+    if doc is None:
+        raise DataError(f"run {run_id} has no {manifest.MANIFEST_ARTIFACT}: it was not logged by adreg")
+    return doc
 
 
-def run_reference(run_id: str, detector=None) -> dict:
-    """A run's calibration images and scores; for runs logged before they were, the calibration images
-    are found again from the run's parameters and re-scored with ``detector`` (when they exist here)."""
-    doc = _load_dict(run_id, REFERENCE_ARTIFACT)
-    if doc is not None:
-        return doc
-    params = mlflow.MlflowClient().get_run(run_id).data.params
-    if detector is None or not params.get("train_dir") or params["train_dir"] == "None":
-        raise DataError(f"run {run_id} was logged without reference scores ({REFERENCE_ARTIFACT}) and its "
-                        "calibration images cannot be found again; refit or update the model to log them")
-    get = lambda k: None if params.get(k) in (None, "", "None") else params[k]  # noqa: E731
-    try:
-        data = resolve_dataset(get("train_dir"), get("val_dir"), get("test_dir"))
-    except DataError as exc:
-        raise DataError(f"run {run_id} was logged without reference scores and its calibration images are "
-                        f"not here ({exc}); refit or update the model to log them") from None
-    if data.val:
-        samples = data.val
-    else:
-        samples = [Sample(Path(p), 0, "good") for p in
-                   split_shots(data.train, int(params.get("k_shot", 1)), int(params.get("seed", 0)),
-                               int(params.get("holdout", 20)))[1]]
-    scores = detector.predict([load_image(s.path) for s in samples]).scores
-    return {"threshold": detector.threshold.value, "rule": detector.threshold.rule,
-            "details": detector.threshold.details, "source": f"re-scored ({len(samples)} calibration images)",
-            "images": [{"path": str(s.path), "label": int(s.label), "score": float(v)}
-                       for s, v in zip(samples, scores)], "rebuilt": True}
+def run_reference(run_id: str) -> dict:
+    """A run's calibration images and their scores (``reference/calibration_scores.json``)."""
+    doc = store.load_run_dict(run_id, REFERENCE_ARTIFACT)
+    if doc is None:
+        raise DataError(f"run {run_id} has no {REFERENCE_ARTIFACT}: it was not logged by adreg")
+    return doc

@@ -16,17 +16,10 @@ from typing import Iterable, Sequence
 
 from adreg.errors import DataError
 from adreg.images import list_images
+from adreg.integrity import sha256_file
 
 MANIFEST_ARTIFACT = "training/manifest.json"
 SKIPPED_DIRS = ("ground_truth",)  # MVTec masks live there
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def find_images(folders: Sequence[str | Path], what: str = "folder") -> list[Path]:

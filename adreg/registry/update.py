@@ -20,7 +20,6 @@ touches the parent version.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +27,12 @@ from pathlib import Path
 import mlflow
 
 from adreg.data import CategoryData
-from adreg.errors import DataError, ImageDecodeError, RegistryError
-from adreg.evaluation import evaluate
-from adreg.fitting import FitOptions, FitResult, check_category
+from adreg.errors import DataError, ImageDecodeError
+from adreg.fitting import FitOptions, FitResult, grow_detector
 from adreg.images import load_image
+from adreg.integrity import sha256_file
 from adreg.registry import lifecycle, lineage, manifest, tracking, versions
-from adreg.thresholds import calibrate
+from adreg.registry.resolve import load_detector, model_version, resolve
 
 
 @dataclass
@@ -66,7 +65,6 @@ class UpdateResult(FitResult):
     include_suspects: bool = False
     method_report: dict = field(default_factory=dict)
     manifest_entries: list[dict] = field(default_factory=list)  # read by adreg.registry.lineage
-    calibration: list[dict] = field(default_factory=list)  # path, label, score, origin (adreg.registry.lineage)
     n_parent_training: int = 0
     seconds: float = 0.0
 
@@ -95,15 +93,9 @@ class UpdateResult(FitResult):
 
 
 def resolve_parent(category: str, from_alias: str | None = "production", from_version=None):
-    """(version, model version entity) of the parent, with the registry's helpful errors."""
-    check_category(category)
-    if from_version is not None:
-        version = versions._check_version(category, from_version)
-    else:
-        versions.model_uri(category, from_alias)  # raises a clear error for a missing alias / deleted version
-        version = str(versions._get_model(category).aliases[from_alias])
-    mv = mlflow.MlflowClient().get_model_version(versions.model_name(category), version)
-    return version, mv
+    """(version, model version entity) of the parent, with the resolver's helpful errors."""
+    ref = resolve(category, from_version, from_alias)
+    return ref.version, model_version(ref)
 
 
 def _read_new_images(folders: list[str], known: dict[str, str]):
@@ -116,7 +108,7 @@ def _read_new_images(folders: list[str], known: dict[str, str]):
     images, kept, hashes, duplicates, unreadable = [], [], [], [], []
     for p in paths:
         try:
-            digest = manifest.sha256_file(p)
+            digest = sha256_file(p)
         except OSError as exc:
             unreadable.append({"path": str(p), "error": exc.strerror or str(exc)})
             continue
@@ -135,21 +127,17 @@ def _read_new_images(folders: list[str], known: dict[str, str]):
     return images, kept, hashes, duplicates, unreadable
 
 
-def _threshold_quantile(detector, params: dict) -> float:
-    q = detector.threshold.details.get("q") if detector.threshold else None
-    return float(q if q is not None else params.get("threshold_quantile", 0.99))
-
-
 def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateResult:
-    """Everything of an update but logging: read, de-duplicate, guard, grow, recalibrate, evaluate."""
+    """Everything of an update but logging: resolve the parent, read and de-duplicate the new images, then
+    grow (``adreg.fitting.grow_detector``: guard, grow, recalibrate, evaluate) an in-memory copy."""
     t_start = time.perf_counter()
     if not opts.add_good:
         raise DataError("give at least one --add-good folder of good images")
-    version, mv = resolve_parent(opts.category, opts.from_alias, opts.from_version)
-    name = versions.model_name(opts.category)
+    ref = resolve(opts.category, opts.from_version, opts.from_alias)
+    version, mv = ref.version, model_version(ref)
+    name = ref.name
     parent_run = mlflow.MlflowClient().get_run(mv.run_id)
-    parent_manifest = lineage.run_manifest(mv.run_id)
-    parent_entries = parent_manifest["images"]
+    parent_entries = lineage.run_manifest(mv.run_id)["images"]
     parent_training = manifest.training(parent_entries)
     # training AND calibration images of the lineage count as seen; held-out suspects do not (a reviewed
     # suspect can be taken in later with include_suspects)
@@ -167,67 +155,17 @@ def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateRes
 
     # the gate compares like with like: the parent's evaluation set (checked before any heavy work)
     eval_samples, eval_source = lifecycle.logged_eval_set(opts.category, version)
-    detector = lifecycle.load_version_detector(opts.category, version, opts.device)
-    if detector.threshold is None:
-        raise RegistryError(f"{name} version {version} has no calibrated threshold; refit it")
-    parent_threshold = detector.threshold.value
-
-    # contamination guard: what the parent itself calls anomalous is not taken as good by default
-    parent_scores = detector.predict(images, show_progress=show_progress).scores
-    suspects = [{"path": str(p), "score": float(s)} for p, s in zip(paths, parent_scores) if s > parent_threshold]
-    keep = [i for i, s in enumerate(parent_scores) if opts.include_suspects or s <= parent_threshold]
-    if not keep:
-        raise DataError(f"all {len(images)} new image(s) score above {name} version {version}'s threshold "
-                        f"{parent_threshold:.4g} (suspected defects); check them, or pass --include-suspects "
-                        "to take them in; nothing registered")
-
-    # split the accepted images: most are learned from, a few recalibrate the threshold
-    order = list(keep)
-    random.Random(opts.seed).shuffle(order)
-    n_cal = min(max(opts.holdout, 0), len(order) // 2)
-    cal_idx, train_idx = sorted(order[:n_cal]), sorted(order[n_cal:])
-    method_report = detector.update([images[i] for i in train_idx], show_progress=show_progress)
-
-    # recalibrate by the parent's rule
+    detector = load_detector(ref, opts.device)
     params = parent_run.data.params
-    q = _threshold_quantile(detector, params)
-    calibration: list[dict] = []
-    if cal_idx:
-        scores = detector.predict([images[i] for i in cal_idx], show_progress=show_progress).scores
-        calibration = [{"path": str(paths[i]), "label": 0, "score": float(s), "origin": "held-out new good"}
-                       for i, s in zip(cal_idx, scores)]
-    n_new_cal = len(calibration)
-    parent_rule = detector.threshold.rule
-    used_parent = 0
-    if n_new_cal < opts.min_calibration or parent_rule == "f1_optimal":
-        try:
-            reference = lineage.run_reference(mv.run_id, None)
-        except DataError:
-            reference = {"images": []}
-        training = {str(paths[i]) for i in train_idx} | {e["path"] for e in parent_training}
-        refs = [r for r in reference["images"] if r["path"] not in training and Path(r["path"]).is_file()
-                and (parent_rule == "f1_optimal" or r["label"] == 0)]
-        if refs:
-            scores = detector.predict([load_image(r["path"]) for r in refs], show_progress=show_progress).scores
-            calibration += [{"path": r["path"], "label": int(r["label"]), "score": float(s),
-                             "origin": f"version {version} calibration"} for r, s in zip(refs, scores)]
-            used_parent = len(refs)
-    good = [c["score"] for c in calibration if c["label"] == 0]
-    bad = [c["score"] for c in calibration if c["label"] == 1]
-    if not good:
-        raise DataError(f"no good images left to recalibrate the threshold on (version {version}'s calibration "
-                        "images are not on this machine and too few new ones were given); add more good images")
-    detector.threshold = calibrate(good, bad if parent_rule == "f1_optimal" else None, q=q)
-    parts = [f"{n_new_cal} held-out new good images"] if n_new_cal else []
-    if used_parent:
-        parts.append(f"{used_parent} of version {version}'s calibration images")
-    source = " + ".join(parts)
-    detector.threshold.details["source"] = source
-
-    evaluation = evaluate(detector, eval_samples, detector.threshold.value, show_progress)
+    grown = grow_detector(detector, images, paths, include_suspects=opts.include_suspects, holdout=opts.holdout,
+                          min_calibration=opts.min_calibration, seed=opts.seed,
+                          parent_calibration=lineage.run_reference(mv.run_id)["images"],
+                          parent_label=f"version {version}",
+                          threshold_quantile=float(params.get("threshold_quantile", 0.99)),
+                          eval_samples=eval_samples, show_progress=show_progress)
+    train_idx, cal_idx = grown.train_index, grown.calibration_index
 
     # the new run's id is filled in by adreg.registry.manifest.document when it is logged
-    train_paths = [paths[i] for i in train_idx]
     entries = [dict(e) for e in parent_entries]
     entries += [manifest.entry(paths[i], "update", None, sha256=hashes[i]) for i in train_idx]
     entries += [manifest.entry(paths[i], "update", None, sha256=hashes[i], role="calibration") for i in cal_idx]
@@ -238,19 +176,18 @@ def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateRes
         val_dir=None, test_dir=None, k_shot=len(training_entries), seed=detector.seed, backbone=str(spec.get("name")),
         layers=spec.get("layers"), image_size=spec.get("image_size"), precision=spec.get("precision", "fp32"),
         augment=",".join(detector.augment) or "none", aug_count=detector.aug_count, sigma=detector.sigma,
-        top_fraction=detector.top_fraction, threshold_quantile=q, holdout=opts.holdout,
+        top_fraction=detector.top_fraction, threshold_quantile=grown.threshold_quantile, holdout=opts.holdout,
         batch_size=detector.batch_size, device=opts.device, method_params=detector.method.get_params())
     data = CategoryData(train=[Path(e["path"]) for e in training_entries], test=list(eval_samples),
                         source=eval_source)
-    parent_metrics = {k: v for k, v in parent_run.data.metrics.items()}
     return UpdateResult(
         options=fit_opts, detector=detector, data=data, shots=[Path(e["path"]) for e in training_entries],
-        calibration_source=source, evaluation=evaluation,
-        parent_model=name, parent_version=version, parent_run_id=mv.run_id, parent_threshold=parent_threshold,
-        parent_metrics=parent_metrics, added=train_paths, calibration_images=[paths[i] for i in cal_idx],
-        duplicates=duplicates, unreadable=unreadable, suspects=suspects, include_suspects=opts.include_suspects,
-        method_report=method_report, manifest_entries=entries, calibration=calibration,
-        n_parent_training=len(parent_training), seconds=time.perf_counter() - t_start)
+        calibration_source=grown.calibration_source, evaluation=grown.evaluation, calibration=grown.calibration,
+        parent_model=name, parent_version=version, parent_run_id=mv.run_id, parent_threshold=grown.parent_threshold,
+        parent_metrics=dict(parent_run.data.metrics), added=[paths[i] for i in train_idx],
+        calibration_images=[paths[i] for i in cal_idx], duplicates=duplicates, unreadable=unreadable,
+        suspects=grown.suspects, include_suspects=opts.include_suspects, method_report=grown.method_report,
+        manifest_entries=entries, n_parent_training=len(parent_training), seconds=time.perf_counter() - t_start)
 
 
 @dataclass

@@ -20,46 +20,19 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from adreg.errors import RegistryError
-from adreg.fitting import check_category
+from adreg import store
+from adreg.errors import ConfigError, RegistryError
 from adreg.integrity import DIGEST_TAG
+from adreg.names import lifecycle_experiment_name, model_name
 from adreg.registry import governance
+from adreg.registry.resolve import categories, check_version, get_model, resolve
 
-PREFIX = "adreg-"
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 KEY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold")
 
 
-def model_name(category: str) -> str:
-    return PREFIX + check_category(category)
-
-
 def _client() -> mlflow.MlflowClient:
     return mlflow.MlflowClient()
-
-
-def categories() -> list[str]:
-    models = _client().search_registered_models(filter_string=f"name LIKE '{PREFIX}%'")
-    return sorted(m.name[len(PREFIX):] for m in models if m.name != PREFIX + "router")
-
-
-def _get_model(category: str):
-    name = model_name(category)
-    try:
-        return _client().get_registered_model(name)
-    except MlflowException:
-        known = categories()
-        hint = f"registered categories: {', '.join(known)}" if known else "no category is registered yet"
-        raise RegistryError(f"unknown category {category!r} ({hint}); fit one with `adreg fit --register`") from None
-
-
-def _check_version(category: str, version) -> str:
-    name = model_name(category)
-    try:
-        return str(_client().get_model_version(name, str(int(version))).version)
-    except (MlflowException, ValueError):
-        versions = sorted(int(v.version) for v in _client().search_model_versions(f"name='{name}'"))
-        raise RegistryError(f"{name} has no version {version!r}; versions: {versions or 'none'}") from None
 
 
 def register(model_uri: str, run_id: str, category: str, metrics: dict | None = None, timeout_s: float = 60,
@@ -107,7 +80,6 @@ class Promotion:
     event_run: str | None = None
 
 
-HISTORY_PREFIX = "adreg.history."  # legacy: events kept as registered-model tags (still read)
 EVENT_TAG = "adreg.lifecycle_event"
 EVENT_PARAMS = ("at", "seq", "action", "alias", "version", "previous", "user", "identity", "reason")
 DETAIL_PARAMS = ("gate_passed", "eval_set", "baseline_version", "gate_failures")
@@ -116,27 +88,10 @@ PARAM_MAX = 6000
 
 def lifecycle_experiment_id(category: str, create: bool = True) -> str | None:
     """The category's lifecycle experiment (``adreg-<category>/lifecycle``): one run per event."""
-    from adreg.registry.tracking import _artifact_location
-
-    client = _client()
-    name = governance.lifecycle_experiment_name(category)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    if not create:
-        return None
-    try:
-        return client.create_experiment(name, artifact_location=_artifact_location(mlflow.get_tracking_uri()),
-                                        tags={"adreg.category": category, "adreg.kind": "lifecycle",
-                                              "mlflow.note.content": f"Lifecycle events of {model_name(category)}: "
-                                                                     "one run per promotion, refusal, rollback."})
-    except MlflowException as exc:
-        if governance.is_refusal(exc):
-            raise governance.refusal(exc, f"creating experiment {name}") from None
-        found = client.get_experiment_by_name(name)  # created concurrently by another writer
-        if found is None:
-            raise
-        return found.experiment_id
+    return store.experiment_id(lifecycle_experiment_name(category), create=create,
+                               tags={"adreg.category": category, "adreg.kind": "lifecycle",
+                                     "mlflow.note.content": f"Lifecycle events of {model_name(category)}: "
+                                                            "one run per promotion, refusal, rollback."})
 
 
 def _param(value) -> str:
@@ -188,12 +143,12 @@ def record_event(category: str, event: dict) -> dict:
             client.set_terminated(run.info.run_id)
     except MlflowException as exc:
         if governance.is_refusal(exc):
-            raise governance.refusal(exc, f"recording the event in {governance.lifecycle_experiment_name(category)}"
+            raise governance.refusal(exc, f"recording the event in {lifecycle_experiment_name(category)}"
                                      ) from None
         raise
     event["run_id"] = run.info.run_id
     try:  # the registered model keeps a few tags only: where the history is, and the latest event
-        client.set_registered_model_tag(name, "adreg.lifecycle_experiment", governance.lifecycle_experiment_name(category))
+        client.set_registered_model_tag(name, "adreg.lifecycle_experiment", lifecycle_experiment_name(category))
         client.set_registered_model_tag(name, "adreg.last_event", f"{event['at']} {event['action']} {event['alias']} "
                                                                   f"v{event['version']} by {ident.user}")
     except MlflowException:
@@ -218,16 +173,10 @@ def _run_event(run) -> dict | None:
 
 
 def history(category: str) -> list[dict]:
-    """All recorded promotion / refusal / rollback events of a category, oldest first: the lifecycle
-    experiment's runs merged with events of older adreg versions kept as registered-model tags."""
-    model = _get_model(category)
+    """All recorded promotion / refusal / rollback events of a category (the lifecycle experiment's runs),
+    oldest first."""
+    get_model(category)
     events = []
-    for key in sorted(model.tags):
-        if key.startswith(HISTORY_PREFIX):
-            e = json.loads(model.tags[key])
-            e.setdefault("identity", "label (legacy tag)")
-            e.setdefault("seq", int(key[len(HISTORY_PREFIX):].split(".")[0]) * 1_000_000)
-            events.append(e)
     exp_id = lifecycle_experiment_id(category, create=False)
     if exp_id is not None:
         client, token = _client(), None
@@ -268,9 +217,9 @@ def promote(category: str, version, alias: str = "production", reason: str = "",
     Permission is checked first (``production`` needs MANAGE, other aliases EDIT); if recording the event
     fails, the alias is put back, so a refused or failed promotion changes nothing."""
     if not ALIAS_RE.match(alias):
-        raise RegistryError(f"alias {alias!r} must be lowercase letters, digits, '_' or '-'")
-    model = _get_model(category)
-    version = _check_version(category, version)
+        raise ConfigError(f"alias {alias!r} must be lowercase letters, digits, '_' or '-'")
+    model = get_model(category)
+    version = check_version(category, version)
     doing = f"{'rolling back' if action == 'rollback' else 'moving'} alias {alias!r}"
     governance.require(category, governance.needed_for_alias(alias), doing)
     previous = None if model.aliases.get(alias) is None else str(model.aliases[alias])
@@ -295,25 +244,10 @@ def promote(category: str, version, alias: str = "production", reason: str = "",
                      event["identity"], event["run_id"])
 
 
-def existing_versions(category: str) -> set[str]:
-    return {str(v.version) for v in _client().search_model_versions(f"name='{model_name(category)}'")}
-
-
 def model_uri(category: str, alias: str | None = "production", version=None) -> str:
-    """``models:/adreg-<category>@alias`` (or ``/version``), checked to exist, with a helpful error."""
-    model = _get_model(category)
-    if version is not None:
-        return f"models:/{model.name}/{_check_version(category, version)}"
-    if alias not in model.aliases:
-        last = next((e for e in reversed(history(category)) if e.get("alias") == alias), None)
-        if last is not None and str(last["version"]) not in existing_versions(category):
-            raise RegistryError(f"{model.name}@{alias} pointed at version {last['version']}, which has been deleted; "
-                                f"promote another version or run `adreg rollback {category} --alias {alias}`")
-        have = ", ".join(f"{a} -> v{v}" for a, v in sorted(model.aliases.items())) or "none"
-        raise RegistryError(f"{model.name} has no alias {alias!r} (aliases: {have}); "
-                            f"promote a version with `adreg promote {category} --version N --alias {alias}`")
-    _check_version(category, model.aliases[alias])
-    return f"models:/{model.name}@{alias}"
+    """``models:/adreg-<category>@alias`` (or ``/version``), checked to exist (``resolve``'s errors)."""
+    ref = resolve(category, version, alias)
+    return ref.uri if ref.alias is None else ref.alias_uri
 
 
 def list_versions() -> list[dict]:
