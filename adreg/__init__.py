@@ -1,3 +1,35 @@
-"""adreg: few-shot visual anomaly detection models, tracked, registered and served with MLflow."""
+"""adreg: few-shot visual anomaly detection models, tracked, registered and served with MLflow.
+
+The public API (``adreg.api``, loaded on first use so ``import adreg`` stays light)::
+
+    import adreg
+    out = adreg.fit("bottle", k_shot=1, register=True, promote="production")
+    detector = adreg.load("bottle")                       # production's AnomalyDetector, verified
+    adreg.predict("bottle", ["part.png"]).rows
+
+Functions: fit, promote, rollback, update, load, predict, score, serve, resolve, models, history, compare,
+export, bundle, drift, status, grant, whoami; errors in ``adreg.errors``. ``help(adreg.fit)`` documents each.
+"""
 
 __version__ = "0.1.0"
+
+_API = ("fit", "promote", "rollback", "update", "load", "predict", "score", "serve", "resolve", "models", "history",
+        "compare", "export", "bundle", "drift", "status", "grant", "whoami", "FitOutcome", "PromoteOutcome",
+        "PredictOutcome", "FitOptions", "GatePolicy")
+__all__ = ["__version__", "errors", *_API]
+
+
+def __getattr__(name):
+    if name in _API:
+        from adreg import api
+
+        return getattr(api, name)
+    if name == "errors":
+        import adreg.errors as errors
+
+        return errors
+    raise AttributeError(f"module 'adreg' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

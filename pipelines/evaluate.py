@@ -10,11 +10,11 @@ import json
 import sys
 import mlflow
 
+import adreg
 from adreg.data import default_category_dir, read_labelled_folder
 from adreg.errors import AdregError, DataError
 from adreg.evaluation import evaluate
-from adreg.registry import tracking, versions
-from adreg.registry.lifecycle import load_detector
+from adreg.registry import tracking
 
 
 def main(argv=None) -> int:
@@ -27,15 +27,15 @@ def main(argv=None) -> int:
     p.add_argument("--tracking-uri")
     args = p.parse_args(argv)
     try:
-        tracking.configure(args.tracking_uri)
-        uri = versions.model_uri(args.category, args.alias, args.version or None)
+        ref = adreg.resolve(args.category, args.version or None, args.alias, tracking_uri=args.tracking_uri)
+        uri = ref.uri
         test_dir = args.test_dir
         if not test_dir:
             root = default_category_dir(args.category)
             if root is None:
                 raise DataError(f"no --test-dir given and no bundled data for {args.category!r}")
             test_dir = root / "test"
-        detector = load_detector(uri, args.device)
+        detector = adreg.load(args.category, ref.version, device=args.device)
         result = evaluate(detector, read_labelled_folder(test_dir, "test folder"), detector.threshold.value)
         with mlflow.start_run(experiment_id=tracking.experiment_id(args.category),
                               run_name=f"evaluate-{args.category}"):
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         print(json.dumps({"model": uri, **{k: round(v, 5) for k, v in result.metrics.items()}}, indent=2))
     except AdregError as exc:
         print(f"adreg: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     return 0
 
 

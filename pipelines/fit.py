@@ -1,12 +1,10 @@
-"""MLproject ``fit`` entry point: the same options as ``adreg fit``; empty strings mean "not given"."""
+"""MLproject ``fit`` entry point: ``adreg fit`` with MLproject-friendly values (empty strings mean "not given")."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from adreg.cli import add_fit_arguments, fit_options_from_args, run_fit
-from adreg.errors import AdregError
+from adreg.cli import main as cli_main
 
 
 def drop_empty_options(argv: list[str]) -> list[str]:
@@ -21,17 +19,18 @@ def drop_empty_options(argv: list[str]) -> list[str]:
     return out
 
 
+def to_cli(argv: list[str]) -> list[str]:
+    """``adreg`` arguments for the entry point's: the store option goes before the sub-command."""
+    argv = drop_empty_options(argv)
+    head = []
+    if "--tracking-uri" in argv:
+        i = argv.index("--tracking-uri")
+        head, argv = argv[i:i + 2], argv[:i] + argv[i + 2:]
+    return [*head, "fit", *argv]
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tracking-uri")
-    add_fit_arguments(parser)
-    args = parser.parse_args(drop_empty_options(sys.argv[1:] if argv is None else list(argv)))
-    try:
-        _, logged = run_fit(fit_options_from_args(args), args.register, args.promote, args.tracking_uri)
-    except AdregError as exc:
-        print(f"adreg: error: {exc}", file=sys.stderr)
-        return 2
-    return 1 if logged.promoted is False else 0
+    return cli_main(to_cli(sys.argv[1:] if argv is None else list(argv)))
 
 
 if __name__ == "__main__":

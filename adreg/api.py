@@ -1,0 +1,416 @@
+"""adreg's public Python API: everything the ``adreg`` command does, as functions.
+
+::
+
+    import adreg
+
+    out = adreg.fit("bottle", k_shot=1, register=True, promote="production")
+    print(out.version, out.metrics["image_auroc"], out.promoted)
+    detector = adreg.load("bottle", alias="production")      # a verified AnomalyDetector
+    rows = adreg.predict("bottle", ["part1.png"]).rows         # score, is_anomaly, threshold, error
+    with adreg.serve("bottle", port=5001) as server:          # mlflow models serve, supervised
+        server.wait_ready()
+
+Every function works on the MLflow store given by ``tracking_uri``, else the one already set
+(``mlflow.set_tracking_uri``, ``$MLFLOW_TRACKING_URI``), else the embedded sqlite store in ``$ADREG_HOME``
+(``./adreg-store``). Errors are ``adreg.errors`` classes (``NotFoundError``, ``DataError``, ``ConfigError``,
+``PermissionDenied``, ``StoreUnreachable``, ``IntegrityError``, ...); a gate that refuses a promotion is not an
+error but a result (``promoted`` is False). Nothing here prints; the CLI (``adreg.cli``) prints what these return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from adreg.errors import ConfigError, DataError
+
+__all__ = ["FitOutcome", "PromoteOutcome", "PredictOutcome", "fit", "promote", "rollback", "update", "load",
+           "predict", "score", "serve", "resolve", "models", "history", "compare", "export", "bundle", "drift",
+           "status", "grant", "whoami", "GatePolicy", "FitOptions"]
+
+
+def __getattr__(name):  # the option classes, without importing torch at ``import adreg.api``
+    if name == "FitOptions":
+        from adreg.fitting import FitOptions
+
+        return FitOptions
+    if name == "GatePolicy":
+        from adreg.registry.lifecycle import GatePolicy
+
+        return GatePolicy
+    raise AttributeError(name)
+
+
+def _store(tracking_uri: str | None) -> str:
+    from adreg.registry import tracking
+
+    return tracking.ensure(tracking_uri)
+
+
+def _policy(policy=None, min_image_auroc: float = 0.90, min_pixel_auroc: float = 0.90, tolerance: float = 0.01):
+    from adreg.registry.lifecycle import GatePolicy
+
+    return policy or GatePolicy(min_image_auroc, min_pixel_auroc, tolerance)
+
+
+# -- fit ----------------------------------------------------------------------------------------------------
+@dataclass
+class FitOutcome:
+    """What ``fit`` did: the fit itself (``result``: detector, data, shots, evaluation), the logged run, the
+    registered version (None unless registered) and the promotion (None unless asked; then ``promoted`` says
+    whether the gate let it through and ``gate`` holds the gate's report)."""
+
+    result: object                      # adreg.fitting.FitResult
+    run_id: str
+    model_uri: str
+    tracking_uri: str
+    version: str | None = None
+    registered_name: str | None = None
+    promoted: bool | None = None
+    promotion: object | None = None     # adreg.registry.versions.Promotion
+    gate: object | None = None          # adreg.registry.lifecycle.GateReport
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Fit and evaluation metrics, as logged (image_auroc, pixel_auroc, aupro, threshold, ...)."""
+        return self.result.metrics()
+
+    @property
+    def detector(self):
+        """The fitted ``AnomalyDetector``."""
+        return self.result.detector
+
+
+def fit(category: str, *, train_dir: str | None = None, val_dir: str | None = None, test_dir: str | None = None,
+        method: str = "subspace", k_shot: int = 1, seed: int = 0, params: dict | None = None,
+        register: bool = False, promote: str | None = None, export: str | None = None,
+        tracking_uri: str | None = None, show_progress: bool = True, options=None, **settings) -> FitOutcome:
+    """Fit a detector for ``category``, evaluate it, log it to MLflow, and optionally register and promote it.
+
+    Args:
+        category: product name; the model is registered as ``adreg-<category>``.
+        train_dir: an MVTec category folder or a folder of good images (default: the bundled data of
+            ``category``); ``val_dir`` / ``test_dir`` as in ``adreg fit``.
+        method: ``subspace``, ``rad``, ``knn``, ``foundad`` or ``spg``; ``params`` its hyper-parameters.
+        k_shot, seed: how many good images to fit on, drawn with ``seed``.
+        register: register the logged model as a new version of ``adreg-<category>``.
+        promote: after registering, move this alias (e.g. ``"staging"``) to it through the quality gate.
+        export: also export the backbone for ``onnxruntime`` or ``openvino`` and serve it with that runtime.
+        options: an ``adreg.FitOptions`` instead of the keyword settings.
+        **settings: any other ``FitOptions`` field (``backbone``, ``layers``, ``image_size``, ``augment``,
+            ``aug_count``, ``top_fraction``, ``sigma``, ``threshold_quantile``, ``holdout``, ``device``, ...).
+
+    Returns:
+        ``FitOutcome`` with ``run_id``, ``version``, ``metrics``, ``detector``, ``promoted`` and ``gate``.
+
+    Raises:
+        DataError: missing or empty folders, unreadable images, ``k_shot`` larger than the folder.
+        ConfigError: an unknown method, backbone or option value; ``promote`` without a test set.
+        StoreUnreachable, PermissionDenied: the store is down or refuses the user.
+    """
+    from adreg.fitting import FitOptions, fit_category
+    from adreg.registry import lifecycle, tracking, versions
+
+    if options is None:
+        known = set(FitOptions.__dataclass_fields__)
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ConfigError(f"unknown fit setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        options = FitOptions(category=category, method=method, train_dir=train_dir, val_dir=val_dir,
+                             test_dir=test_dir, k_shot=k_shot, seed=seed, method_params=dict(params or {}),
+                             **settings)
+    uri = _store(tracking_uri)
+    result = fit_category(options, show_progress=show_progress)
+    logged = tracking.log_fit(result, export=export)
+    out = FitOutcome(result, logged.run_id, logged.model_uri, uri)
+    if register or promote:
+        out.version = versions.register(logged.model_uri, logged.run_id, options.category, result.metrics())
+        out.registered_name = versions.model_name(options.category)
+    if promote:
+        if result.evaluation is None:
+            raise ConfigError(f"{out.registered_name} version {out.version} is registered but not promoted: "
+                              "promoting needs a test set to run the promotion gate on; give --test-dir")
+        out.promotion, out.gate = lifecycle.promote_gated(options.category, out.version, promote,
+                                                          reason="fit --promote", device=options.device,
+                                                          candidate_metrics=result.evaluation.metrics)
+        out.promoted = out.promotion is not None
+    return out
+
+
+# -- lifecycle ----------------------------------------------------------------------------------------------
+@dataclass
+class PromoteOutcome:
+    """A gated promotion: ``promoted`` (False: refused by the gate, recorded), the ``gate`` report (candidate
+    and baseline metrics, failures), the ``promotion`` (alias, version, previous, who) when it happened, and
+    ``forced`` when it went past a failed gate."""
+
+    category: str
+    alias: str
+    version: str
+    promoted: bool
+    gate: object                      # adreg.registry.lifecycle.GateReport
+    promotion: object | None = None   # adreg.registry.versions.Promotion
+    policy: object | None = None
+
+    @property
+    def forced(self) -> bool:
+        return self.promoted and not self.gate.passed
+
+
+def promote(category: str, version, alias: str = "production", *, force: bool = False, reason: str = "",
+            eval_dir: str | None = None, policy=None, min_image_auroc: float = 0.90, min_pixel_auroc: float = 0.90,
+            tolerance: float = 0.01, device: str = "auto", tracking_uri: str | None = None) -> PromoteOutcome:
+    """Move ``alias`` to ``version`` of ``adreg-<category>`` if it passes the quality gate.
+
+    The gate evaluates the candidate (and the alias's current version, on the same images) on the evaluation
+    set logged with the version, or on ``eval_dir``: floors ``min_image_auroc`` / ``min_pixel_auroc`` and at most
+    ``tolerance`` regression (or a ``GatePolicy``). ``force`` promotes past a failed gate (needs MANAGE; recorded).
+    Every outcome is recorded in the category's history.
+
+    Returns:
+        ``PromoteOutcome`` (``promoted`` False when the gate refused).
+
+    Raises:
+        NotFoundError: unknown category or version. PermissionDenied: the user may not move the alias.
+        DataError: the version has no logged evaluation set and no ``eval_dir`` was given.
+    """
+    from adreg.registry import lifecycle
+
+    _store(tracking_uri)
+    policy = _policy(policy, min_image_auroc, min_pixel_auroc, tolerance)
+    promo, report = lifecycle.promote_gated(category, version, alias, policy, force=force, reason=reason,
+                                            eval_dir=eval_dir, device=device)
+    return PromoteOutcome(category, alias, str(version), promo is not None, report, promo, policy)
+
+
+def rollback(category: str, alias: str = "production", reason: str = "", tracking_uri: str | None = None):
+    """Point ``alias`` back at the version it held before (skipping deleted versions); recorded.
+
+    Returns the ``Promotion`` (``version`` now, ``previous`` before). Raises ``RegistryError`` when there is
+    no earlier version, ``NotFoundError`` for an unknown category, ``PermissionDenied``."""
+    from adreg.registry import lifecycle
+
+    _store(tracking_uri)
+    return lifecycle.rollback(category, alias, reason=reason)
+
+
+def update(category: str, add_good: Sequence[str] | str, *, from_alias: str = "production", from_version=None,
+           include_suspects: bool = False, holdout: int = 20, min_calibration: int = 20, seed: int = 0,
+           register: bool = False, promote: str | None = None, reason: str = "", policy=None,
+           device: str = "auto", tracking_uri: str | None = None, show_progress: bool = True):
+    """Grow a registered version with more good images into a new run (and version, with ``register``).
+
+    The parent (``from_version``, else the version ``from_alias`` points at) keeps its backbone and settings;
+    duplicates (sha256) and unreadable files are skipped, images the parent flags are held out unless
+    ``include_suspects``, ``holdout`` new goods recalibrate the threshold, and the result is evaluated on the
+    parent's evaluation set. ``promote`` registers and promotes through the gate like ``fit``.
+
+    Returns:
+        ``adreg.registry.update.UpdateOutcome`` (``result``: what was added, skipped, held out; ``logged``:
+        run and version; ``gate``).
+
+    Raises:
+        DataError: no folder, no image, nothing new, every image suspect. NotFoundError: unknown parent.
+    """
+    from adreg.registry.update import UpdateOptions, update_version
+
+    _store(tracking_uri)
+    folders = [add_good] if isinstance(add_good, (str, Path)) else list(add_good)
+    opts = UpdateOptions(category=category, add_good=[str(f) for f in folders], from_alias=from_alias,
+                         from_version=from_version, include_suspects=include_suspects, holdout=holdout,
+                         min_calibration=min_calibration, seed=seed, device=device)
+    return update_version(opts, register=register, promote_alias=promote, policy=_policy(policy), reason=reason,
+                          show_progress=show_progress)
+
+
+def history(category: str, tracking_uri: str | None = None) -> list[dict]:
+    """Every promotion, refusal and rollback of ``category``, oldest first (who, when, why, gate metrics)."""
+    from adreg.registry import versions
+
+    _store(tracking_uri)
+    return versions.history(category)
+
+
+def compare(category: str, v1, v2, tracking_uri: str | None = None) -> list[dict]:
+    """Rows (what, v1, v2, delta) of two versions' key metrics, then their differing parameters."""
+    from adreg.registry import lifecycle
+
+    _store(tracking_uri)
+    return lifecycle.compare(category, v1, v2)
+
+
+def models(tracking_uri: str | None = None, serving: bool = True) -> list[dict]:
+    """One row per registered version of every category: aliases, method, key metrics, created, and (with
+    ``serving``) the live servers serving it."""
+    from adreg.registry import versions
+
+    _store(tracking_uri)
+    rows = versions.list_versions()
+    if serving:
+        from adreg.pyfunc.status import annotate_rows
+
+        annotate_rows(rows)
+    return rows
+
+
+def resolve(category: str, version=None, alias: str | None = "production", tracking_uri: str | None = None):
+    """Pin ``category`` to one registered version (``version`` wins over ``alias``): an
+    ``adreg.registry.resolve.ModelRef`` (name, version, alias, uri). Raises ``NotFoundError`` saying what exists."""
+    from adreg.registry.resolve import resolve as _resolve
+
+    _store(tracking_uri)
+    return _resolve(category, version, alias)
+
+
+# -- using a model ------------------------------------------------------------------------------------------
+def load(category: str, version=None, alias: str | None = None, device: str = "auto",
+         tracking_uri: str | None = None):
+    """A registered version's ``AnomalyDetector``: ``version``, else the version ``alias`` points at, else
+    ``production``; downloaded and checked against the artifact digest recorded at registration.
+
+    Raises ``NotFoundError`` (unknown category, version or alias) and ``IntegrityError`` (files changed)."""
+    from adreg.registry.resolve import load_detector
+
+    ref = resolve(category, version, alias or "production", tracking_uri)
+    return load_detector(ref, device)
+
+
+@dataclass
+class PredictOutcome:
+    """``rows``: one per image (path, score, is_anomaly, threshold, model_name, model_version, model_alias,
+    error; ``map`` when a map was saved); ``model``: the pinned version that scored them."""
+
+    model: object                     # adreg.registry.resolve.ModelRef
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def threshold(self) -> float | None:
+        return next((r["threshold"] for r in self.rows if r.get("threshold") is not None), None)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.rows if r["error"])
+
+
+def predict(category: str, images: Sequence[str | Path], *, version=None, alias: str = "production",
+            device: str = "auto", save_maps: str | None = None, batch_size: int = 16,
+            tracking_uri: str | None = None) -> PredictOutcome:
+    """Score image files in-process with the served model of a registered version (the same pyfunc model
+    ``adreg serve`` runs); ``save_maps`` writes each anomaly map as a PNG into that folder. A file that cannot be
+    read or decoded gets its own ``error``; the others are scored."""
+    from adreg.batch.score import iter_scores, load_scoring_model
+
+    if not images:
+        raise DataError("give at least one image file")
+    ref = resolve(category, version, alias, tracking_uri)
+    loaded = load_scoring_model(ref, device, bool(save_maps))
+    out = PredictOutcome(ref)
+    for rows in iter_scores(loaded, ref, [str(p) for p in images], batch_size, save_maps):
+        out.rows.extend(rows)
+    return out
+
+
+def score(category: str, inputs: Sequence[str], output: str, *, version=None, alias: str = "production",
+          engine: str = "inprocess", batch_size: int = 16, save_maps: str | None = None, resume: bool = False,
+          device: str = "auto", tracking_uri: str | None = None, **spark):
+    """Batch-score image files, folders (recursive) or globs into a parquet dataset ``output``, pinned to one
+    version for the whole job; ``engine="spark"`` runs ``mlflow.pyfunc.spark_udf`` (``**spark``: master,
+    task_cpus, partitions, env_manager, glob). Returns ``adreg.batch.BatchResult`` (counts, seconds)."""
+    from adreg.batch import score_images
+
+    ref = resolve(category, version, alias, tracking_uri)  # before anything heavy
+    if engine == "spark":
+        if save_maps:
+            raise ConfigError("--save-maps works with the in-process engine only; drop it or use --engine inprocess")
+        from adreg.batch.spark import score_with_spark
+
+        return score_with_spark(category, list(inputs), output, batch_size=batch_size, resume=resume, device=device,
+                                model=ref, **{k: v for k, v in spark.items() if v is not None})
+    if engine != "inprocess":
+        raise ConfigError(f"engine must be inprocess or spark, got {engine!r}")
+    return score_images(category, list(inputs), output, batch_size=batch_size, save_maps=save_maps, resume=resume,
+                        device=device, model=ref)
+
+
+def serve(category: str, *, alias: str = "production", version=None, host: str = "127.0.0.1", port: int = 5000,
+          tracking_uri: str | None = None, **options):
+    """A supervised ``mlflow models serve`` of ``adreg-<category>`` (``"router"``: the bundled router), not yet
+    started: ``.start()``, ``.wait_ready()``, ``.stop()``, ``.run()`` (foreground), or ``with adreg.serve(...)``.
+
+    The server follows ``alias`` (a promotion or rollback reaches it without a restart) unless ``version`` pins
+    one. ``**options``: workers, device, precision, return_map, poll_seconds, shadow (an alias scored beside,
+    off the response path), capture (a folder), capture_rate, capture_max_mib, max_request_mib, max_rows,
+    server_id. Raises ``NotFoundError`` (unknown category / alias) and ``ConfigError`` (port in use)."""
+    from adreg.server import build_server
+
+    return build_server(category, alias=alias, version=version, host=host, port=port, tracking_uri=tracking_uri,
+                        **options)
+
+
+def status(category: str, tracking_uri: str | None = None) -> dict:
+    """Aliases of ``category`` and the servers that report serving it: {model, aliases, servers}."""
+    from adreg.pyfunc import status as server_status
+    from adreg.registry.resolve import get_model
+
+    _store(tracking_uri)
+    model = get_model(category)
+    return {"model": model.name, "aliases": {a: str(v) for a, v in sorted(model.aliases.items())},
+            "servers": server_status.servers(model)}
+
+
+# -- exported runtimes, the router, drift, governance -------------------------------------------------------
+def export(category: str, version, runtime: str = "openvino", tracking_uri: str | None = None):
+    """Register a new version = ``version`` with its backbone exported for ``runtime`` (onnxruntime / openvino);
+    returns the logged fit (run_id, model_uri, version)."""
+    from adreg.registry.export import export_version
+
+    _store(tracking_uri)
+    return export_version(category, version, runtime)
+
+
+def bundle(categories: Sequence[str], alias: str = "production", promote: str | None = "production",
+           tracking_uri: str | None = None):
+    """Bundle ``categories`` (each at ``alias``) into the router model ``adreg-router``, register it and point
+    ``promote`` at it; returns (logged fit, Promotion or None)."""
+    from adreg.names import ROUTER
+    from adreg.registry import bundle as router_bundle, versions
+
+    _store(tracking_uri)
+    logged = router_bundle.build_router(list(categories), alias)
+    promo = versions.promote(ROUTER, logged.version, promote, reason="serve-bundle") if promote else None
+    return logged, promo
+
+
+def drift(category: str, folders: Sequence[str] | str, *, alias: str | None = "production", version=None,
+          max_alarm_ratio: float = 3.0, p_value: float = 0.01, device: str = "auto", log: bool = True,
+          tracking_uri: str | None = None):
+    """Compare recent production images with the reference goods logged at fit (alarm rate, KS and
+    Mann-Whitney tests); logs a monitoring run unless ``log`` is False. Returns a ``DriftReport``."""
+    from adreg.monitoring.drift import DriftPolicy, check_drift
+
+    _store(tracking_uri)
+    return check_drift(category, folders, alias=None if version is not None else alias, version=version,
+                       policy=DriftPolicy(max_alarm_ratio, p_value), device=device, log=log)
+
+
+def grant(category: str, user: str, level: str, tracking_uri: str | None = None) -> list[dict]:
+    """Admins: give ``user`` READ / EDIT / MANAGE on a category (and what the role needs on its experiments)."""
+    from adreg.registry import governance
+
+    _store(tracking_uri)
+    return governance.grant(category, user, level)
+
+
+def whoami(category: str | None = None, tracking_uri: str | None = None) -> dict:
+    """The acting user and what kind of identity it is; with ``category``, the user's permission on it."""
+    from adreg.names import model_name
+    from adreg.registry import governance
+
+    _store(tracking_uri)
+    ident = governance.identity()
+    out = {"user": ident.user, "identity": ident.kind, "is_admin": ident.is_admin, "server": ident.server}
+    if category:
+        out["permission"] = governance.permission("registered_model", model_name(category))
+    return out

@@ -1,0 +1,225 @@
+"""A supervised model server: ``mlflow models serve`` for one registered model, as an object.
+
+``Server`` resolves what to serve (a category following its alias, a pinned version, or the router), builds
+MLflow's command line and the served model's ``SERVING_MODEL_CONFIG``, checks the port, and runs the server in
+its own process group: ``start()`` returns at once, ``wait_ready()`` waits for ``/health``, ``stop()`` stops the
+whole group (mlflow and its uvicorn worker; SIGKILL after a grace period) and ``run()`` (what ``adreg serve``
+does) serves in the foreground, handing SIGTERM / SIGINT / SIGHUP on to the group. Also a context manager::
+
+    with adreg.serve("bottle", port=5001) as server:
+        server.wait_ready()
+        requests.post(server.url + "/invocations", json=...)
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adreg.errors import ConfigError
+from adreg.names import ROUTER
+from adreg.pyfunc import DEFAULT_MAX_REQUEST_MIB, DEFAULT_MAX_ROWS, DEFAULT_POLL_SECONDS
+
+STOP_GRACE_S = 20
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A one-line ``ConfigError`` (exit 2) when something already listens on host:port."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot serve on host {host!r}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is not "in use"
+        try:
+            s.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is already in use; stop what listens there "
+                                  f"(`adreg status CATEGORY` lists running adreg servers) or pick another --port") from None
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def serve_command(model_uri: str, host: str, port: int, workers: int = 1) -> list[str]:
+    """``mlflow models serve`` for ``model_uri`` in this environment (``--env-manager local``)."""
+    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    return [mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local",
+            "--host", host, "--port", str(port), "--workers", str(workers)]
+
+
+def serve_env(tracking_uri: str, model_config: dict) -> dict:
+    """Environment of `mlflow models serve`: the store, and SERVING_MODEL_CONFIG (keys of the served
+    model's DEFAULT_MODEL_CONFIG: device, follow_alias, poll_seconds, shadow_alias, capture_*, max_*, ...)."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_DISABLE_TELEMETRY="true",
+               SERVING_MODEL_CONFIG=json.dumps(model_config))
+    # uvicorn must be on PATH for `mlflow models serve`; it sits beside this interpreter.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+@dataclass
+class Server:
+    """One ``mlflow models serve`` process group serving a registered adreg model (see the module doc).
+
+    Build it with ``adreg.serve(...)`` (which resolves the model and checks the port); ``description`` says
+    what it serves, ``command`` / ``env`` are what it runs."""
+
+    model_uri: str
+    host: str
+    port: int
+    tracking_uri: str
+    model_config: dict
+    description: str = ""
+    workers: int = 1
+    process: subprocess.Popen | None = field(default=None, repr=False)
+    _stopping: list = field(default_factory=list, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def command(self) -> list[str]:
+        return serve_command(self.model_uri, self.host, self.port, self.workers)
+
+    @property
+    def env(self) -> dict:
+        return serve_env(self.tracking_uri, self.model_config)
+
+    def start(self) -> "Server":
+        """Start the server in its own process group; returns at once (``wait_ready`` waits for it)."""
+        if self.process is not None and self.process.poll() is None:
+            raise ConfigError(f"the server on {self.url} is already running")
+        self.process = subprocess.Popen(self.command, env=self.env, process_group=0)
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> "Server":
+        """Wait until ``/health`` answers 200; ``ConfigError`` if the process exits or ``timeout`` passes."""
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                rc = None if self.process is None else self.process.returncode
+                raise ConfigError(f"the server for {self.model_uri} exited (code {rc}) before it was ready")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise ConfigError(f"the server for {self.model_uri} was not ready on {self.url} within {timeout:g} s")
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _reap_group(self, grace: float = STOP_GRACE_S) -> None:
+        """Wait for every process of the group to be gone; SIGKILL what is left after ``grace`` seconds
+        (the uvicorn worker may outlive mlflow by a moment while it finishes requests)."""
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                os.killpg(self.process.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            if time.monotonic() > deadline:
+                self._signal_group(signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    def stop(self, grace: float = STOP_GRACE_S) -> int | None:
+        """SIGTERM the whole process group, SIGKILL it after ``grace`` s; returns the server's exit code."""
+        if self.process is None:
+            return None
+        self._signal_group(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        self._reap_group(grace)
+        return self.process.poll()
+
+    def wait(self) -> int:
+        """Wait for the server to exit by itself; returns its exit code (what is left of the group is reaped)."""
+        rc = self.process.wait()
+        self._reap_group()
+        return rc
+
+    def run(self) -> int:
+        """Serve in the foreground until the server exits or this process gets SIGTERM / SIGINT / SIGHUP, which
+        are handed on to the whole group (SIGHUP as SIGTERM). Returns 0 after a signal, else the exit code."""
+        self.start()
+
+        def forward(signum, _frame):
+            self._stopping.append(signum)
+            self._signal_group(signum if signum != signal.SIGHUP else signal.SIGTERM)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        try:
+            rc = self.process.wait()
+        finally:
+            if not self._stopping:
+                self._signal_group(signal.SIGTERM)
+            self._reap_group()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 0 if self._stopping else rc
+
+    def __enter__(self) -> "Server":
+        if self.process is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def build_server(category: str, *, alias: str = "production", version=None, host: str = "127.0.0.1",
+                 port: int = 5000, workers: int = 1, device: str = "auto", precision: str = "fp32",
+                 return_map: bool = False, poll_seconds: float = DEFAULT_POLL_SECONDS, shadow: str | None = None,
+                 capture: str | None = None, capture_rate: float = 0.05, capture_max_mib: float = 1024,
+                 max_request_mib: float = DEFAULT_MAX_REQUEST_MIB, max_rows: int = DEFAULT_MAX_ROWS,
+                 server_id: str | None = None, tracking_uri: str | None = None) -> Server:
+    """Resolve what to serve and check the port; returns a ``Server`` that is not started yet.
+
+    ``category`` follows ``alias`` (the served model swaps versions as the alias moves) unless ``version``
+    pins one; ``"router"`` serves the multi-category router, each category following its own alias."""
+    from adreg.pyfunc.status import default_server_id
+    from adreg.registry import tracking
+    from adreg.registry.resolve import resolve
+
+    uri = tracking.ensure(tracking_uri)
+    check_port_free(host, port)
+    ref = resolve(category, version, alias)
+    config = {"device": device, "return_map": return_map, "precision": precision, "poll_seconds": poll_seconds,
+              "max_request_mib": max_request_mib, "max_rows": max_rows, "server_host": host, "server_port": port,
+              "server_id": server_id or default_server_id(host, port)}
+    pinned = version is not None
+    if category == ROUTER:
+        config.update(follow_alias="" if pinned else alias)
+        what = ref.uri if pinned else f"{ref.uri}, each category following @{alias}"
+    else:
+        config.update(follow_alias="" if pinned else alias, registered_model=ref.name, model_version=ref.version)
+        what = (f"{ref.name} version {ref.version} (pinned)" if pinned else
+                f"{ref.name}@{alias} (now version {ref.version}; follows the alias every {poll_seconds:g} s)")
+    if shadow:
+        config["shadow_alias"] = shadow
+        what += f", shadowing @{shadow}"
+    if capture:
+        config.update(capture_dir=str(Path(capture).resolve()), capture_rate=capture_rate,
+                      capture_max_mib=capture_max_mib)
+        what += f", capturing {capture_rate:g} of images into {capture} (<= {capture_max_mib:g} MiB)"
+    return Server(ref.uri, host, port, uri, config, description=what, workers=workers)
