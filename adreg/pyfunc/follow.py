@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-import json
 import logging
 import math
 import os

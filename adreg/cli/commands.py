@@ -1,0 +1,358 @@
+"""The ``adreg`` commands: each calls ``adreg.api`` with the parsed arguments and prints what it returns."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+from adreg.errors import EXIT_REFUSED
+
+KEY_ORDER = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "threshold",
+             "fit_seconds", "latency_ms_per_image")
+COMPARED = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+    if not rows:
+        return
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _json_out(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def _api():
+    from adreg import api
+
+    return api
+
+
+def _policy(args):
+    from adreg.registry.lifecycle import GatePolicy
+
+    return GatePolicy(args.min_image_auroc, args.min_pixel_auroc, args.tolerance)
+
+
+# -- fit ---------------------------------------------------------------------------------------------
+def _fit_settings(args) -> dict:
+    params = dict(args.param)
+    if args.pca_ev is not None:
+        params["pca_ev"] = args.pca_ev
+    return dict(train_dir=args.train_dir, val_dir=args.val_dir, test_dir=args.test_dir, method=args.method,
+                k_shot=args.k_shot, seed=args.seed, params=params, backbone=args.backbone, layers=args.layers,
+                image_size=args.image_size, precision=args.precision, augment=args.augment,
+                aug_count=args.aug_count, top_fraction=args.top_fraction, sigma=args.sigma,
+                threshold_quantile=args.threshold_quantile, holdout=args.holdout, batch_size=args.batch_size,
+                device=args.device)
+
+
+def _print_fit(out, alias: str | None) -> None:
+    r, det = out.result, out.result.detector
+    metrics = out.metrics
+    print(f"\nfitted {r.options.method} for {r.options.category!r}: {len(r.shots)} shot(s), "
+          f"threshold {det.threshold.value:.4g} ({det.threshold.rule}, from {r.calibration_source})")
+    _print_table([{k: f"{metrics[k]:.4f}" for k in KEY_ORDER if k in metrics}], [k for k in KEY_ORDER if k in metrics])
+    print(f"run: {out.run_id} (tracking: {out.tracking_uri})")
+    if out.version:
+        print(f"registered {out.registered_name} version {out.version}")
+    if out.promoted is False:
+        print(f"not promoted to {alias!r}: " + "; ".join(out.gate.failures))
+    elif out.promoted:
+        print(f"promoted version {out.promotion.version} to {out.promotion.alias!r}: {out.promotion.model_uri}")
+
+
+def cmd_fit(args) -> int:
+    out = _api().fit(args.category, register=args.register, promote=args.promote, export=args.export,
+                     tracking_uri=args.tracking_uri, **_fit_settings(args))
+    _print_fit(out, args.promote)
+    return EXIT_REFUSED if out.promoted is False else 0
+
+
+def cmd_quickstart(args) -> int:
+    out = _api().fit(args.category, train_dir=args.train_dir, k_shot=args.k_shot, seed=args.seed, register=True,
+                     promote="production", tracking_uri=args.tracking_uri)
+    _print_fit(out, "production")
+    if not out.promoted:
+        return EXIT_REFUSED
+    steps = [(f"mlflow ui --backend-store-uri {out.tracking_uri}", "browse runs and the registry"),
+             ("adreg models", "versions, aliases, metrics"),
+             (f"adreg predict {args.category} IMAGE...", "score images in-process"),
+             (f"adreg serve {args.category} --port 5000", f"REST: models:/{out.registered_name}@production")]
+    width = max(len(cmd) for cmd, _ in steps)
+    print("\nnext:")
+    for cmd, what in steps:
+        print(f"  {cmd.ljust(width)}  # {what}")
+    return 0
+
+
+# -- registry ----------------------------------------------------------------------------------------
+def cmd_promote(args) -> int:
+    out = _api().promote(args.category, args.version, args.alias, force=args.force, reason=args.reason or "",
+                         eval_dir=args.eval_dir, policy=_policy(args), device=args.device,
+                         tracking_uri=args.tracking_uri)
+    report, promo, policy = out.gate, out.promotion, out.policy
+    if args.json:
+        _json_out({"category": args.category, "alias": args.alias, "version": str(args.version),
+                   "promoted": out.promoted, "forced": out.forced,
+                   **{k: getattr(promo, k, None) for k in ("previous", "model_uri", "by", "identity", "event_run")},
+                   "gate": {**report.summary(), "floors": policy.floors(), "tolerance": policy.tolerance}})
+        return 0 if out.promoted else EXIT_REFUSED
+    rows = [{"model": f"v{args.version} (candidate)", **{k: f"{report.candidate.get(k, float('nan')):.4f}"
+                                                         for k in COMPARED}}]
+    if report.baseline is not None:
+        rows.append({"model": f"v{report.baseline_version} (current {args.alias})",
+                     **{k: f"{report.baseline.get(k, float('nan')):.4f}" for k in COMPARED}})
+    print(f"gate on {report.eval_set} (floors: image {policy.min_image_auroc}, pixel {policy.min_pixel_auroc}; "
+          f"tolerance {policy.tolerance})")
+    _print_table(rows, ["model", *COMPARED])
+    from adreg.pyfunc.shadow import describe_latest
+
+    print(describe_latest(args.category, args.version) or "", end="")
+    for failure in report.failures:
+        print(f"  gate: {failure}")
+    if not out.promoted:
+        print(f"REFUSED: version {args.version} stays out of {args.alias!r} (use --force to override, recorded)")
+        return EXIT_REFUSED
+    was = f"(was version {promo.previous})" if promo.previous else "(new alias)"
+    forced = " FORCED past a failed gate" if out.forced else ""
+    print(f"{promo.alias} -> {promo.model_uri.split('@')[0][len('models:/'):]} version {promo.version} {was}{forced}")
+    print(f"model URI: {promo.model_uri} (by {promo.by}, {promo.identity})")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    promo = _api().rollback(args.category, args.alias, reason=args.reason or "", tracking_uri=args.tracking_uri)
+    if args.json:
+        _json_out({"category": args.category, **{k: getattr(promo, k) for k in (
+            "alias", "version", "previous", "model_uri", "by", "identity", "event_run")}})
+        return 0
+    print(f"rolled back {promo.alias}: version {promo.previous} -> version {promo.version} ({promo.model_uri})")
+    return 0
+
+
+def cmd_history(args) -> int:
+    events = _api().history(args.category, tracking_uri=args.tracking_uri)
+    if args.json:
+        _json_out(events)
+        return 0
+    if not events:
+        print(f"no promotions recorded for {args.category!r}")
+        return 0
+    from adreg.registry.lifecycle import history_rows
+
+    _print_table(history_rows(events), ["at", "action", "alias", "version", "from", "by", "identity", "reason", "gate"])
+    return 0
+
+
+def cmd_compare(args) -> int:
+    rows = _api().compare(args.category, args.v1, args.v2, tracking_uri=args.tracking_uri)
+    if args.json:
+        _json_out(rows)
+    else:
+        _print_table(rows, list(rows[0]))
+    return 0
+
+
+def cmd_models(args) -> int:
+    rows = _api().models(tracking_uri=args.tracking_uri)
+    if args.json:
+        _json_out(rows)
+    elif not rows:
+        print("no models registered yet; run `adreg fit --category NAME --register`")
+    else:
+        _print_table(rows, ["category", "version", "aliases", "method", "image_auroc", "pixel_auroc", "aupro",
+                            "image_f1_max", "threshold", "created", "serving"])
+    return 0
+
+
+def cmd_grant(args) -> int:
+    done = _api().grant(args.category, args.user, args.level, tracking_uri=args.tracking_uri)
+    if args.json:
+        _json_out(done)
+        return 0
+    for g in done:
+        print(f"granted {g['permission']} on {g['resource_type']} {g['resource']} to {g['user']}")
+    return 0
+
+
+def cmd_whoami(args) -> int:
+    out = _api().whoami(args.category, tracking_uri=args.tracking_uri)
+    if args.json:
+        _json_out(out)
+    else:
+        print(" ".join(f"{k}={v}" for k, v in out.items() if v is not None))
+    return 0
+
+
+# -- serving and prediction --------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    server = _api().serve(args.category, alias=args.alias, version=args.pin or args.version, host=args.host,
+                          port=args.port, workers=args.workers, device=args.device, precision=args.precision,
+                          return_map=args.return_map, poll_seconds=args.poll_seconds, shadow=args.shadow,
+                          capture=args.capture, capture_rate=args.capture_rate, capture_max_mib=args.capture_max_mib,
+                          max_request_mib=args.max_request_mib, max_rows=args.max_rows, server_id=args.server_id,
+                          tracking_uri=args.tracking_uri)
+    print(f"serving {server.description} on {server.url}/invocations (device {args.device}, "
+          f"server id {server.model_config['server_id']})")
+    print("$ " + shlex.join(server.command), flush=True)
+    return server.run()
+
+
+def cmd_status(args) -> int:
+    from adreg.pyfunc import status as server_status
+
+    out = _api().status(args.category, tracking_uri=args.tracking_uri)
+    if args.json:
+        _json_out(out)
+        return 0
+    aliases, entries = out["aliases"], out["servers"]
+    print(f"{out['model']}: " + (", ".join(f"{a} = {v}" for a, v in aliases.items()) or "no aliases"))
+    if not entries:
+        print("no server has reported serving it (servers started by `adreg serve` report here)")
+        return 0
+    rows = []
+    for e in entries:
+        swap, fail = e.get("last_swap") or {}, e.get("last_failure") or {}
+        rows.append({"server": e.get("server"), "state": "stale" if e["stale"] else "live",
+                     "version": e.get("version"), "alias": e.get("alias") or "(pinned)", "since": e.get("since", "")[:19],
+                     "last swap": f"{swap.get('from')} -> {swap.get('to')} at {swap.get('at', '')[11:19]}" if swap else "",
+                     "last failure": f"v{fail.get('version')}: {fail.get('reason', '')[:60]}" if fail else "",
+                     "shadow": f"{e['shadow']['alias']} = {e['shadow']['version']}" if e.get("shadow") else "",
+                     "heartbeat": f"{e['age_s']:.0f} s ago"})
+    _print_table(rows, list(rows[0]))
+    for e in entries:
+        print("  " + server_status.describe(e, aliases))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    out = _api().predict(args.category, args.images, version=args.version, alias=args.alias, device=args.device,
+                         save_maps=args.save_maps, tracking_uri=args.tracking_uri)
+    rows = [{"image": r["path"], "score": "" if r["error"] else f"{r['score']:.5g}",
+             "anomalous": "" if r["error"] else ("YES" if r["is_anomaly"] else "no"), "error": r["error"] or "",
+             **({"map": r.get("map", "")} if args.save_maps else {})} for r in out.rows]
+    threshold = out.threshold
+    print(f"{out.model.describe()} (threshold {'n/a' if threshold is None else f'{threshold:.4g}'})")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(rows, list(rows[0]))
+    return 1 if out.failed else 0
+
+
+def cmd_serve_bundle(args) -> int:
+    logged, promo = _api().bundle(args.categories, args.alias, args.promote, tracking_uri=args.tracking_uri)
+    print(f"registered {logged.registered_name} version {logged.version}: categories {', '.join(args.categories)} "
+          f"(each at @{args.alias})")
+    print(f"{promo.alias} -> version {promo.version}: serve it with `adreg serve router` ({promo.model_uri}); "
+          "requests carry a 'category' column beside 'image'")
+    return 0
+
+
+def cmd_export(args) -> int:
+    logged = _api().export(args.category, args.version, args.runtime, tracking_uri=args.tracking_uri)
+    print(f"registered {logged.registered_name} version {logged.version}: version {args.version} with its "
+          f"backbone on {args.runtime} (served with runtime {args.runtime} unless model_config overrides it)")
+    print(f"run: {logged.run_id}; promote it with `adreg promote {args.category} --version {logged.version}`")
+    return 0
+
+
+def cmd_score(args) -> int:
+    res = _api().score(args.category, args.inputs, args.output, version=args.version, alias=args.alias,
+                       engine=args.engine, batch_size=args.batch_size, save_maps=args.save_maps, resume=args.resume,
+                       device=args.device, tracking_uri=args.tracking_uri, master=args.master,
+                       task_cpus=args.task_cpus, partitions=args.partitions, env_manager=args.env_manager,
+                       glob=args.glob)
+    ref = res.model
+    alias = f" (@{ref.alias})" if ref.alias else ""
+    print(f"{ref.name} version {ref.version}{alias}: scored {res.scored} image(s), {res.failed} failed, "
+          f"{res.skipped} skipped (already in output), {res.seconds:.1f} s ({res.images_per_s:.1f} img/s)")
+    print(f"output: {res.output} ({res.output_rows} rows, {res.output_failed} with an error)")
+    return 1 if res.output_failed else 0
+
+
+# -- update and drift --------------------------------------------------------------------------------
+def _print_update(r, logged) -> None:
+    print(f"\nupdate of {r.parent_model} version {r.parent_version} (run {r.parent_run_id}), method {r.options.method}")
+    if r.duplicates:
+        print(f"  skipped {len(r.duplicates)} duplicate(s) (same sha256 as an image the parent learned from or "
+              "calibrated on, or as an earlier one here):")
+        for d in r.duplicates:
+            print(f"    {d['path']}  = {d['duplicate_of']}")
+    if r.unreadable:
+        print(f"  skipped {len(r.unreadable)} unreadable file(s):")
+        for u in r.unreadable:
+            print(f"    {u['path']}: {u['error']}")
+    if r.suspects:
+        what = "TAKEN IN (--include-suspects)" if r.include_suspects else \
+            "held out (check them; --include-suspects takes them in)"
+        print(f"  {len(r.suspects)} suspect(s) score above version {r.parent_version}'s threshold "
+              f"{r.parent_threshold:.4g}: {what}")
+        for s in r.suspects:
+            print(f"    {s['path']}  score {s['score']:.4g}")
+    print(f"  {r.options.method}: {r.method_report.get('what', 'updated')}")
+    print(f"  training images {r.n_parent_training} -> {r.n_parent_training + len(r.added)} (+{len(r.added)}); "
+          f"threshold {r.parent_threshold:.4g} -> {r.detector.threshold.value:.4g} ({r.detector.threshold.rule}, "
+          f"from {r.calibration_source})")
+    keys = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold"]
+    new = r.metrics()
+    rows = [{"model": f"v{r.parent_version} (parent)", **{k: f"{r.parent_metrics[k]:.4f}" for k in keys
+                                                           if k in r.parent_metrics}},
+            {"model": "update", **{k: f"{new[k]:.4f}" for k in keys if k in new}}]
+    print(f"evaluated on version {r.parent_version}'s evaluation set ({r.data.source}):")
+    _print_table(rows, ["model", *keys])
+    print(f"run: {logged.run_id} ({r.seconds:.1f} s)")
+
+
+def cmd_update(args) -> int:
+    out = _api().update(args.category, args.add_good, from_alias=args.from_alias, from_version=args.from_version,
+                        include_suspects=args.include_suspects, holdout=args.holdout,
+                        min_calibration=args.min_calibration, seed=args.seed, register=args.register,
+                        promote=args.promote, reason=args.reason or "", policy=_policy(args), device=args.device,
+                        tracking_uri=args.tracking_uri)
+    logged = out.logged
+    _print_update(out.result, logged)
+    if logged.version:
+        print(f"registered {logged.registered_name} version {logged.version} (parent: version {out.result.parent_version})")
+    if out.gate is not None:
+        for failure in out.gate.failures:
+            print(f"  gate: {failure}")
+        if logged.promoted:
+            print(f"promoted version {logged.version} to {args.promote!r}: models:/{logged.registered_name}@{args.promote}")
+        else:
+            print(f"not promoted to {args.promote!r} (gate failed; `adreg promote --force` overrides, recorded)")
+    return EXIT_REFUSED if logged.promoted is False else 0
+
+
+def cmd_drift(args) -> int:
+    rep = _api().drift(args.category, args.folders, alias=args.alias, version=args.version,
+                       max_alarm_ratio=args.max_alarm_ratio, p_value=args.p_value, device=args.device,
+                       log=not args.no_log, tracking_uri=args.tracking_uri)
+    which = f"@{rep.alias} = version {rep.version}" if rep.alias else f"version {rep.version}"
+    print(f"{rep.model_name} {which}: {rep.n_images} image(s) against {rep.n_reference} reference good "
+          f"score(s) ({rep.reference_source})")
+    for u in rep.unreadable:
+        print(f"  skipped unreadable {u['path']}: {u['error']}")
+    _print_table([{"what": "above threshold", "production": f"{rep.alarm_rate:.1%}",
+                   "expected": f"{rep.expected_alarm_rate:.1%}",
+                   "test": f"binomial p = {rep.binomial_p:.3g} (ratio {rep.alarm_ratio:.2f}x)"},
+                  {"what": "median score", "production": f"{rep.score_median:.4g}",
+                   "expected": f"{rep.reference_median:.4g}",
+                   "test": f"KS D = {rep.ks_statistic:.3f}, p = {rep.ks_p:.3g}; Mann-Whitney p = {rep.mannwhitney_p:.3g}"}],
+                 ["what", "production", "expected", "test"])
+    for reason in rep.reasons:
+        print(f"  drift: {reason}")
+    if rep.monitoring_run_id:
+        print(f"monitoring run: {rep.monitoring_run_id} (experiment {rep.model_name}-monitoring)")
+    if rep.drift:
+        print(f"DRIFT: production images no longer look like version {rep.version}'s reference goods; "
+              f"review them, then grow a version: adreg update {rep.category} --add-good DIR --register")
+        return EXIT_REFUSED
+    print("no drift")
+    return 0

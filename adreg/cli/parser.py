@@ -1,0 +1,270 @@
+"""The ``adreg`` argument parser: every sub-command, its arguments and help (the docs' CLI reference is
+generated from ``build_parser``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from adreg.cli.commands import (cmd_compare, cmd_drift, cmd_export, cmd_fit, cmd_grant, cmd_history, cmd_models,
+                                cmd_predict, cmd_promote, cmd_quickstart, cmd_rollback, cmd_score, cmd_serve,
+                                cmd_serve_bundle, cmd_status, cmd_update, cmd_whoami)
+
+DESCRIPTION = ("The adreg command line: fit, promote, rollback, history, compare, models, serve, predict, "
+               "quickstart.")
+
+
+def _parse_param(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _gate_args(p) -> None:
+    p.add_argument("--min-image-auroc", type=float, default=0.90, help="gate floor (default 0.90)")
+    p.add_argument("--min-pixel-auroc", type=float, default=0.90, help="gate floor (default 0.90)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="allowed drop against the alias's current version on the same images (default 0.01)")
+
+
+def add_fit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--category", required=True, help="product category, e.g. bottle (model name adreg-<category>)")
+    p.add_argument("--method", default="subspace", help="anomaly method (default: subspace)")
+    p.add_argument("--train-dir", help="MVTec category folder or folder of good images "
+                                       "(default: the bundled data for --category)")
+    p.add_argument("--val-dir", help="validation folder: good/ and optional defect sub-folders")
+    p.add_argument("--test-dir", help="test folder: good/ and defect sub-folders (MVTec layout)")
+    p.add_argument("--k-shot", type=int, default=1, help="number of good images to fit on (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shot selection and augmentation")
+    p.add_argument("--backbone", default="efficientnet-lite0",
+                   help="efficientnet-lite0 (offline default), efficientnet-lite2, or hf:<hub id or local dir>")
+    p.add_argument("--layers", type=int, nargs="+", help="backbone layers (Lite0 blocks, default 4 10; "
+                                                          "HF hidden_states indices, default -4 -5)")
+    p.add_argument("--image-size", type=int, help="square input size (default 320 for CNNs, 448 for ViTs)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="backbone precision on CUDA")
+    p.add_argument("--augment", default="rotate", help="comma list of none,rotate,hflip,vflip,affine,color")
+    p.add_argument("--aug-count", type=int, default=30, help="augmented copies per shot (default 30)")
+    p.add_argument("--top-fraction", type=float,
+                   help="image score = mean of this top fraction of map pixels (default 0.01; 0 = maximum; "
+                        "small defects on large parts want less, e.g. 0.001 on magnetic tiles)")
+    p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of anomaly maps, pixels (default 4)")
+    p.add_argument("--pca-ev", type=float, help="SubspaceAD explained-variance ratio to keep (default 0.99)")
+    p.add_argument("--param", type=_parse_param, action="append", default=[], metavar="KEY=VALUE",
+                   help="other method hyper-parameter, repeatable")
+    p.add_argument("--threshold-quantile", type=float, default=0.99,
+                   help="quantile of good validation scores used as threshold (default 0.99)")
+    p.add_argument("--holdout", type=int, default=20,
+                   help="good training images held out to calibrate the threshold when there is no --val-dir")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--register", action="store_true", help="register the model as a new version of adreg-<category>")
+    p.add_argument("--promote", metavar="ALIAS", help="after registering, point ALIAS (e.g. staging) at it")
+    p.add_argument("--export", choices=["onnx", "onnxruntime", "openvino"],
+                   help="also export the backbone and serve the model through this CPU runtime (onnx = onnxruntime)")
+
+
+# -- the parser --------------------------------------------------------------------------------------
+def _json_flag(p) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _which_version(p, alias_help: str = "alias resolved to ONE version (default production)") -> None:
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--alias", default="production", help=alias_help)
+    which.add_argument("--version", help="a version number instead of the alias")
+
+
+def _add_lifecycle_commands(sub) -> None:
+    p = sub.add_parser("promote", help="gate-checked: point an alias (staging, production) at a registered version")
+    p.add_argument("category")
+    p.add_argument("--version", required=True)
+    p.add_argument("--alias", default="production")
+    p.add_argument("--reason", help="recorded in the history and on the version's tags")
+    _gate_args(p)
+    p.add_argument("--eval-dir", help="evaluate on this labelled folder instead of the set logged with the version")
+    p.add_argument("--force", action="store_true", help="promote even if the gate fails (recorded)")
+    p.add_argument("--device", default="auto")
+    _json_flag(p)
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="point an alias back at the version it held before")
+    p.add_argument("category")
+    p.add_argument("--alias", default="production")
+    p.add_argument("--reason")
+    _json_flag(p)
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("history", help="promotions and rollbacks of a category: who, when, why, gate results")
+    p.add_argument("category")
+    _json_flag(p)
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("compare", help="metrics and differing parameters of two versions side by side")
+    p.add_argument("category")
+    p.add_argument("v1")
+    p.add_argument("v2")
+    _json_flag(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("models", help="table of registered categories, versions, aliases and metrics")
+    _json_flag(p)
+    p.set_defaults(func=cmd_models)
+
+
+def _add_serve_commands(sub) -> None:
+    from adreg.pyfunc import DEFAULT_MAX_REQUEST_MIB, DEFAULT_MAX_ROWS, DEFAULT_POLL_SECONDS
+
+    p = sub.add_parser("serve", help="serve a registered model over REST with `mlflow models serve`")
+    p.add_argument("category")
+    _which_version(p, "alias to serve and follow (default production)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--return-map", action="store_true", help="include anomaly maps in responses")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="backbone precision on CUDA")
+    p.add_argument("--pin", metavar="VERSION", help="serve this version and do not follow the alias")
+    p.add_argument("--poll-seconds", type=float, default=DEFAULT_POLL_SECONDS,
+                   help=f"how often the server checks the alias (default {DEFAULT_POLL_SECONDS:g})")
+    p.add_argument("--shadow", metavar="ALIAS", help="also score every request with this alias (e.g. staging), "
+                                                     "off the response path; comparisons logged to MLflow")
+    p.add_argument("--capture", metavar="DIR", help="write a sample of scored images (with score, verdict, "
+                                                    "version) into DIR/<category>/{ok,flagged}/<date>/")
+    p.add_argument("--capture-rate", type=float, default=0.05, help="fraction of images captured (default 0.05)")
+    p.add_argument("--capture-max-mib", type=float, default=1024,
+                   help="disk budget of the capture folder; oldest dropped first (default 1024)")
+    p.add_argument("--max-request-mib", type=float, default=DEFAULT_MAX_REQUEST_MIB,
+                   help=f"refuse requests with more image data (413; default {DEFAULT_MAX_REQUEST_MIB})")
+    p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS,
+                   help=f"refuse requests with more rows (400; default {DEFAULT_MAX_ROWS})")
+    p.add_argument("--server-id", help="name in status reports (default <hostname>-<host>-<port>)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("predict", help="score image files in-process with a registered model")
+    p.add_argument("category")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--save-maps", metavar="DIR", help="write anomaly maps as PNGs into DIR")
+    _json_flag(p)
+    _which_version(p)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve-bundle", help="bundle several categories into one router model (one backbone "
+                                             "per backbone config), register it as adreg-router")
+    p.add_argument("categories", nargs="+")
+    p.add_argument("--alias", default="production", help="which version of each category to bundle")
+    p.add_argument("--promote", default="production", help="alias to point at the new router version")
+    p.set_defaults(func=cmd_serve_bundle)
+
+    p = sub.add_parser("export", help="register a new version whose backbone runs on ONNX Runtime or OpenVINO (CPU)")
+    p.add_argument("category")
+    p.add_argument("--version", required=True, help="the registered version to export")
+    p.add_argument("--runtime", default="openvino", choices=["onnxruntime", "openvino"],
+                   help="CPU runtime of the exported backbone (default openvino)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("score", help="batch-score image files/folders/globs into a parquet dataset "
+                                      "(in-process or on Apache Spark)")
+    p.add_argument("category")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--output", "-o", required=True, help="output parquet dataset (a folder of part files)")
+    _which_version(p, "alias resolved to ONE version for the whole job")
+    p.add_argument("--engine", choices=["inprocess", "spark"], default="inprocess",
+                   help="inprocess: this process (default); spark: mlflow.pyfunc.spark_udf on --master")
+    p.add_argument("--master", help="Spark master: local[N], spark://host:7077, yarn, ... "
+                                    "(default: spark-submit's --master, else local[2])")
+    p.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv", "conda"],
+                   help="Spark: how executors get the model's Python environment (mlflow spark_udf; default local)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="images per model call (Spark: Arrow records per batch) (default 16)")
+    p.add_argument("--task-cpus", type=int, default=1, help="Spark: cores (torch threads) per task (default 1)")
+    p.add_argument("--partitions", type=int, help="Spark: number of tasks (default: one per core in local mode)")
+    p.add_argument("--glob", help="Spark: file-name filter inside folders (default: image extensions)")
+    p.add_argument("--save-maps", metavar="DIR", help="in-process: write anomaly maps as PNGs into DIR")
+    p.add_argument("--resume", action="store_true", help="skip inputs already in --output and append the rest")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("status", help="aliases of a category and the running servers serving it (stale marked)")
+    p.add_argument("category")
+    _json_flag(p)
+    p.set_defaults(func=cmd_status)
+
+
+def _add_governance_commands(sub) -> None:
+    p = sub.add_parser("grant", help="admins: give a user a role on a category (READ reader, EDIT editor, "
+                                     "MANAGE manager) on an authenticated MLflow server")
+    p.add_argument("category")
+    p.add_argument("user")
+    p.add_argument("level", type=str.upper, choices=["READ", "EDIT", "MANAGE"])
+    _json_flag(p)
+    p.set_defaults(func=cmd_grant)
+    p = sub.add_parser("whoami", help="the acting user and what kind of identity it is (authenticated or label)")
+    p.add_argument("--category", help="also show the permission on this category")
+    _json_flag(p)
+    p.set_defaults(func=cmd_whoami)
+
+
+def _add_update_commands(sub) -> None:
+    p = sub.add_parser("update", help="grow a registered version with more good images into a new version "
+                                      "(lineage, duplicates skipped, suspects held out)")
+    p.add_argument("category")
+    p.add_argument("--add-good", nargs="+", required=True, metavar="DIR",
+                   help="folders of good images, read recursively (e.g. the server's capture folder)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--from", dest="from_alias", default="production", metavar="ALIAS",
+                       help="grow the version this alias points at (default production)")
+    which.add_argument("--from-version", help="grow this version instead")
+    p.add_argument("--include-suspects", action="store_true",
+                   help="also learn from new images the parent scores above its threshold (held out by default)")
+    p.add_argument("--holdout", type=int, default=20,
+                   help="new good images held out to recalibrate the threshold (at most half; default 20)")
+    p.add_argument("--min-calibration", type=int, default=20,
+                   help="below this many held-out new goods the parent's calibration images join (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")
+    p.add_argument("--register", action="store_true", help="register the result as a new version")
+    p.add_argument("--promote", metavar="ALIAS", help="register, then promote through the gate (like fit)")
+    p.add_argument("--reason", help="recorded with the promotion")
+    _gate_args(p)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_update)
+
+    p = sub.add_parser("drift", help="compare recent production images with the reference goods logged at fit; "
+                                     "exit 1 on drift")
+    p.add_argument("category")
+    p.add_argument("folders", nargs="+", metavar="DIR", help="recent production images, read recursively")
+    _which_version(p)
+    p.add_argument("--max-alarm-ratio", type=float, default=3.0,
+                   help="drift when the alarm rate exceeds this many times the expected false-alarm rate "
+                        "(and significantly) (default 3)")
+    p.add_argument("--p-value", type=float, default=0.01, help="significance of the tests (default 0.01)")
+    p.add_argument("--no-log", action="store_true", help="do not log a monitoring run")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_drift)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adreg", description=DESCRIPTION)
+    parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI, "
+                                               "else sqlite in $ADREG_HOME or ./adreg-store)")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show MLflow's log lines and download bars, and the cause of an error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fit", help="fit, evaluate and log a detector for one category")
+    add_fit_arguments(p)
+    p.set_defaults(func=cmd_fit)
+    _add_lifecycle_commands(sub)
+    _add_serve_commands(sub)
+    _add_governance_commands(sub)
+    _add_update_commands(sub)
+    p = sub.add_parser("quickstart", help="fit 1-shot bottle on the bundled data, register, promote to production")
+    p.add_argument("--category", default="bottle")
+    p.add_argument("--train-dir")
+    p.add_argument("--k-shot", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_quickstart)
+    return parser
