@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +27,7 @@ from adreg import integrity
 from adreg.errors import ConfigError
 from adreg.methods import AnomalyMethod, build_method
 from adreg.postprocess import anomaly_maps, image_scores
+from adreg.thresholds import Threshold
 
 FORMAT_VERSION = 1
 CONFIG_FILE, STATE_FILE, BUNDLED_BACKBONE_DIR = "config.json", "state.safetensors", "backbone"
@@ -118,15 +119,6 @@ class Prediction:
 
     scores: np.ndarray
     maps: np.ndarray
-
-
-@dataclass
-class Threshold:
-    """The decision threshold on image scores and how it was obtained."""
-
-    value: float
-    rule: str
-    details: dict = field(default_factory=dict)
 
 
 class AnomalyDetector:

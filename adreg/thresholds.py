@@ -11,11 +11,21 @@ An image is anomalous when its score is strictly above the threshold. Rules:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
-from adreg.detector import Threshold
 from adreg.errors import DataError
 from adreg.metrics import f1_max
+
+
+@dataclass
+class Threshold:
+    """The decision threshold on image scores and how it was obtained."""
+
+    value: float
+    rule: str
+    details: dict = field(default_factory=dict)
 
 
 def good_quantile(good_scores, q: float = 0.99) -> Threshold:

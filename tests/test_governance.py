@@ -13,7 +13,7 @@ import requests
 
 from adreg import cli
 from adreg.registry.resolve import get_model
-from adreg.registry import governance, lifecycle, tracking, versions
+from adreg.registry import events, governance, lifecycle, tracking, versions
 from adreg.registry.governance import PermissionDenied
 from serving.process import free_port, stop_process_group
 
@@ -158,7 +158,7 @@ def test_roles_production_is_for_managers_and_history_names_the_users(auth_serve
 def test_an_event_cannot_be_signed_with_another_users_name(auth_server, editor_version):
     login(auth_server, "editor")
     versions.promote("bottle", editor_version, "staging", reason="again")
-    exp_id = versions.lifecycle_experiment_id("bottle")
+    exp_id = events.lifecycle_experiment_id("bottle")
     client = mlflow.MlflowClient()
     run = client.create_run(exp_id)
     with pytest.raises(mlflow.exceptions.MlflowException, match="authenticated user"):

@@ -23,7 +23,7 @@ from adreg.data import Sample, read_labelled_folder
 from adreg.detector import AnomalyDetector
 from adreg.errors import DataError, RegistryError
 from adreg.evaluation import evaluate
-from adreg.registry import governance, versions
+from adreg.registry import events, governance, versions
 from adreg.registry.resolve import check_version, existing_versions, get_model, load_detector, model_version, resolve
 
 COMPARED = ("image_auroc", "pixel_auroc", "aupro")
@@ -135,7 +135,7 @@ def promote_gated(category: str, version, alias: str = "production", policy: Gat
         governance.require(category, "MANAGE", "forcing a promotion past the gate")
     report = run_gate(category, version, alias, policy or GatePolicy(), eval_dir, device, candidate_metrics)
     if not report.passed and not force:
-        versions.record_event(category, {"action": "refused", "alias": alias, "version": str(version),
+        events.record_event(category, {"action": "refused", "alias": alias, "version": str(version),
                                          "previous": report.baseline_version, "reason": reason or "gate failed",
                                          **report.summary()})
         return None, report

@@ -101,9 +101,9 @@ def resolve(category: str, version=None, alias: str | None = "production") -> Mo
         raise NotFoundError(f"give a version or an alias of {name}")
     model = get_model(category)
     if alias not in model.aliases:
-        from adreg.registry import versions  # the history knows where the alias pointed before
+        from adreg.registry.events import read_events  # the history knows where the alias pointed before
 
-        last = next((e for e in reversed(versions.history(category)) if e.get("alias") == alias), None)
+        last = next((e for e in reversed(read_events(category)) if e.get("alias") == alias), None)
         have = {str(v) for v in existing_versions(category)}
         if last is not None and str(last["version"]) not in have:
             raise NotFoundError(f"{name}@{alias} pointed at version {last['version']}, which has been deleted; "
