@@ -7,7 +7,6 @@ the same code. Its saved form is a folder of JSON + safetensors: no pickles, rea
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from adreg import integrity
 from adreg.errors import ConfigError
 from adreg.methods import AnomalyMethod, build_method
 from adreg.postprocess import anomaly_maps, image_scores
+from adreg.progress import Bar
 from adreg.thresholds import Threshold
 
 FORMAT_VERSION = 1
@@ -43,31 +43,6 @@ def resolve_device(device: str | None) -> torch.device:
     if device != "cpu" and not device.startswith("cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
     return torch.device(device)
-
-
-def progress_enabled() -> bool:
-    return os.environ.get("ADREG_PROGRESS", "1") not in ("0", "false", "False")
-
-
-class _Bar:
-    """A tqdm bar when progress is on, a no-op otherwise (serving never prints bars)."""
-
-    def __init__(self, total: int, desc: str, show: bool):
-        self.bar = None
-        if show and progress_enabled():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False)
-
-    def __call__(self, n: int, **postfix) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def synthesize_cutpaste(views: Sequence[Image.Image], seed: int) -> list[Image.Image]:
@@ -103,7 +78,7 @@ def load_auxiliary(aux: str, backbone: Backbone, batch_size: int, show_progress:
     samples = data.test + data.val
     if not any(s.mask_path is not None for s in samples):
         raise ConfigError(f"auxiliary dataset {aux!r} has no defect masks to learn from")
-    bar = _Bar(len(samples), f"features (auxiliary {aux})", show_progress)
+    bar = Bar(len(samples), f"features (auxiliary {aux})", show_progress)
     feats = backbone.extract([load_image(s.path) for s in samples], batch_size, progress=bar)
     bar.close()
     size = backbone.image_size
@@ -161,20 +136,20 @@ class AnomalyDetector:
         t0 = time.perf_counter()
         train = augment_shots(images, self.augment, self.aug_count, self.seed)
         torch.manual_seed(self.seed)
-        bar = _Bar(len(train), "features (fit)", show_progress)
+        bar = Bar(len(train), "features (fit)", show_progress)
         feats = self.extract(train, progress=bar)
         bar.close()
         synthetic = None
         if self.method.synthesis == "cutpaste":
             corrupted = synthesize_cutpaste(train, self.seed)
-            bar = _Bar(len(corrupted), "features (CutPaste)", show_progress)
+            bar = Bar(len(corrupted), "features (CutPaste)", show_progress)
             synthetic = self.extract(corrupted, progress=bar)
             bar.close()
         auxiliary = None
         if self.method.needs_auxiliary:
             auxiliary = load_auxiliary(self.method.params["aux"], self.backbone, self.batch_size, show_progress)
         t1 = time.perf_counter()
-        bar = _Bar(self.method.progress_units(len(train)), f"fitting {self.method.name}", show_progress)
+        bar = Bar(self.method.progress_units(len(train)), f"fitting {self.method.name}", show_progress)
         self.method.to(self.backbone.device).fit(feats, progress=bar, synthetic=synthetic, auxiliary=auxiliary)
         bar.close()
         self.method.to(self.backbone.device)  # state computed on the CPU (e.g. PCA) joins the backbone
@@ -201,17 +176,17 @@ class AnomalyDetector:
         seed = self.update_seed()
         train = augment_shots(images, self.augment, self.aug_count, seed)
         torch.manual_seed(seed)
-        bar = _Bar(len(train), "features (update)", show_progress)
+        bar = Bar(len(train), "features (update)", show_progress)
         feats = self.extract(train, progress=bar)
         bar.close()
         synthetic = None
         if self.method.synthesis == "cutpaste":
             corrupted = synthesize_cutpaste(train, seed)
-            bar = _Bar(len(corrupted), "features (CutPaste)", show_progress)
+            bar = Bar(len(corrupted), "features (CutPaste)", show_progress)
             synthetic = self.extract(corrupted, progress=bar)
             bar.close()
         t1 = time.perf_counter()
-        bar = _Bar(self.method.update_progress_units(len(train)), f"updating {self.method.name}", show_progress)
+        bar = Bar(self.method.update_progress_units(len(train)), f"updating {self.method.name}", show_progress)
         report = self.method.to(self.backbone.device).update(feats, progress=bar, synthetic=synthetic)
         bar.close()
         self.method.to(self.backbone.device)
@@ -228,7 +203,7 @@ class AnomalyDetector:
     def predict(self, images: Sequence[Image.Image], show_progress: bool = False) -> Prediction:
         """Scores and smoothed maps for PIL images, in batches."""
         parts = []
-        bar = _Bar(len(images), "scoring", show_progress)
+        bar = Bar(len(images), "scoring", show_progress)
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             parts.append(self.predict_features(self.extract(chunk)))

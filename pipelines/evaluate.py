@@ -37,7 +37,7 @@ def main(argv=None) -> int:
             test_dir = root / "test"
         detector = adreg.load(args.category, ref.version, device=args.device)
         result = evaluate(detector, read_labelled_folder(test_dir, "test folder"), detector.threshold.value)
-        with mlflow.start_run(experiment_id=tracking.experiment_id(args.category),
+        with mlflow.start_run(experiment_id=tracking.fit_experiment_id(args.category),
                               run_name=f"evaluate-{args.category}"):
             mlflow.set_tags({"adreg.category": args.category, "adreg.evaluated_model": uri})
             mlflow.log_param("test_dir", str(test_dir))

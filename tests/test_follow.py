@@ -47,7 +47,7 @@ def _broken_version(v1: str, tmp: Path) -> str:
     state = next(local.rglob("detector/state.safetensors"))
     state.write_bytes(b"this is not a safetensors file")
     (state.parent / "integrity.json").unlink(missing_ok=True)
-    with mlflow.start_run(experiment_id=tracking.experiment_id("bottle"), run_name="broken-artifact") as run:
+    with mlflow.start_run(experiment_id=tracking.fit_experiment_id("bottle"), run_name="broken-artifact") as run:
         mlflow.log_artifacts(str(local), "model")
         mlflow.set_tag("adreg.model_complete", "true")
     return versions.register(f"runs:/{run.info.run_id}/model", run.info.run_id, "bottle")

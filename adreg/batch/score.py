@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from adreg.errors import ConfigError, DataError
 from adreg.images import IMAGE_EXTENSIONS
+from adreg.progress import progress_enabled
 from adreg.registry.resolve import ModelRef, resolve
 
 # One row per image. ``score``/``is_anomaly`` are null when ``error`` is set; ``error`` is null when the
@@ -60,10 +61,6 @@ class BatchResult:
     @property
     def images_per_s(self) -> float:
         return self.scored / self.seconds if self.seconds > 0 else 0.0
-
-
-def progress_enabled() -> bool:
-    return os.environ.get("ADREG_PROGRESS", "1") not in ("0", "false", "False")
 
 
 def resolve_model(category: str, alias: str | None = "production", version=None) -> ModelRef:

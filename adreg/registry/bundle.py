@@ -54,7 +54,7 @@ def build_router(categories: list[str], alias: str = "production") -> tracking.L
         (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
         example = pd.DataFrame({CATEGORY_COLUMN: [categories[0]],
                                 "image": [encode_png_b64(Image.new("RGB", (64, 64), "gray"))]})
-        with mlflow.start_run(experiment_id=tracking.experiment_id(ROUTER), run_name="router-" + "-".join(categories)) as run:
+        with mlflow.start_run(experiment_id=tracking.fit_experiment_id(ROUTER), run_name="router-" + "-".join(categories)) as run:
             mlflow.set_tags({"adreg.kind": "router", "adreg.categories": ",".join(categories)})
             mlflow.log_dict(manifest, "router_manifest.json")
             info = mlflow.pyfunc.log_model(

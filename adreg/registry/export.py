@@ -69,7 +69,7 @@ def export_version(category: str, version, runtime: str = "openvino") -> trackin
         backbone = source_run.data.tags.get("adreg.backbone", "")
         extra = (["transformers"] if backbone.startswith("hf:") else []) + [runtime]
         run_name = f"{source_run.info.run_name or 'v' + version}-{runtime}"
-        with mlflow.start_run(experiment_id=tracking.experiment_id(category), run_name=run_name) as run:
+        with mlflow.start_run(experiment_id=tracking.fit_experiment_id(category), run_name=run_name) as run:
             lineage = {"adreg.source.model": name, "adreg.source.version": version,
                        "adreg.source.run_id": mv.run_id, "adreg.runtime": runtime,
                        "adreg.exported_from": f"{name} version {version} (run {mv.run_id}), backbone on {runtime}"}

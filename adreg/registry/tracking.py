@@ -60,7 +60,7 @@ def ensure(tracking_uri: str | None = None) -> str:
     return configure(mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None)
 
 
-def experiment_id(category: str) -> str:
+def fit_experiment_id(category: str) -> str:
     """The experiment of a category's fit and update runs (``adreg-<category>``), created when missing."""
     return store.experiment_id(fit_experiment_name(category))
 
@@ -164,7 +164,7 @@ def log_fit(result: FitResult, run_name: str | None = None, lineage: dict | None
     opts = result.options
     det = result.detector
     name = run_name or f"{opts.method}-{opts.category}-k{opts.k_shot}-seed{opts.seed}"
-    with mlflow.start_run(experiment_id=experiment_id(opts.category), run_name=name) as run:
+    with mlflow.start_run(experiment_id=fit_experiment_id(opts.category), run_name=name) as run:
         mlflow.set_tags({"adreg.category": opts.category, "adreg.method": opts.method,
                          "adreg.backbone": opts.backbone, "adreg.data_source": result.data.source})
         params = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in opts.params().items()}
