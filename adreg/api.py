@@ -1,15 +1,15 @@
 """adreg's public Python API: everything the ``adreg`` command does, as functions.
 
-::
+```python
+import adreg
 
-    import adreg
-
-    out = adreg.fit("bottle", k_shot=1, register=True, promote="production")
-    print(out.version, out.metrics["image_auroc"], out.promoted)
-    detector = adreg.load("bottle", alias="production")      # a verified AnomalyDetector
-    rows = adreg.predict("bottle", ["part1.png"]).rows         # score, is_anomaly, threshold, error
-    with adreg.serve("bottle", port=5001) as server:          # mlflow models serve, supervised
-        server.wait_ready()
+out = adreg.fit("bottle", k_shot=1, register=True, promote="production")
+print(out.version, out.metrics["image_auroc"], out.promoted)
+detector = adreg.load("bottle", alias="production")      # a verified AnomalyDetector
+rows = adreg.predict("bottle", ["part1.png"]).rows         # score, is_anomaly, threshold, error
+with adreg.serve("bottle", port=5001) as server:          # mlflow models serve, supervised
+    server.wait_ready()
+```
 
 Every function works on the MLflow store given by ``tracking_uri``, else the one already set
 (``mlflow.set_tracking_uri``, ``$MLFLOW_TRACKING_URI``), else the embedded sqlite store in ``$ADREG_HOME``

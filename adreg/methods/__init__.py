@@ -14,14 +14,22 @@ METHODS: dict[str, type[AnomalyMethod]] = {cls.name: cls for cls in (SubspaceAD,
 
 
 def build_method(name: str, **params) -> AnomalyMethod:
+    """The method ``name`` with hyper-parameters ``params``; ``ConfigError`` for an unknown method or parameter
+    name (checked against the constructor's signature, so an error inside the constructor is not mistaken for
+    a bad parameter)."""
+    import inspect
+
     try:
         cls = METHODS[name]
     except KeyError:
         raise ConfigError(f"unknown method {name!r}; choose from {sorted(METHODS)}") from None
-    try:
-        return cls(**params)
-    except TypeError as exc:
-        raise ConfigError(f"bad parameters for method {name!r}: {exc}") from None
+    accepted = {k for k, p in inspect.signature(cls).parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ConfigError(f"bad parameters for method {name!r}: unknown {', '.join(unknown)}; "
+                          f"it takes {', '.join(sorted(accepted)) or 'none'}")
+    return cls(**params)
 
 
 __all__ = ["AnomalyMethod", "METHODS", "build_method"]
