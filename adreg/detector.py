@@ -110,6 +110,7 @@ class AnomalyDetector:
         self.seed = int(seed)
         self.batch_size = int(batch_size)
         self.threshold: Threshold | None = None
+        self.normal_scores: np.ndarray | None = None  # held-out normal calibration scores, sorted (set by calibration)
         self.fit_info: dict = {}
         self._bundled_backbone: Path | None = None
         self._exported: Path | None = None  # exported backbone files (adreg.backbones.export), kept on save
@@ -222,6 +223,20 @@ class AnomalyDetector:
                          self.sigma)
         return Prediction(image_scores(m, self.top_fraction).cpu().numpy(), m.cpu().numpy())
 
+    def set_normal_scores(self, scores) -> None:
+        """The held-out normal images' scores that ``normal_percentile`` ranks against (from calibration)."""
+        self.normal_scores = np.sort(np.asarray(scores, dtype=np.float64)) if len(scores) else None
+
+    def normal_percentile(self, scores) -> np.ndarray:
+        """0-100: the share of this version's held-out normal calibration scores strictly below each score.
+
+        A score's meaning in units every version shares: alarms and dashboards built on it survive a swap to
+        a version whose raw scores live on another scale. NaN when the detector has no calibration scores."""
+        scores = np.asarray(scores, dtype=np.float64)
+        if self.normal_scores is None or not len(self.normal_scores):
+            return np.full(scores.shape, np.nan)
+        return 100.0 * np.searchsorted(self.normal_scores, scores, side="left") / len(self.normal_scores)
+
     def to(self, device: str | torch.device) -> "AnomalyDetector":
         device = resolve_device(device) if isinstance(device, str) else device
         self.backbone.to(device)
@@ -241,6 +256,7 @@ class AnomalyDetector:
                              "seed": self.seed},
             "batch_size": self.batch_size,
             "threshold": None if self.threshold is None else vars(self.threshold),
+            "normal_scores": None if self.normal_scores is None else [float(v) for v in self.normal_scores],
             "fit_info": self.fit_info,
         }
 
@@ -304,5 +320,7 @@ class AnomalyDetector:
             det._exported = directory / EXPORT_DIR
         if cfg.get("threshold"):
             det.threshold = Threshold(**cfg["threshold"])
+        if cfg.get("normal_scores"):
+            det.set_normal_scores(cfg["normal_scores"])
         det.fit_info = cfg.get("fit_info", {})
         return det.to(resolve_device(device))

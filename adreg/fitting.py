@@ -138,6 +138,7 @@ def fit_category(opts: FitOptions, show_progress: bool = True, backbone=None) ->
     bad = [c["score"] for c in calibration if c["label"] == 1]
     detector.threshold = calibrate(good, bad, q=opts.threshold_quantile)
     detector.threshold.details["source"] = source
+    detector.set_normal_scores(good)
     evaluation = None
     if data.test:
         evaluation = evaluate(detector, data.test, detector.threshold.value, show_progress)
@@ -217,6 +218,7 @@ def grow_detector(detector: AnomalyDetector, images: list, paths: list[Path], *,
         raise DataError(f"no good images left to recalibrate the threshold on ({parent_label}'s calibration "
                         "images are not on this machine and too few new ones were given); add more good images")
     detector.threshold = calibrate(good, bad if rule == "f1_optimal" else None, q=q)
+    detector.set_normal_scores(good)
     parts = [f"{n_new_cal} held-out new good images"] if n_new_cal else []
     if used_parent:
         parts.append(f"{used_parent} of {parent_label}'s calibration images")

@@ -53,7 +53,8 @@ def test_fit_register_promote_load_predict_through_the_api(bottle_dir, tmp_path,
     pred = adreg.predict("bottle", [*tests, bad], save_maps=str(tmp_path / "maps"), tracking_uri=uri)
     assert [r["model_version"] for r in pred.rows] == ["1"] * 4 and pred.failed == 1
     np.testing.assert_allclose([r["score"] for r in pred.rows[:3]], want, rtol=1e-4)
-    assert pred.rows[3]["error"] and pred.rows[3]["score"] is None
+    assert pred.rows[3]["error"] and pred.rows[3]["score"] is None and pred.rows[3]["normal_percentile"] is None
+    np.testing.assert_allclose([r["normal_percentile"] for r in pred.rows[:3]], det.normal_percentile(want), atol=1e-9)
     assert all(Path(r["map"]).is_file() for r in pred.rows[:3])
 
     # promote through the gate: the same version again is a no-op promotion; a refusal is a result
@@ -88,3 +89,23 @@ def test_in_process_predict_streams_a_frame_larger_than_a_request(use_registered
     assert (out["error"] == "").sum() == len(frame) - 1
     np.testing.assert_allclose(out.loc[STREAM_ROWS + 4, "score"], out.loc[(STREAM_ROWS + 4) % len(images), "score"],
                                rtol=1e-5)
+
+
+def test_normal_percentile_is_a_stable_score(bottle_fit, bottle_dir):
+    """normal_percentile is 0-100, monotone in the score, computed from the held-out goods the threshold was
+    calibrated on, and the same for two versions whose scores differ only in scale."""
+    import copy
+
+    det = bottle_fit.detector
+    good = [c["score"] for c in bottle_fit.calibration if c["label"] == 0]
+    np.testing.assert_array_equal(det.normal_scores, np.sort(good))
+    files = sorted((bottle_dir / "test").rglob("*.png"))[::9]
+    scores = det.predict([load_image(p) for p in files]).scores
+    pct = det.normal_percentile(scores)
+    assert ((pct >= 0) & (pct <= 100)).all()
+    order = np.argsort(scores)
+    assert (np.diff(pct[order]) >= 0).all()
+    assert det.normal_percentile([max(good) + 1])[0] == 100 and det.normal_percentile([min(good)])[0] == 0
+    scaled = copy.copy(det)
+    scaled.set_normal_scores(np.asarray(good) * 37.5)  # another version, scores on another scale
+    np.testing.assert_array_equal(scaled.normal_percentile(scores * 37.5), pct)

@@ -43,6 +43,9 @@ def test_rest_scores_maps_and_errors(server, bottle_dir, use_registered):
     assert [r.score for r in via_client] == pytest.approx([rows[0]["score"], rows[1]["score"]])
     assert via_client[1].anomaly_map.size == square.size and via_client[1].is_anomaly
     assert rows[3]["error"].startswith("row 3: not a readable image") and rows[3]["score"] is None
+    # normal_percentile: the score in held-out-good units (100 = above every calibration good)
+    assert rows[3]["normal_percentile"] is None and 0 <= rows[0]["normal_percentile"] <= rows[1]["normal_percentile"]
+    assert rows[1]["normal_percentile"] >= 95  # flagged: above the 0.99 quantile of the calibration goods
     # every row names the version that scored it (adreg serve follows @production)
     assert {(r["model_name"], r["model_version"], r["model_alias"]) for r in rows} == \
         {("adreg-bottle", use_registered["version"], "production")}

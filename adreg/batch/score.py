@@ -30,12 +30,13 @@ from adreg.images import IMAGE_EXTENSIONS
 from adreg.progress import progress_enabled
 from adreg.registry.resolve import ModelRef, resolve
 
-# One row per image. ``score``/``is_anomaly`` are null when ``error`` is set; ``error`` is null when the
+# One row per image. ``score``/``is_anomaly``/``normal_percentile`` are null when ``error`` is set; ``error`` is null when the
 # row was scored; ``model_alias`` is null when a version number was asked for.
 SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False),
     pa.field("score", pa.float64()),
     pa.field("is_anomaly", pa.bool_()),
+    pa.field("normal_percentile", pa.float64()),
     pa.field("threshold", pa.float64()),
     pa.field("model_name", pa.string()),
     pa.field("model_version", pa.string()),
@@ -182,6 +183,8 @@ def iter_scores(loaded, ref: ModelRef, paths: list[str], batch_size: int = 16, s
             scored = error is None and rec.get("score") is not None
             row = {"path": path, "score": float(rec["score"]) if scored else None,
                    "is_anomaly": bool(rec["is_anomaly"]) if scored else None,
+                   "normal_percentile": (None if not scored or rec.get("normal_percentile") is None
+                                         else float(rec["normal_percentile"])),
                    "threshold": None if rec.get("threshold") is None else float(rec["threshold"]),
                    "model_name": ref.name, "model_version": ref.version, "model_alias": ref.alias, "error": error}
             if save_maps and scored and rec.get("anomaly_map"):

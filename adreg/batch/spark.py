@@ -28,7 +28,7 @@ from adreg.images import IMAGE_EXTENSIONS
 
 DEFAULT_GLOB = "*.{" + ",".join(e.lstrip(".") for ext in IMAGE_EXTENSIONS for e in (ext, ext.upper())) + "}"
 # the model output columns the UDF returns (anomaly maps stay off in batch scoring on Spark)
-RESULT_TYPE = "score double, is_anomaly boolean, threshold double, error string"
+RESULT_TYPE = "score double, is_anomaly boolean, normal_percentile double, threshold double, error string"
 
 
 def _is_local(path: str) -> bool:
@@ -160,6 +160,7 @@ def score_with_spark(category: str, inputs: list[str], output: str, alias: str |
         F.col("path"),
         F.when(failed, None).otherwise(F.col("r.score")).alias("score"),
         F.when(failed, None).otherwise(F.col("r.is_anomaly")).alias("is_anomaly"),
+        F.when(failed, None).otherwise(F.col("r.normal_percentile")).alias("normal_percentile"),
         F.col("r.threshold").alias("threshold"),
         F.lit(ref.name).alias("model_name"),
         F.lit(ref.version).alias("model_version"),

@@ -75,11 +75,13 @@ class DriftReport:
     unreadable: list[dict] = field(default_factory=list)
     scores: list[dict] = field(default_factory=list, repr=False)  # path, score, is_anomaly
     reference_source: str = ""
+    median_normal_percentile: float = float("nan")  # of the production images (50 = like a median held-out good)
     monitoring_run_id: str | None = None
 
     def metrics(self) -> dict[str, float]:
         keys = ("n_images", "n_reference", "alarm_rate", "expected_alarm_rate", "alarm_ratio", "binomial_p",
-                "ks_statistic", "ks_p", "mannwhitney_p", "score_median", "reference_median", "threshold")
+                "ks_statistic", "ks_p", "mannwhitney_p", "score_median", "reference_median", "threshold",
+                "median_normal_percentile")
         out = {k: float(getattr(self, k)) for k in keys}
         out.update({"drift": float(self.drift), "n_unreadable": float(len(self.unreadable))})
         return out
@@ -172,8 +174,10 @@ def check_drift(category: str, folders: list[str] | str, alias: str | None = "pr
     report = DriftReport(category=category, model_name=name, version=version, alias=alias, run_id=mv.run_id,
                          threshold=threshold, n_images=len(paths), n_reference=len(reference),
                          unreadable=unreadable, reference_source=reference_doc.get("source", ""),
-                         scores=[{"path": str(p), "score": float(s), "is_anomaly": bool(s > threshold)}
-                                 for p, s in zip(paths, scores)], **stats)
+                         scores=[{"path": str(p), "score": float(s), "is_anomaly": bool(s > threshold),
+                                  "normal_percentile": float(q)}
+                                 for p, s, q in zip(paths, scores, detector.normal_percentile(scores))],
+                         median_normal_percentile=float(np.median(detector.normal_percentile(scores))), **stats)
     if log:
         model_id = getattr(mv, "model_id", None) or (
             mv.source.split("/", 1)[1] if str(mv.source).startswith("models:/m-") else None)  # its LoggedModel
@@ -209,7 +213,7 @@ def log_drift(report: DriftReport, folders: list[str], policy: DriftPolicy, refe
         summary = {k: v for k, v in asdict(report).items() if k != "scores"}
         mlflow.log_dict({**summary, "reference_scores": list(map(float, reference))}, "drift/report.json")
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["path", "score", "is_anomaly"])
+        writer = csv.DictWriter(buf, fieldnames=["path", "score", "is_anomaly", "normal_percentile"])
         writer.writeheader()
         writer.writerows(report.scores)
         mlflow.log_text(buf.getvalue(), "drift/scores.csv")

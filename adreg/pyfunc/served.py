@@ -2,7 +2,9 @@
 
 Request: a DataFrame with an ``image`` column of base64-encoded PNG/JPEG bytes (MLflow only decodes
 base64 for some input formats, so decoding happens here, for all of them). Response: one row per
-image with ``score``, ``is_anomaly``, ``threshold``, ``anomaly_map`` (base64 PNG at the image's aspect
+image with ``score``, ``is_anomaly``, ``threshold``, ``normal_percentile`` (0-100: the share of the version's
+held-out normal calibration scores below ``score``; the field to build alarms on, its meaning does not change
+when a version with another score scale swaps in), ``anomaly_map`` (base64 PNG at the image's aspect
 when ``return_map`` is on, else empty), ``error`` (empty when the row was scored) and the
 ``model_name`` / ``model_version`` / ``model_alias`` that scored it. A bad row gets its own error and
 does not fail the others.
@@ -74,7 +76,7 @@ IMAGE_COLUMN = "image"
 STREAM_ROWS = 64  # rows decoded and scored at a time when the model is used in-process
 _SERVER_MODEL_PATH = "__pyfunc_model_path__"  # set by MLflow's scoring server in the process it serves from
 MODEL_COLUMNS = ["model_name", "model_version", "model_alias"]
-OUTPUT_COLUMNS = ["score", "is_anomaly", "threshold", "anomaly_map", "error", *MODEL_COLUMNS]
+OUTPUT_COLUMNS = ["score", "is_anomaly", "threshold", "anomaly_map", "error", *MODEL_COLUMNS, "normal_percentile"]
 DEFAULT_MODEL_CONFIG = {"device": "auto", "precision": "fp32", "return_map": False, "map_max_side": 512,
                         "max_image_pixels": DEFAULT_MAX_PIXELS,
                         "max_request_mib": DEFAULT_MAX_REQUEST_MIB, "max_rows": DEFAULT_MAX_ROWS,
@@ -189,7 +191,8 @@ class ServedModelBase(mlflow.pyfunc.PythonModel):
     def _decode_rows(self, model_input, columns: tuple[str, ...] = (IMAGE_COLUMN,)):
         model_input = self._check_request(model_input, columns)
         rows = [{"score": None, "is_anomaly": None, "threshold": None, "anomaly_map": "", "error": "",
-                 "model_name": "", "model_version": "", "model_alias": ""} for _ in range(len(model_input))]
+                 "model_name": "", "model_version": "", "model_alias": "", "normal_percentile": None}
+                for _ in range(len(model_input))]
 
         def decode(item):
             i, value = item
@@ -213,8 +216,9 @@ class ServedModelBase(mlflow.pyfunc.PythonModel):
             rows[i].update(model_name=served.name, model_version=served.version, model_alias=served.alias,
                            threshold=float(served.detector.threshold.value))
 
-    def _fill(self, row: dict, score: float, threshold: float, amap: np.ndarray, size) -> None:
-        row.update(score=score, is_anomaly=bool(score > threshold), threshold=threshold)
+    def _fill(self, row: dict, score: float, threshold: float, amap: np.ndarray, size, percentile: float) -> None:
+        row.update(score=score, is_anomaly=bool(score > threshold), threshold=threshold,
+                   normal_percentile=None if np.isnan(percentile) else float(percentile))
         if self.return_map:
             row["anomaly_map"] = encode_map(amap, threshold, size, self.map_max_side)
 
@@ -235,8 +239,9 @@ class ServedModelBase(mlflow.pyfunc.PythonModel):
             return
         pred = det.predict_features(feats)
         threshold = float(det.threshold.value)
+        percentiles = det.normal_percentile(pred.scores)
         for j, i in enumerate(index):
-            self._fill(rows[i], float(pred.scores[j]), threshold, pred.maps[j], images[i].size)
+            self._fill(rows[i], float(pred.scores[j]), threshold, pred.maps[j], images[i].size, percentiles[j])
         candidate = slot.shadow
         if self.shadow is not None and candidate is not None:
             self.shadow.offer(served, candidate, feats, [images[i] for i in index], pred.scores)
@@ -270,7 +275,7 @@ class ServedModelBase(mlflow.pyfunc.PythonModel):
     def _frame(rows: list[dict]) -> pd.DataFrame:
         out = pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
         # keep failed rows' values as None (JSON null), not NaN (invalid JSON)
-        for col in ("score", "is_anomaly", "threshold"):
+        for col in ("score", "is_anomaly", "threshold", "normal_percentile"):
             out[col] = out[col].astype(object).where(out[col].notna(), None)
         return out
 

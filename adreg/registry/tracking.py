@@ -83,7 +83,8 @@ def signature() -> ModelSignature:
         outputs=Schema([ColSpec("double", "score"), ColSpec("boolean", "is_anomaly"),
                         ColSpec("double", "threshold"), ColSpec("string", "anomaly_map"),
                         ColSpec("string", "error"), ColSpec("string", "model_name"),
-                        ColSpec("string", "model_version"), ColSpec("string", "model_alias")]),
+                        ColSpec("string", "model_version"), ColSpec("string", "model_alias"),
+                        ColSpec("double", "normal_percentile")]),
     )
 
 
