@@ -37,7 +37,16 @@ def test_fit_register_promote_load_predict_through_the_api(bottle_dir, tmp_path,
     assert out.metrics["image_auroc"] > 0.9 and out.tracking_uri == uri
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     assert str(client.get_model_version_by_alias("adreg-bottle", "production").version) == "1"
-    assert client.get_run(out.run_id).data.tags["adreg.model_complete"] == "true"
+    run = client.get_run(out.run_id)
+    assert run.data.tags["adreg.model_complete"] == "true"
+    # the image sets are MLflow dataset inputs: training, calibration (validation) and evaluation, with digests
+    from adreg.registry.lineage import image_set_digest
+
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+              for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation", "evaluation"}
+    assert inputs["evaluation"].digest == image_set_digest([s.path for s in out.result.data.test])
+    assert inputs["validation"].digest == image_set_digest([c["path"] for c in out.result.calibration])
 
     # load: the registered detector, verified, scores like the fitted one
     tests = sorted((bottle_dir / "test" / "broken_large").glob("*.png"))[:2] + \

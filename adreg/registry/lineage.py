@@ -45,12 +45,30 @@ def _dataset_source(paths: list[str]) -> str:
         return folders[0]
 
 
-def log_lineage(run_id: str, result, lineage: dict | None = None) -> dict:
-    """Log the manifest (+ dataset input), the reference scores and, for an update, the parent.
-    Returns the manifest document."""
+def image_set_digest(paths) -> str:
+    """The digest of a set of image files: order-independent, over their sha256 (32 hex chars, MLflow's
+    dataset digest), so two runs fitted or judged on the same images show the same digest."""
+    return manifest.digest([manifest.entry(p, "") for p in paths])
+
+
+def log_image_set(paths, name: str, context: str, digest: str | None = None) -> str | None:
+    """Log a set of image files as an MLflow dataset input of the active run (source: their common folder;
+    ``context``: training, validation or evaluation); returns the digest (None for an empty set)."""
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
 
+    paths = [str(p) for p in paths]
+    if not paths:
+        return None
+    digest = digest or image_set_digest(paths)
+    mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(_dataset_source(paths)), name=name, digest=digest),
+                     context=context)
+    return digest
+
+
+def log_lineage(run_id: str, result, lineage: dict | None = None) -> dict:
+    """Log the manifest, the reference scores and, for an update, the parent; the training, calibration
+    (validation) and evaluation image sets as dataset inputs with their digests. Returns the manifest document."""
     opts = result.options
     reference = reference_document(result)
     entries = getattr(result, "manifest_entries", None)
@@ -66,9 +84,11 @@ def log_lineage(run_id: str, result, lineage: dict | None = None) -> dict:
     mlflow.log_params({k: v for k, v in params.items() if k not in existing})
     new_paths = [e["path"] for e in doc["images"] if e["run_id"] == run_id] or [e["path"] for e in doc["images"]]
     new_paths = new_paths or [str(p) for p in result.shots]
-    dataset = MetaDataset(LocalArtifactDatasetSource(_dataset_source(new_paths)), name=f"{opts.category}-train",
-                          digest=doc["digest"])
-    mlflow.log_input(dataset, context="training")
+    log_image_set(new_paths, f"{opts.category}-train", "training", digest=doc["digest"])
+    log_image_set([c["path"] for c in result.calibration if Path(c["path"]).is_file()],
+                  f"{opts.category}-calibration", "validation")
+    if result.evaluation is not None:
+        log_image_set([s.path for s in result.data.test], f"{opts.category}-evaluation", "evaluation")
     mlflow.log_dict(reference, REFERENCE_ARTIFACT)
     if lineage:
         mlflow.set_tags({"adreg.lineage": "update",
