@@ -108,18 +108,29 @@ def is_refusal(exc: BaseException) -> bool:
     return _http_status(exc) in (401, 403) and code not in ("INTERNAL_ERROR", "")
 
 
+def _chain(exc: BaseException, depth: int = 6):
+    """``exc`` and the exceptions it was raised from or during (MLflow wraps transport errors)."""
+    seen = 0
+    while exc is not None and seen < depth:
+        yield exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+
+
 def is_unreachable(exc: BaseException) -> bool:
-    """Whether an exception means the store could not be reached (connection refused, timed out, DNS)."""
+    """Whether an exception means the store could not be reached (connection refused, timed out, DNS): a
+    transport error anywhere in its chain, or the database driver's connection failure."""
     import requests
 
-    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, socket.timeout)):
-        return True
-    if type(exc).__module__.split(".")[0] == "sqlalchemy" and type(exc).__name__ in ("OperationalError",
-                                                                                   "InterfaceError"):
-        text = str(exc).lower()
-        return any(w in text for w in ("could not connect", "connection refused", "timeout", "timed out",
-                                       "unable to open database", "server closed", "can't connect"))
-    return type(exc).__name__ == "MlflowException" and "Max retries exceeded" in str(exc)
+    for e in _chain(exc):
+        if isinstance(e, (requests.ConnectionError, requests.Timeout, ConnectionError, socket.timeout)):
+            return True
+        top = type(e).__module__.split(".")[0]
+        if top in ("psycopg", "psycopg2", "pymysql") and type(e).__name__ in ("OperationalError", "InterfaceError"):
+            return True  # the driver could not connect (or lost the connection)
+        if top == "sqlalchemy" and type(e).__name__ == "OperationalError" and type(getattr(e, "orig", None)).__module__ \
+                == "sqlite3" and "unable to open database" in str(e.orig):
+            return True  # a sqlite file that cannot be opened
+    return False
 
 
 def translate(exc: BaseException, doing: str = "") -> AdregError | None:
