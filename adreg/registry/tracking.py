@@ -149,66 +149,79 @@ class LoggedFit:
     promoted: bool | None = None  # None: no promotion asked
 
 
+def _log_record(run_id: str, result: FitResult) -> None:
+    """What the run says about the fit: tags, parameters, metrics, training curves, the method's report, the
+    per-image test scores, the evaluation set's manifest (the promotion gate re-runs it) and the pictures."""
+    opts, det = result.options, result.detector
+    mlflow.set_tags({"adreg.category": opts.category, "adreg.method": opts.method,
+                     "adreg.backbone": opts.backbone, "adreg.data_source": result.data.source})
+    params = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in opts.params().items()}
+    params.update({"threshold_rule": det.threshold.rule, "threshold_source": result.calibration_source})
+    mlflow.log_params(_without_conflicts(run_id, params))
+    mlflow.log_metrics(result.metrics())
+    _log_curves(run_id, det.method.curves)
+    report = det.method.report()
+    if report:
+        mlflow.log_dict(report, f"{opts.method}/report.json")
+    mlflow.log_dict({"shots": [str(p) for p in result.shots], "threshold": vars(det.threshold)},
+                    "fit/shots_and_threshold.json")
+    if result.evaluation is None:
+        return
+    ev = result.evaluation
+    mlflow.log_text(_scores_csv(result), "evaluation/test_scores.csv")
+    mlflow.log_dict({"source": result.data.source, "samples": [sample_record(s) for s in result.data.test]},
+                    EVAL_MANIFEST)
+    from adreg.reports import save_report
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_report(Path(tmp) / "report", ev.samples, ev.scores, ev.maps, det.threshold.value, ev.masks,
+                    title=f"{opts.category} {opts.method} k={opts.k_shot}")
+        mlflow.log_artifacts(str(Path(tmp) / "report"), "report")
+
+
+def _model_folder(result: FitResult, folder: Path, export: str | None) -> tuple[Path, str]:
+    """The detector folder the pyfunc model carries: the saved detector, its reference images (verified when
+    a server swaps it in), an exported backbone when asked (an update of an exported version keeps its
+    export), and LAST its integrity manifest. Returns (folder, runtime)."""
+    from adreg import integrity
+    from adreg.backbones.export import default_runtime, export_backbone
+    from adreg.reference import reference_paths, write_reference
+
+    det, opts = result.detector, result.options
+    detector_dir = det.save(folder)
+    write_reference(det, detector_dir, opts.category, reference_paths(result.shots, result.data.test))
+    runtime = default_runtime(detector_dir)
+    if export:
+        runtime = export_backbone(det.backbone, detector_dir, export)
+    mlflow.set_tag(integrity.DIGEST_TAG, integrity.write_manifest(detector_dir))  # tamper evidence
+    return detector_dir, runtime
+
+
 def log_fit(result: FitResult, run_name: str | None = None, lineage: dict | None = None,
             export: str | None = None) -> LoggedFit:
-    """Log params, metrics, evaluation table, detector artifacts and the pyfunc model as one run.
+    """Log one fit (or update) as one run: its record (``_log_record``), its lineage (``adreg.registry.lineage``:
+    training manifest, calibration reference scores, dataset inputs, the parent of an update) and the pyfunc
+    model around its detector folder (``_model_folder``).
 
     The run gets the tag ``adreg.model_complete=true`` only after the model is fully logged; the
     registry refuses runs without it, so a fit that dies half-way never becomes a model version.
-    ``lineage`` (an update: parent_model, parent_version, parent_run_id, report, what) is logged by
-    ``adreg.registry.lineage``, which also logs every run's training manifest and calibration reference scores.
+    ``lineage`` (an update: parent_model, parent_version, parent_run_id, report, what).
     ``export`` (onnxruntime / openvino) adds an exported backbone that the model is served with by default.
     """
     from adreg.pyfunc.served import DEFAULT_MODEL_CONFIG
     from adreg.registry.lineage import log_lineage
 
     opts = result.options
-    det = result.detector
     name = run_name or f"{opts.method}-{opts.category}-k{opts.k_shot}-seed{opts.seed}"
     with mlflow.start_run(experiment_id=fit_experiment_id(opts.category), run_name=name) as run:
-        mlflow.set_tags({"adreg.category": opts.category, "adreg.method": opts.method,
-                         "adreg.backbone": opts.backbone, "adreg.data_source": result.data.source})
-        params = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in opts.params().items()}
-        params.update({"threshold_rule": det.threshold.rule, "threshold_source": result.calibration_source})
-        mlflow.log_params(_without_conflicts(run.info.run_id, params))
-        mlflow.log_metrics(result.metrics())
-        _log_curves(run.info.run_id, det.method.curves)
-        report = det.method.report()
-        if report:
-            mlflow.log_dict(report, f"{opts.method}/report.json")
-        mlflow.log_dict({"shots": [str(p) for p in result.shots], "threshold": vars(det.threshold)},
-                        "fit/shots_and_threshold.json")
-        log_lineage(run.info.run_id, result, lineage)  # manifest + dataset input, reference scores, parent
-        if result.evaluation is not None:
-            mlflow.log_text(_scores_csv(result), "evaluation/test_scores.csv")
-            # the evaluation set travels with the model: the promotion gate re-runs it
-            mlflow.log_dict({"source": result.data.source, "samples": [sample_record(s) for s in result.data.test]},
-                            EVAL_MANIFEST)
+        _log_record(run.info.run_id, result)
+        log_lineage(run.info.run_id, result, lineage)
         with tempfile.TemporaryDirectory() as tmp:
-            if result.evaluation is not None:
-                from adreg.reports import save_report
-
-                ev = result.evaluation
-                save_report(Path(tmp) / "report", ev.samples, ev.scores, ev.maps, det.threshold.value, ev.masks,
-                            title=f"{opts.category} {opts.method} k={opts.k_shot}")
-                mlflow.log_artifacts(str(Path(tmp) / "report"), "report")
-            detector_dir = det.save(Path(tmp) / "detector")
-            from adreg.reference import reference_paths, write_reference  # verified at swap time
-
-            write_reference(det, detector_dir, opts.category, reference_paths(result.shots, result.data.test))
-            from adreg.backbones.export import default_runtime, export_backbone
-
-            runtime = default_runtime(detector_dir)  # an update of an exported version keeps its export
-            if export:  # the exported backbone goes into the detector folder (adreg.backbones.export)
-                runtime = export_backbone(det.backbone, detector_dir, export)
+            detector_dir, runtime = _model_folder(result, Path(tmp) / "detector", export)
+            extra = ["transformers"] if opts.backbone.startswith("hf:") else []
             if runtime != "torch":
                 mlflow.set_tag("adreg.runtime", runtime)
-            extra = ["transformers"] if opts.backbone.startswith("hf:") else []
-            extra += [runtime] if runtime != "torch" else []  # pip names of the exported runtimes
-            # tamper evidence, LAST before log_model: sha256 of every file in the detector folder
-            from adreg import integrity
-
-            mlflow.set_tag(integrity.DIGEST_TAG, integrity.write_manifest(detector_dir))
+                extra.append(runtime)  # the pip name of the exported runtime
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN,
                 python_model=str(PACKAGE_DIR / "pyfunc" / "_model_code.py"),
