@@ -281,15 +281,17 @@ class AnomalyDetector:
     @classmethod
     def load(cls, directory: str | Path, device: str = "auto", precision: str | None = None,
              backbones: dict[str, Backbone] | None = None, runtime: str | None = None,
-             threads: int = 0) -> "AnomalyDetector":
+             threads: int = 0, verified: bool = False) -> "AnomalyDetector":
         """Load a saved detector. ``precision`` overrides the backbone's (fp16/bf16 on CUDA); detectors
         loaded with the same ``backbones`` dict share one instance per identical backbone spec.
         ``runtime`` torch / onnxruntime / openvino runs the backbone (None: the runtime the folder was
-        exported for, torch when it has no export); ``threads`` > 0 sets the CPU thread count."""
+        exported for, torch when it has no export); ``threads`` > 0 sets the exported runtime's CPU threads.
+        A folder with an integrity manifest is checked against it unless ``verified`` (the caller just did,
+        e.g. ``adreg.store.download_detector``)."""
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
             raise ConfigError(f"{directory} is not a saved adreg detector (no {CONFIG_FILE})")
-        if integrity.has_manifest(directory):  # tamper evidence: refuse a folder whose files changed
+        if not verified and integrity.has_manifest(directory):  # tamper evidence: refuse changed files
             integrity.verify(directory)
         cfg = json.loads((directory / CONFIG_FILE).read_text())
         if cfg.get("format_version", 0) > FORMAT_VERSION:

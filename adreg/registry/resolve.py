@@ -119,7 +119,7 @@ def load_detector(ref: ModelRef, device: str = "auto"):
     on the version (``IntegrityError`` when a file differs), loaded on ``device``."""
     from adreg.detector import AnomalyDetector
 
-    return AnomalyDetector.load(store.download_detector(ref.name, ref.version), device=device)
+    return AnomalyDetector.load(store.download_detector(ref.name, ref.version), device=device, verified=True)
 
 
 def model_version(ref: ModelRef):
