@@ -13,6 +13,8 @@ same registered model version (``models:/adreg-<category>/<version>``):
 
     python pipelines/batch_bench.py --images 2000 --big-images 10000          # the full run
     python pipelines/batch_bench.py --images 120 --big-images 360 --label "reduced (shared cores)"
+
+--update-docs writes the page docs/benchmarks/batch.md whole.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -32,6 +35,17 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("ADREG_PROGRESS", "0")
 
 GiB = 1024 ** 3
+ABOUT = (
+    "Batch scoring (`adreg score`) in-process vs Spark local[1] vs local[2], on one registered model version "
+    "(`models:/adreg-<category>/<version>`). The image set is the bottle + Magnetic-Tile test images repeated "
+    "through symlinks in a temporary folder up to the job size; each engine runs in its own child process, one "
+    "after the other. `seconds` / `images/s` = the whole job (model loading, reading, scoring, writing parquet; "
+    "the Spark JVM start-up is timed separately and not included); `peak memory per worker` = VmHWM (peak RSS) "
+    "of the in-process job, and of the largest Spark Python worker (the processes forked by `pyspark.daemon` "
+    "that run the UDF); `Spark JVM peak` = the driver + local executor JVM's peak RSS; `tasks` = Spark "
+    "partitions. Targets: local[2] >= 0.8x in-process throughput; <= 1.5 GiB per worker, independent of the job "
+    "size (local[2] again on the larger memory-run image set). Scaling efficiency = local[2] / (2 x local[1])."
+)
 
 
 def source_images() -> list[Path]:
@@ -165,7 +179,27 @@ def child(engine: str, images_dir: Path, args, master: str | None = None) -> dic
     return row
 
 
-def main(argv=None) -> int:
+def markdown(summary: dict, args) -> str:
+    """The table and the targets of one run."""
+    rows, big_row = summary["rows"], summary["big"]
+    lines = ["| engine | threads per worker | images | tasks | seconds | images/s | peak memory per worker (GiB) "
+             "| Spark JVM peak (GiB) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows + ([big_row] if big_row else []):
+        name = r["engine"] + (" (memory run)" if r is big_row else "")
+        lines.append(f"| {name} | {r['threads']} | {r['images']} | {r.get('partitions') or '-'} | {r['seconds']:.1f} "
+                     f"| {r['images_per_s']:.2f} | {r['peak_rss_gib']:.2f} "
+                     f"| {format(r['jvm_peak_gib'], '.2f') if 'jvm_peak_gib' in r else '-'} |")
+    lines += ["", f"Spark local[2] / in-process throughput: {summary['spark2_vs_inprocess']:.2f}x (target >= 0.8)",
+              f"scaling efficiency local[1] -> local[2]: {summary['scaling_efficiency']:.2f}"]
+    if big_row:
+        two = rows[2]
+        lines.append(f"peak worker memory, {args.images} vs {args.big_images} images: {two['peak_rss_gib']:.2f} vs "
+                     f"{big_row['peak_rss_gib']:.2f} GiB (target <= 1.5 GiB, independent of the image count)")
+    head = f"{summary['model']}, batch {args.batch_size}" + (f", {args.label}" if args.label else "")
+    return head + ":\n\n" + "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--category", default="bottle")
     p.add_argument("--alias", default="production")
@@ -176,6 +210,7 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="", help="printed with the table (e.g. 'reduced, shared cores')")
     p.add_argument("--tracking-uri")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--update-docs", action="store_true", help="write docs/benchmarks/batch.md")
     # child-process arguments
     p.add_argument("--one", choices=["inprocess", "spark"], help=argparse.SUPPRESS)
     p.add_argument("--master", help=argparse.SUPPRESS)
@@ -183,7 +218,11 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--model-name", help=argparse.SUPPRESS)
     p.add_argument("--model-version", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args)), flush=True)
         return 0
@@ -212,20 +251,18 @@ def main(argv=None) -> int:
         "spark2_vs_inprocess": two["images_per_s"] / inproc["images_per_s"],
         "scaling_efficiency": two["images_per_s"] / (2 * one["images_per_s"]),
     }
-    print(f"\n| engine | threads per worker | images | tasks | seconds | images/s | peak memory per worker (GiB) "
-          "| Spark JVM peak (GiB) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows + ([big_row] if big_row else []):
-        print(f"| {r['engine']} | {r['threads']} | {r['images']} | {r.get('partitions') or '-'} | {r['seconds']:.1f} "
-              f"| {r['images_per_s']:.2f} | {r['peak_rss_gib']:.2f} "
-              f"| {format(r['jvm_peak_gib'], '.2f') if 'jvm_peak_gib' in r else '-'} |")
-    print(f"\nSpark local[2] / in-process throughput: {summary['spark2_vs_inprocess']:.2f}x (target >= 0.8)")
-    print(f"scaling efficiency local[1] -> local[2]: {summary['scaling_efficiency']:.2f}")
-    if big_row:
-        print(f"peak worker memory, {args.images} vs {args.big_images} images: {two['peak_rss_gib']:.2f} vs "
-              f"{big_row['peak_rss_gib']:.2f} GiB (target <= 1.5 GiB, independent of the image count)")
+    table = markdown(summary, args)
+    print("\n" + table)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
+    if args.update_docs:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo is not on the path
+        from pipelines.benchmark import machine_line, write_page
+
+        command = f"python pipelines/batch_bench.py {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+        path = write_page("batch", "Batch scoring: throughput and memory", ABOUT, table, command,
+                          machine=machine_line("cpu"))
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,24 +1,24 @@
 """Bank budgets (greedy coreset) for kNN and RAD, and RAD's batching, side by side in one run.
 
-    python -m pipelines.coreset_bench --datasets bottle,mtd --shots 8 --threads 2 --update-readme
+    python -m pipelines.coreset_bench --datasets bottle,mtd --shots 8 --threads 2 --update-docs
 
 Per dataset (the benchmark's own per-dataset settings, pipelines.benchmark.DATASET_SETTINGS), one
-k-shot draw: kNN and RAD fitted on the same features with each bank budget (0 = the full bank, the
-baseline) and scored on the full test set: image / pixel AUROC, AUPRO, fit seconds (incl. the coreset
-selection), ms/image (backbone at batch 1 + the method + post-processing), bank MiB. Then RAD end to
-end on real test images at batch 1 and batch 8, before (backbone and head batched, as until now) and
-after (``AnomalyDetector.predict``: backbone image by image on the CPU, head ``chunk_images=1``),
-rounds interleaved, medians; the scores of batch 8 and batch 1 are checked identical. Features are
-cached (adreg.feature_cache). Writes results.csv / results.md to --out and, with --update-readme, the
-README block between the coreset-bench markers.
+k-shot draw: kNN and RAD fitted by the product's detector (``AnomalyDetector.fit``) with each bank budget
+(0 = the full bank, the baseline) and scored by ``adreg.evaluation.evaluate`` on the full test set: image /
+pixel AUROC, AUPRO, fit seconds (the method's fit, incl. the coreset selection), ms/image (prediction per
+test image: backbone + method + post-processing), bank MiB. The backbone runs behind a per-image feature
+cache (``adreg.feature_cache.CachingBackbone``); images served from it count the backbone's measured warm
+time at batch 1. Then RAD end to end on real test images at batch 1 and batch 8, before (backbone and head
+batched, the earlier path, kept here as the comparison) and after (``AnomalyDetector.predict``: backbone
+image by image on the CPU, head ``chunk_images=1``), rounds interleaved, medians; the scores of batch 8 and
+batch 1 are checked identical. Writes results.csv / results.md to --out and, with --update-docs, the page
+docs/benchmarks/coreset.md whole.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -27,19 +27,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adreg.augment import augment_shots, parse_augmentations
 from adreg.backbones import build_backbone
-from adreg.data import default_category_dir, load_mask, resolve_dataset, split_shots
+from adreg.data import default_category_dir, resolve_dataset, split_shots
 from adreg.detector import AnomalyDetector
-from adreg.feature_cache import cached_features
+from adreg.evaluation import evaluate
+from adreg.feature_cache import CachingBackbone, honest_seconds
 from adreg.images import load_image
 from adreg.methods import build_method
-from adreg.metrics import evaluate_scores
 from adreg.postprocess import anomaly_maps, image_scores
-from pipelines.benchmark import _ints, dataset_args, score_features, write_results
+from pipelines.benchmark import _ints, command_line, dataset_args, machine_line, write_page, write_results
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-START, END = "<!-- coreset-bench:start -->", "<!-- coreset-bench:end -->"
+ABOUT = (
+    "Bank budgets (greedy k-center coreset) for kNN (patches) and RAD (reference views), and RAD's batching. "
+    "Per dataset one k-shot draw (seed as given) with the benchmark's per-dataset settings "
+    "(`pipelines.benchmark.DATASET_SETTINGS`); kNN and RAD fitted by the product's detector "
+    "(`AnomalyDetector.fit`) with each bank budget (full = no budget, the baseline) and scored with "
+    "`adreg.evaluation.evaluate` on the test set. Columns: bank size and MiB (the fitted bank), image AUROC, "
+    "pixel AUROC, AUPRO to FPR 0.3 divided by 0.3; `fit s` = the method's fit incl. the coreset selection "
+    "(features excluded); `ms/image` = prediction time per test image (backbone + method + post-processing; "
+    "images served from the feature cache count the backbone's measured warm time at batch 1); `method "
+    "ms/image` = the same without the backbone. The second table times RAD end to end on decoded test "
+    "images at batch 1 and 8: before = backbone and head both run on the whole batch (the earlier path), "
+    "after = `AnomalyDetector.predict` (backbone image by image on the CPU, head `chunk_images=1`); rounds "
+    "interleaved, medians; batch 8 is asserted to score exactly like batch 1."
+)
 
 
 def backbone_ms(backbone, images, rounds: int = 2) -> float:
@@ -52,22 +63,26 @@ def backbone_ms(backbone, images, rounds: int = 2) -> float:
     return statistics.median(times)
 
 
-def bank_rows(args, dataset, name, budgets, feats, test_feats, labels, masks, size, top, bb_ms) -> list[dict]:
+def bank_rows(args, dataset, name, budgets, backbone, shots, test, top, bb_ms) -> list[dict]:
+    """One product detector per budget, fitted on the same shots (their views are cached after the first) and
+    evaluated on ``test``."""
     rows = []
     for budget in budgets:
-        method = build_method(name, bank_budget=budget)
-        t0 = time.perf_counter()
-        method.fit(feats)
-        fit_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        scores, maps = score_features(method, test_feats, size, args.sigma, top)
-        method_ms = (time.perf_counter() - t1) / len(test_feats) * 1000
-        m = evaluate_scores(labels, scores, masks, maps)
-        summary = method.summary()
+        det = AnomalyDetector(backbone, build_method(name, bank_budget=budget), sigma=args.sigma, top_fraction=top,
+                              augment=args.augment, aug_count=args.aug_count, seed=args.seed)
+        det.fit(shots, show_progress=False)
+        fit_s = det.fit_info["method_fit_seconds"]
+        first = len(backbone.calls)
+        ev = evaluate(det, test, show_progress=False)
+        calls = backbone.calls[first:]
+        eval_s = ev.metrics["latency_ms_per_image"] * len(test) / 1000
+        method_ms = (eval_s - sum(c.seconds for c in calls)) / len(test) * 1000
+        m = ev.metrics
+        summary = det.method.summary()
         row = {"dataset": dataset, "part": "bank", "method": name, "k_shot": args.shots, "seed": args.seed,
                "bank_budget": budget, "bank_size": summary.get("bank_patches", summary.get("bank_images")),
-               "bank_mib": method.state_nbytes() / 2 ** 20, "fit_seconds": fit_s,
-               "ms_per_image": bb_ms + method_ms, "method_ms": method_ms,
+               "bank_mib": det.method.state_nbytes() / 2 ** 20, "fit_seconds": fit_s,
+               "ms_per_image": honest_seconds(eval_s, calls, bb_ms) / len(test) * 1000, "method_ms": method_ms,
                "coverage_radius": summary.get("coverage_radius", 0.0),
                **{k: m[k] for k in ("image_auroc", "pixel_auroc", "aupro")}}
         rows.append(row)
@@ -79,9 +94,9 @@ def bank_rows(args, dataset, name, budgets, feats, test_feats, labels, masks, si
     return rows
 
 
-def rad_batching_rows(args, dataset, backbone, feats, images, size, top) -> list[dict]:
-    """RAD end to end on ``images`` at batch 1 and 8, the old batched path vs the detector's."""
-    fitted = build_method("rad").fit(feats)
+def rad_batching_rows(args, dataset, backbone, fitted, images, size, top) -> list[dict]:
+    """RAD (``fitted``, default budget) end to end on ``images`` at batch 1 and 8, the earlier batched path
+    (its own loop, kept as the comparison) vs the detector's; ``backbone`` is the uncached one."""
 
     def before(batch: int) -> np.ndarray:  # backbone and head both run the whole batch at once
         head = build_method("rad", chunk_images=batch)
@@ -129,32 +144,25 @@ def test_subset(test: list, n: int) -> list:
 
 def run_dataset(args, dataset: str) -> list[dict]:
     own = dataset_args(args, dataset)
-    backbone = build_backbone(args.backbone, layers=_ints(own.layers) if own.layers else None,
-                              image_size=args.image_size)
+    raw = build_backbone(args.backbone, layers=_ints(own.layers) if own.layers else None,
+                         image_size=args.image_size)
+    backbone = CachingBackbone(raw, enabled=not args.no_cache)
     data = resolve_dataset(default_category_dir(dataset))
-    size, test = backbone.image_size, test_subset(data.test, args.max_test)
-    labels = np.array([s.label for s in test])
-    masks = np.stack([load_mask(s, (size, size)) for s in test])
-    test_feats, _ = cached_features(backbone, [s.path for s in test], lambda: [load_image(s.path) for s in test],
-                                    {"kind": "test"}, 8, not args.no_cache)
-    kinds = parse_augmentations(own.augment)
-    shots = split_shots(data.train, args.shots, args.seed, 0)[0]
-    feats, _ = cached_features(backbone, shots,
-                               lambda: augment_shots([load_image(p) for p in shots], kinds, own.aug_count, args.seed),
-                               {"augment": list(kinds), "aug_count": own.aug_count, "seed": args.seed}, 8,
-                               not args.no_cache)
+    size, test = raw.image_size, test_subset(data.test, args.max_test)
+    n_bad = sum(s.label for s in test)
+    shots = [load_image(p) for p in split_shots(data.train, args.shots, args.seed, 0)[0]]
     sample = [load_image(s.path) for s in test[:args.timing_images]]
-    bb_ms = backbone_ms(backbone, sample)
+    raw.extract(sample[:2], 1)  # warm-up
+    bb_ms = backbone_ms(raw, sample)
     top = own.top_fraction if own.top_fraction is not None else 0.01
-    print(f"{dataset}: {len(shots)} shots -> {len(feats)} views, {len(test)} of {len(data.test)} test images "
-          f"({int(labels.sum())} defective), backbone {bb_ms:.1f} "
-          f"ms/image", flush=True)
-    rows = bank_rows(args, dataset, "knn", _ints(args.knn_budgets), feats, test_feats, labels, masks, size, top,
-                     bb_ms)
-    rows += bank_rows(args, dataset, "rad", _ints(args.rad_budgets), feats, test_feats, labels, masks, size, top,
-                      bb_ms)
+    print(f"{dataset}: {len(shots)} shots, {len(test)} of {len(data.test)} test images ({n_bad} defective), "
+          f"backbone {bb_ms:.1f} ms/image", flush=True)
+    rows = bank_rows(own, dataset, "knn", _ints(args.knn_budgets), backbone, shots, test, top, bb_ms)
+    rows += bank_rows(own, dataset, "rad", _ints(args.rad_budgets), backbone, shots, test, top, bb_ms)
     if dataset in args.rad_timing.split(","):
-        rows += rad_batching_rows(args, dataset, backbone, feats, sample, size, top)
+        det = AnomalyDetector(backbone, build_method("rad"), sigma=args.sigma, top_fraction=top, augment=own.augment,
+                              aug_count=own.aug_count, seed=args.seed).fit(shots, show_progress=False)
+        rows += rad_batching_rows(args, dataset, raw, det.method, sample, size, top)
     return rows
 
 
@@ -186,9 +194,7 @@ def markdown(rows: list[dict], args) -> str:
     subset = f"{args.max_test} test images per dataset (half good, half defective)" if args.max_test else \
         "the full test sets"
     out.append(f"\n{args.shots} shots, seed {args.seed}, {subset}, the benchmark's per-dataset settings; backbone "
-               f"{args.backbone}; {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-               f"torch {torch.__version__}, device cpu. Command: `python -m pipelines.coreset_bench "
-               f"{shlex.join(sys.argv[1:])}`\n")
+               f"{args.backbone}, device cpu.\n")
     return "\n".join(out) + "\n"
 
 
@@ -210,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="bench-results/coreset")
     p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--update-readme", action="store_true")
+    p.add_argument("--update-docs", action="store_true", help="write docs/benchmarks/coreset.md")
     for key in ("layers", "augment", "aug_count", "top_fraction"):  # dataset_args fills them per dataset
         p.set_defaults(**{key: None})
     return p
@@ -223,7 +229,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for dataset in args.datasets.split(",") for r in run_dataset(args, dataset)]
-    write_results(out, rows, markdown(rows, args), (START, END) if args.update_readme else None, README)
+    table, command, machine = markdown(rows, args), command_line("pipelines.coreset_bench", argv), machine_line("cpu")
+    write_results(out, rows, table, command, machine)
+    if args.update_docs:
+        print(f"wrote {write_page('coreset', 'Bank budgets (coreset) and RAD batching', ABOUT, table, command, machine=machine)}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Growth benchmark: start from a few shots and grow the model with updates, side by side with full refits.
 
     python -m pipelines.growth --dataset mtd --methods rad,subspace,knn --steps 8,16,32,64,128,256 \
-        --seeds 0,1,2 --contamination 0.05 --out bench-results/growth --update-readme
+        --seeds 0,1,2 --contamination 0.05 --out bench-results/growth --update-docs
 
 Per seed the good training images are shuffled once; the model is fitted on the first ``steps[0]``
 and then updated (``AnomalyMethod.update``) with the next images at every step, as ``adreg update``
@@ -17,7 +17,11 @@ taken in blindly and once through the contamination guard (the current model sco
 it scores above its threshold, calibrated on the validation goods with the 0.99 quantile, is held out);
 ``--guard-quantiles 0.99,0.9`` adds a guarded row per stricter quantile.
 
-Writes results.csv / results.md to --out and, with --update-readme, the README's growth table.
+Scoring goes through the product's ``AnomalyDetector.predict_features`` (method scores, maps, image scores)
+on cached features; fits and updates call the methods' own ``fit`` / ``update`` on cached features, since
+comparing those two paths on the same features is the point (``adreg update`` runs the same ``update``
+through ``AnomalyDetector.update``). Writes results.csv / results.md to --out and, with --update-docs, the
+page docs/benchmarks/growth.md whole.
 """
 
 from __future__ import annotations
@@ -26,9 +30,7 @@ import argparse
 import csv
 import json
 import math
-import platform
 import random
-import shlex
 import statistics
 import sys
 import time
@@ -41,15 +43,31 @@ from adreg.augment import augment_shots, parse_augmentations
 from adreg.backbones import build_backbone
 from adreg.backbones.base import Features
 from adreg.data import default_category_dir, load_mask, resolve_dataset
+from adreg.detector import AnomalyDetector
 from adreg.feature_cache import cached_features
 from adreg.images import load_image
 from adreg.methods import build_method
 from adreg.metrics import evaluate_scores
 from adreg.thresholds import good_quantile
-from pipelines.benchmark import DATASET_SETTINGS, GENERIC_SETTINGS, score_features, write_csv, write_results
+from pipelines.benchmark import (DATASET_SETTINGS, GENERIC_SETTINGS, command_line, machine_line, write_csv, write_page,
+                                 write_results)
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-START, END = "<!-- growth:start -->", "<!-- growth:end -->"
+ABOUT = (
+    "A model grown by updates against full refits, on the dataset named under the table (MTD: its bundled seeded "
+    "split). Per seed the good training "
+    "images are shuffled once; the model is fitted on the first goods and updated (`AnomalyMethod.update`, what "
+    "`adreg update` runs) with the next ones at every step. At every step: image AUROC, pixel AUROC, AUPRO to "
+    "FPR 0.3 divided by 0.3 on the test split, state MiB (the fitted arrays), `ms/image` = the measured warm "
+    "backbone time per view + the method's scoring and post-processing (`AnomalyDetector.predict_features`) "
+    "per test image, `of which method` = the latter; `update s` = the update's seconds and `full refit s` = a "
+    "full refit's on the same union of images, both with feature seconds = the measured backbone time per "
+    "view x the views each has to extract (the update: the new images' views; the refit: all of them). "
+    "Contamination rows: defective test images (the given fraction of every added batch) mixed into the added "
+    "goods (they leave that seed's test set for every condition), taken in blindly or through the guard (the "
+    "current model scores the batch; what it scores above its threshold, the given quantile of the "
+    "calibration goods' scores, is held out); `guard held out (defects)` = images held out (of which "
+    "defects, of the defects added). Values are mean ± std over seeds."
+)
 REPORTED = ["image_auroc", "pixel_auroc", "aupro", "state_mib", "ms_per_image", "method_ms_per_image",
             "update_seconds", "refit_seconds"]
 
@@ -79,10 +97,18 @@ class Views:
         return list(keep) + [n + i * a + j for i in keep for j in range(a)]
 
 
-def evaluate(method, test_feats, labels, masks, size, sigma, top) -> dict:
-    score_features(method, test_feats[:16], size, sigma, top)  # warm-up: the timing starts warm at every step
+def score_features(method, feats, backbone, sigma: float, top: float, batch: int = 8):
+    """Image scores and maps of pre-extracted features through the product's scoring
+    (``AnomalyDetector.predict_features``), ``batch`` images at a time as ``predict`` runs them."""
+    det = AnomalyDetector(backbone, method, sigma=sigma, top_fraction=top, batch_size=batch)
+    parts = [det.predict_features(feats[i:i + batch]) for i in range(0, len(feats), batch)]
+    return np.concatenate([p.scores for p in parts]), np.concatenate([p.maps for p in parts])
+
+
+def evaluate(method, test_feats, labels, masks, backbone, sigma, top) -> dict:
+    score_features(method, test_feats[:16], backbone, sigma, top)  # warm-up: the timing starts warm at every step
     t0 = time.perf_counter()
-    scores, maps = score_features(method, test_feats, size, sigma, top)
+    scores, maps = score_features(method, test_feats, backbone, sigma, top)
     method_ms = (time.perf_counter() - t0) / len(labels) * 1000
     return {**evaluate_scores(labels, scores, masks, maps), "method_ms": method_ms}
 
@@ -100,9 +126,9 @@ def grow(name, params, batches, views, seed, backbone_ms, test, size, sigma, top
         if guard is not None and step > 0:
             originals = feats[: len(paths)]  # augment_shots keeps the originals first
             cal_feats, q = guard
-            cal_scores, _ = score_features(method, cal_feats, size, sigma, top)
+            cal_scores, _ = score_features(method, cal_feats, views.backbone, sigma, top)
             threshold = good_quantile(cal_scores, q).value
-            scores, _ = score_features(method, originals, size, sigma, top)
+            scores, _ = score_features(method, originals, views.backbone, sigma, top)
             keep = [i for i, s in enumerate(scores) if s <= threshold]
             held += len(paths) - len(keep)
             caught += sum(1 for i, s in enumerate(scores) if s > threshold and is_defect[i])
@@ -128,7 +154,7 @@ def grow(name, params, batches, views, seed, backbone_ms, test, size, sigma, top
             build_method(name, **params).fit(all_feats)
             row["refit_seconds"] = len(all_feats) * backbone_ms / 1000 + time.perf_counter() - t0
             del all_feats
-        metrics = evaluate(method, test_feats, labels, masks, size, sigma, top)
+        metrics = evaluate(method, test_feats, labels, masks, views.backbone, sigma, top)
         row.update(metrics)
         row["method_ms_per_image"] = metrics.pop("method_ms")
         row["ms_per_image"] = backbone_ms + row["method_ms_per_image"]
@@ -282,10 +308,12 @@ def markdown(summary: list[dict], args, backbone_note: str) -> str:
                      f"{'-' if e['method_ms_per_image'] is None else format(e['method_ms_per_image'][0], '.1f')} | "
                      f"{e['update_seconds'][0]:.1f} | "
                      f"{'-' if e['refit_seconds'] is None else format(e['refit_seconds'][0], '.1f')} | {guard} |")
-    note = (f"\n{backbone_note}; seeds {args.seeds}; method params {args.method_params}; "
-            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-            f"{torch.__version__}, device cpu. Command: `python -m pipelines.growth {shlex.join(sys.argv[1:])}`\n")
+    note = f"\n{backbone_note}; seeds {args.seeds}; method params {args.method_params}; device cpu.\n"
     return head + "\n".join(lines) + "\n" + note
+
+
+def top_note(top: float | None) -> str:
+    return "the method default" if top is None else f"top {top:g}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--out", default="bench-results/growth")
-    p.add_argument("--update-readme", action="store_true")
+    p.add_argument("--update-docs", action="store_true", help="write docs/benchmarks/growth.md")
     p.add_argument("--from-csv", help="comma list of results/partial CSVs of earlier runs: no run, one table of them (a later "
                         "file's row replaces an earlier one of the same method, condition, seed and step)")
     return p
@@ -332,9 +360,11 @@ def main(argv=None) -> int:
     own = DATASET_SETTINGS.get(args.dataset, GENERIC_SETTINGS)
     note = (f"{args.dataset}; backbone {args.backbone}, blocks {args.layers or own['layers'] or 'default'}, "
             f"augment {args.augment or own['augment']} x{own['aug_count'] if args.aug_count is None else args.aug_count}, "
-            f"image score top {args.top_fraction if args.top_fraction is not None else own['top_fraction']}")
-    write_results(out, rows, markdown(summarise(rows), args, note), (START, END) if args.update_readme else None,
-                  README)
+            f"image score {top_note(args.top_fraction if args.top_fraction is not None else own['top_fraction'])}")
+    table, command, machine = markdown(summarise(rows), args, note), command_line("pipelines.growth", argv), machine_line()
+    write_results(out, rows, table, command, machine)
+    if args.update_docs:
+        print(f"wrote {write_page('growth', 'Growth: updates vs full refits', ABOUT, table, command, machine=machine)}")
     return 0
 
 

@@ -11,7 +11,7 @@ no PNG decode) at batch 1 and 8, and the backbone alone (``AnomalyDetector.extra
 as ``predict``, including resize and normalise: torch one image per pass on the CPU, an exported backbone
 up to its ``cpu_batch``) on the same images. The variants are interleaved in ``--rounds`` rounds (rotating order) and
 each figure is the median over rounds, so load from other processes hits all of them alike.
-Writes runtime_bench.md / .json to --out; --update-readme rewrites the README table between markers.
+Writes runtime_bench.md / .json to --out; --update-docs writes the page docs/benchmarks/runtime.md whole.
 """
 
 from __future__ import annotations
@@ -35,8 +35,19 @@ from adreg.evaluation import evaluate
 from adreg.fitting import FitOptions, fit_category
 from adreg.images import load_image
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-START, END = "<!-- runtime-bench:start -->", "<!-- runtime-bench:end -->"
+ABOUT = (
+    "Backbone runtimes side by side on the CPU: torch eager, ONNX Runtime and OpenVINO. Per dataset one SubspaceAD "
+    "fit by the product (`adreg.fitting.fit_category`: 1 shot, seed 0, the benchmark's dataset settings: bottle "
+    "blocks 4 + 10; MTD blocks 7 + 10, flips x8, top 0.1%; EfficientNet-Lite0 at 320 px), its backbone exported "
+    "(`adreg.backbones.export`), and the same saved detector loaded once per runtime, each with the given "
+    "threads. `ms / image` = decoded image in, score + map out (`AnomalyDetector.predict`: resize, normalise, "
+    "backbone, head, smoothing; no PNG decode) at batch 1 and 8; `backbone ms` = `AnomalyDetector.extract` on "
+    "the same chunks as `predict` (incl. resize + normalise: torch one image per pass on the CPU, an exported "
+    "backbone up to its `cpu_batch`); `rest ms` = the difference (head + post-processing; a difference of two "
+    "timings). The runtimes are interleaved in rounds (rotating order), each figure the median over rounds. "
+    "Image / pixel AUROC of each runtime on the test set (`adreg.evaluation.evaluate`) and the largest relative "
+    "score difference to torch."
+)
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 # the benchmark's per-dataset settings (pipelines/benchmark.py DATASET_SETTINGS)
 SETTINGS = {"bottle": {}, "mtd": {"augment": "hflip,vflip", "aug_count": 8, "layers": [7, 10], "top_fraction": 0.001}}
@@ -127,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-images", type=int, default=16, help="test images timed per dataset")
     p.add_argument("--max-test", type=int, default=0, help="evaluate on the first N test images only (0 = all)")
     p.add_argument("--out", default="bench-results")
-    p.add_argument("--update-readme", action="store_true")
+    p.add_argument("--update-docs", action="store_true", help="write docs/benchmarks/runtime.md")
     return p
 
 
@@ -143,10 +154,12 @@ def main(argv=None) -> int:
     table = markdown(rows, args)
     (out / "runtime_bench.md").write_text(table)
     (out / "runtime_bench.json").write_text(json.dumps(rows, indent=2))
-    if args.update_readme:
-        from pipelines.benchmark import write_readme_section
+    if args.update_docs:
+        from pipelines.benchmark import command_line, machine_line, write_page
 
-        write_readme_section(table, START, END, README)
+        path = write_page("runtime", "Fast CPU inference: exported runtimes", ABOUT, table,
+                          command_line("pipelines.runtime_bench", argv), machine=machine_line("cpu"))
+        print(f"wrote {path}")
     return 0
 
 

@@ -14,6 +14,8 @@ as version 2; then, against real `adreg serve bottle` processes on 127.0.0.1 (de
 * latency with a same-backbone shadow (``--shadow staging``, staging = version 2) vs without (<= 1.15x),
   measured alternately on the same server;
 * latency with capture on (rate 1.0: every image written) vs off (<= 1.05x), two servers, alternately.
+
+Writes serving_follow.json / .md to --out; --update-docs writes the page docs/benchmarks/serving.md whole.
 """
 
 from __future__ import annotations
@@ -34,6 +36,19 @@ from pathlib import Path
 import requests
 
 from serving.process import Server
+
+ABOUT = (
+    "Serving follows the registry: real `adreg serve bottle` processes on 127.0.0.1 (default poll interval) "
+    "serving the `production` alias of a store this benchmark prepares itself (sqlite): one 1-shot SubspaceAD "
+    "bottle fit by the product (`adreg.fitting.fit_category`), logged as version 1 and, with its threshold "
+    "doubled, as version 2. Load: 4 client threads, one image per request (16 bottle test images in turn). "
+    "Rows: the time from the alias move (what `adreg promote` does after its gate) to the first answer by the "
+    "new version, over every swap of the promote/rollback cycles (target <= 10 s); latency p50 / p99 steady "
+    "vs during the cycles (target p99 <= 1.5x steady, 0 errors); the server's resident memory after the first "
+    "swap vs after all swaps (<= 1.1x); latency with a same-backbone shadow (`--shadow staging`, staging = "
+    "version 2) vs without, alternately on the same server (p50 <= 1.15x); latency with capture at rate 1.0 "
+    "(every image written, PNG + JSON) vs off, two servers measured alternately (p50 <= 1.05x)."
+)
 
 
 def prepare(store: Path, quick: bool) -> dict:
@@ -132,14 +147,19 @@ def swap_to(url: str, payload: dict, version: str, timeout: float = 60) -> float
     raise RuntimeError(f"version {version} did not answer within {timeout} s")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench-results/serving-follow")
     p.add_argument("--cycles", type=int, default=20, help="promote/rollback cycles (default 20)")
     p.add_argument("--requests", type=int, default=160, help="requests per latency measurement")
     p.add_argument("--rounds", type=int, default=2, help="alternations for the shadow and capture comparisons")
     p.add_argument("--quick", action="store_true", help="reduced setting: small fit, 3 cycles, 24 requests")
-    args = p.parse_args(argv)
+    p.add_argument("--update-docs", action="store_true", help="write docs/benchmarks/serving.md")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.cycles, args.requests, args.rounds = 3, 24, 1
     os.environ.setdefault("ADREG_PROGRESS", "0")
@@ -215,6 +235,15 @@ def main(argv=None) -> int:
     md = markdown(res)
     (out / "serving_follow.md").write_text(md)
     print(md)
+    if args.update_docs:
+        from pipelines.benchmark import command_line, machine_line, write_page
+
+        setting = (f"{'Reduced run (--quick: fit with 2 augmented copies and 5 held-out images)' if args.quick else 'Full run'}: "
+                   f"{args.cycles} promote/rollback cycles = {2 * args.cycles} swaps, {args.requests}+ requests per "
+                   f"figure, {args.rounds} alternation(s) for shadow and capture.")
+        path = write_page("serving", "Serving follows the registry", ABOUT, setting + "\n\n" + md,
+                          command_line("pipelines.serving_bench", argv), machine=machine_line("cpu"))
+        print(f"wrote {path}")
     return 0
 
 

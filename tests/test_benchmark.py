@@ -1,42 +1,148 @@
-"""The benchmark pipeline as a CI smoke run (1 method, 1 seed, the real bottle test set) and its cache."""
+"""The benchmark runs the product's path (fit_category over a caching backbone), on the real bottle data."""
 
 import csv
-
-import pytest
+import datetime
 import os
 import shutil
 
+import pytest
 import torch
 
+from adreg.augment import augment_shots
 from adreg.backbones import build_backbone
-from adreg.feature_cache import cache_key, cached_features
+from adreg.feature_cache import CachingBackbone, ExtractCall, cache_key, cached_features, honest_seconds
 from adreg.images import load_image
 from pipelines import benchmark
 
 
-def test_smoke_run_writes_tables_pictures_and_reuses_cached_features(tmp_path, monkeypatch, bottle_dir, capsys):
-    monkeypatch.setenv("ADREG_CACHE", str(tmp_path / "cache"))
-    argv = ["--datasets", "bottle", "--methods", "subspace,rad", "--shots", "1", "--seeds", "0,1",
-            "--method-seeds", '{"rad": "1"}', "--method-shots", '{"rad": "1,2"}', "--aug-count", "2",
-            "--out", str(tmp_path / "out")]
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One feature cache for the module's benchmark runs (they share the bottle test images)."""
+    before = os.environ.get("ADREG_CACHE")
+    path = tmp_path_factory.mktemp("feature-cache")
+    os.environ["ADREG_CACHE"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("ADREG_CACHE", None)
+    else:
+        os.environ["ADREG_CACHE"] = before
+
+
+def _rows(out):
+    return list(csv.DictReader(open(out / "results.csv")))
+
+
+def test_benchmark_row_equals_adreg_fit_of_the_same_options(bottle_fit, shared_cache, tmp_path, capsys):
+    """bottle, SubspaceAD, 1 shot, seed 0: the benchmark (cold cache, then warm) and the product's fit without
+    any cache (``bottle_fit``: fit_category as ``adreg fit`` runs it) give the same metrics."""
+    product = bottle_fit.evaluation.metrics
+    argv = ["--datasets", "bottle", "--methods", "subspace", "--shots", "1", "--seeds", "0", "--device", "cpu",
+            "--timing-images", "2", "--no-pictures", "--out", str(tmp_path / "out")]
+    for run in ("cold", "warm"):
+        assert benchmark.main(argv) == 0
+        printed = capsys.readouterr().out
+        (row,) = _rows(tmp_path / "out")
+        assert (row["method"], row["k_shot"], row["seed"], row["calibration"]) == (
+            "subspace", "1", "0", "20 held-out good training images")
+        for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
+            assert abs(float(row[key]) - product[key]) <= 1e-6, (run, key, row[key], product[key])
+        assert float(row["threshold"]) == pytest.approx(bottle_fit.detector.threshold.value, rel=1e-6)
+        if run == "warm":  # every image (31 views, 20 held out, 83 test) came from the cache
+            assert "(features: 0 extracted, 134 from cache)" in printed
+            assert float(row["fit_seconds"]) > 0 and float(row["ms_per_image"]) > float(row["backbone_ms_warm"]) * 0.5
+
+
+def test_grid_with_per_method_seeds_and_shots_writes_tables_pictures_and_the_page(shared_cache, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(benchmark, "DOCS", tmp_path / "docs")
+    argv = ["--datasets", "bottle", "--methods", "subspace,rad", "--shots", "1", "--seeds", "0",
+            "--method-seeds", '{"rad": "1"}', "--method-shots", '{"rad": "2"}', "--aug-count", "2",
+            "--timing-images", "2", "--out", str(tmp_path / "out"), "--update-docs"]
     assert benchmark.main(argv) == 0
-    first = capsys.readouterr().out
-    assert "cache miss" in first
-    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    rows = _rows(tmp_path / "out")
     assert [(r["method"], r["k_shot"], r["seed"]) for r in rows] == [
-        ("subspace", "1", "0"), ("subspace", "1", "1"), ("rad", "1", "1"), ("rad", "2", "1")]
+        ("subspace", "1", "0"), ("rad", "2", "1")]
     assert all(float(r["image_auroc"]) > 0.9 for r in rows)
     assert {(r["augment"], r["aug_count"], r["layers"]) for r in rows} == {("rotate", "2", "4,10")}
+    assert [r["n_train_images"] for r in rows] == ["3", "6"]
+    assert int(rows[1]["features_cached"]) >= 83  # the test set is extracted once
     table = (tmp_path / "out" / "results.md").read_text()
-    assert all(row in table for row in ("| bottle | subspace | 1 | 2 |", "| bottle | rad | 1 | 1 |",
-                                        "| bottle | rad | 2 | 1 |"))
-    for name, k in (("subspace", 1), ("rad", 1), ("rad", 2)):
+    assert all(row in table for row in ("| bottle | subspace | 1 | 1 |", "| bottle | rad | 2 | 1 |"))
+    assert "seeds per method: {\"rad\": \"1\"}" in table and "shots per method: {\"rad\": \"2\"}" in table
+    for name, k in (("subspace", 1), ("rad", 2)):
         pictures = tmp_path / "out" / "pictures" / f"bottle-{name}-k{k}"
         assert {p.name for p in pictures.iterdir()} == {"roc.png", "scores.png", "examples.png"}
-    assert benchmark.main(argv) == 0
-    assert "cache hit" in capsys.readouterr().out
-    again = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
-    assert again[0]["image_auroc"] == rows[0]["image_auroc"] and again[0]["aupro"] == rows[0]["aupro"]
+    page = (tmp_path / "docs" / "accuracy.md").read_text()
+    assert page.startswith("# Accuracy")
+    assert "fit_category" in page and "| bottle | rad | 2 | 1 |" in page
+    assert "Command: `python -m pipelines.benchmark --datasets bottle --methods subspace,rad" in page
+    assert f"Date: {datetime.date.today().isoformat()}" in page and f"torch {torch.__version__}" in page
+
+
+def test_page_writer_writes_the_whole_page_and_no_readme_splicing_is_left(tmp_path):
+    assert not hasattr(benchmark, "write_readme_section") and not hasattr(benchmark, "START")
+    path = benchmark.write_page("demo", "Demo", "What is measured.", "| a |\n|---|\n| 1 |", "python -m x --y",
+                                docs_dir=tmp_path, machine="2 cores visible, Test CPU", date="2026-01-02")
+    assert path == tmp_path / "demo.md"
+    assert path.read_text() == ("# Demo\n\nWhat is measured.\n\n- Machine: 2 cores visible, Test CPU\n"
+                                "- Command: `python -m x --y`\n- Date: 2026-01-02\n\n| a |\n|---|\n| 1 |\n")
+    benchmark.write_page("demo", "Demo 2", "Other.", "| b |", "python -m x", docs_dir=tmp_path)
+    text = path.read_text()
+    assert text.startswith("# Demo 2\n") and "| a |" not in text and "Test CPU" not in text
+    line = benchmark.machine_line("cpu")
+    assert f"{os.cpu_count()} cores" in line and torch.__version__ in line and "device cpu" in line
+    assert benchmark.command_line("pipelines.benchmark", ["--seeds", "0", "--method-seeds", '{"a": "0"}']) == \
+        "python -m pipelines.benchmark --seeds 0 --method-seeds '{\"a\": \"0\"}'"
+
+
+def test_every_benchmark_has_update_docs_instead_of_update_readme():
+    from pipelines import batch_bench, coreset_bench, growth, runtime_bench, serving_bench
+
+    for module in (benchmark, coreset_bench, growth, runtime_bench):
+        assert module.build_parser().parse_args(["--update-docs"]).update_docs
+        with pytest.raises(SystemExit):
+            module.build_parser().parse_args(["--update-readme"])
+    for module in (serving_bench, batch_bench):
+        assert "--update-docs" in module.build_parser().format_help()
+
+
+def test_caching_backbone_serves_features_bit_identical_to_the_backbone(tmp_path, bottle_dir):
+    raw = build_backbone("efficientnet-lite0")
+    shots = [load_image(p) for p in sorted((bottle_dir / "train" / "good").glob("*.png"))[:1]]
+    images = augment_shots(shots, ("rotate",), 3, seed=0)  # the original + 3 rotated views
+    ref = raw.extract(images, 1)
+    batched = raw.extract(images, 8)  # what the cache relies on: an image's features do not depend on its batch
+    assert all(torch.equal(a, b) for a, b in zip(ref.patches + ref.globals, batched.patches + batched.globals))
+    cached = CachingBackbone(raw, directory=tmp_path / "c")
+    assert cached.spec() == raw.spec() and cached.image_size == raw.image_size and cached.device == raw.device
+    assert cached.to("cpu") is cached and cached.precision == raw.precision
+    part = cached.extract(images[1:3], 1)  # misses
+    whole = cached.extract(images, 1)  # 2 hits (from memory), 2 misses, in the caller's order
+    again = CachingBackbone(raw, directory=tmp_path / "c").extract(images[::-1] + images[:1], 8)  # from disk
+    for got, idx in ((part, [1, 2]), (whole, [0, 1, 2, 3]), (again, [3, 2, 1, 0, 0])):
+        for a, b in zip(ref.patches + ref.globals, got.patches + got.globals):
+            assert a.dtype == b.dtype == torch.float32 and torch.equal(a[idx], b)
+    assert [(c.n_images, c.hits) for c in cached.calls] == [(2, 0), (4, 2)]
+    seen = []
+    memory_only = CachingBackbone(raw, disk=False, memory_mib=0)  # nothing kept: every call extracts
+    memory_only.extract(images[:1], 1, progress=seen.append)
+    memory_only.extract(images[:1], 1, progress=seen.append)
+    assert [c.hits for c in memory_only.calls] == [0, 0] and seen == [1, 1]
+    other = CachingBackbone(build_backbone("efficientnet-lite0", image_size=256), directory=tmp_path / "c")
+    other.extract(images[:1], 1)
+    assert other.calls[0].hits == 0  # another backbone spec is another key
+    changed = images[0].copy()
+    changed.putpixel((0, 0), (0, 0, 0) if changed.getpixel((0, 0)) != (0, 0, 0) else (1, 1, 1))
+    cached.extract([changed], 1)
+    assert cached.calls[-1].hits == 0  # one pixel differs: not the same image
+    passthrough = CachingBackbone(raw, directory=tmp_path / "c", enabled=False)
+    out = passthrough.extract(images[:1], 1)
+    assert passthrough.calls[0].hits == 0 and torch.equal(out.patches[0], ref.patches[0][:1])
+
+
+def test_honest_seconds_replace_cache_reads_by_the_measured_backbone_time():
+    calls = [ExtractCall(10, 10, 0.2, 0.0), ExtractCall(4, 1, 1.5, 1.2)]  # 11 hits; 3 misses took 1.2 s
+    assert honest_seconds(5.0, calls, backbone_ms=50) == pytest.approx(5.0 - 1.7 + 1.2 + 11 * 0.05)
 
 
 def test_each_dataset_gets_its_own_settings_unless_a_flag_overrides_them():
@@ -47,6 +153,8 @@ def test_each_dataset_gets_its_own_settings_unless_a_flag_overrides_them():
     assert (bottle.augment, bottle.aug_count, bottle.layers) == ("rotate", 3, None)
     own = benchmark.dataset_args(parse(["--layers", "4", "--top-fraction", "0"]), "my-screws")
     assert (own.layers, own.top_fraction, own.augment) == ("4", 0.0, "rotate")
+    opts = benchmark.fit_options(mtd, "mtd", "/data/mtd", "spg", 0, 3)
+    assert (opts.k_shot, opts.layers, opts.aug_count, opts.method_params) == (1, [7, 10], 8, {"aux": "bottle", "seed": 3})
 
 
 def test_zero_shot_methods_run_once_at_k0_and_costly_ones_can_run_fewer_seeds_and_shots():
@@ -59,6 +167,7 @@ def test_zero_shot_methods_run_once_at_k0_and_costly_ones_can_run_fewer_seeds_an
 
 
 def test_cache_key_changes_with_backbone_file_and_derivation(tmp_path, monkeypatch, bottle_dir):
+    """``cached_features`` (the growth and MTD studies' whole-set cache)."""
     monkeypatch.setenv("ADREG_CACHE", str(tmp_path / "cache"))
     img = tmp_path / "a.png"
     shutil.copy(bottle_dir / "train" / "good" / "000.png", img)

@@ -44,3 +44,37 @@ def test_photometric_standardisation_removes_a_global_brightness_change(tiles):
     diff = torch.tensor(list(a.convert("L").getdata()), dtype=torch.float32) - \
         torch.tensor(list(b.convert("L").getdata()), dtype=torch.float32)
     assert diff.abs().mean() < 3.0
+
+
+def test_variants_the_product_can_run_go_through_fit_category_the_others_through_the_study(monkeypatch, mtd_dir):
+    """The baseline, other methods, blocks and the shot curve are fitted and evaluated by the product
+    (``fit_category`` over a caching backbone); preprocessing and score-fusion variants keep the study's path."""
+    import numpy as np
+    from types import SimpleNamespace
+
+    from adreg.data import Sample
+    from adreg.feature_cache import CachingBackbone
+
+    calls = []
+    samples = [Sample(mtd_dir / f"{i}.jpg", label, defect) for i, (label, defect) in
+               enumerate([(0, "good"), (0, "good"), (1, "crack"), (1, "fray")])]
+
+    def fake_fit(opts, show_progress=True, backbone=None):
+        calls.append((opts, backbone))
+        ev = SimpleNamespace(samples=samples, scores=np.array([0.1, 0.5, 0.4, 0.9]),
+                             metrics={"image_auroc": 0.75, "pixel_auroc": 0.6})
+        return SimpleNamespace(evaluation=ev)
+
+    monkeypatch.setattr(mtd_study, "fit_category", fake_fit)
+    data = SimpleNamespace(root=mtd_dir, train=[])
+    backbones: dict = {}
+    for name, k, aug in (("baseline", 8, 8), ("knn", 8, 8), ("blocks-10-14", 8, 8), ("shots-16", 16, 0)):
+        settings = mtd_study.VARIANTS.get(name, ("", {}))[1]
+        row = mtd_study.evaluate_variant(name, settings, data, None, k, 0, aug, False, backbones)
+        assert row["image_auroc"] == 0.75 and row["auroc_crack"] == 0.5 and row["auroc_fray"] == 1.0
+    assert [(o.method, o.layers, o.k_shot, o.aug_count, o.augment, o.top_fraction, o.image_size) for o, _ in calls] == [
+        ("rad", [7, 10], 8, 8, "hflip,vflip", 0.001, 320), ("knn", [7, 10], 8, 8, "hflip,vflip", 0.001, 320),
+        ("rad", [10, 14], 8, 8, "hflip,vflip", 0.001, 320), ("rad", [7, 10], 16, 0, "hflip,vflip", 0.001, 320)]
+    assert all(isinstance(b, CachingBackbone) for _, b in calls) and calls[0][1] is calls[1][1]
+    assert all(any(key in mtd_study.VARIANTS[v][1] for key in mtd_study.OWN_PATH)
+               for v in ("aspect-1x", "aspect-2x", "standardise", "equalise", "self-similarity"))

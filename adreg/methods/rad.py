@@ -28,7 +28,7 @@ at most ~5e-4 and the state halves; scoring upcasts only the ``k_image`` retriev
 does not grow with the bank beyond the global retrieval (one dot product per view), so the budget is a
 memory bound: Lite0 at 320 px is ~0.15 MiB (blocks 7+10) to ~0.2 MiB (blocks 4+10) per float16 view,
 37-54 MiB at 256. On MTD the budget decides how far updates can grow accuracy: grown to 256 goods, a
-256-view bank reaches 0.934 image AUROC (3 seeds) where 64 views stopped at 0.878 (README, growth benchmark).
+256-view bank reaches 0.934 image AUROC (3 seeds) where 64 views stopped at 0.878 (docs/benchmarks/growth.md).
 """
 
 from __future__ import annotations
