@@ -69,9 +69,13 @@ def test_fit_register_promote_load_predict_through_the_api(bottle_dir, tmp_path,
     # promote through the gate: the same version again is a no-op promotion; a refusal is a result
     again = adreg.promote("bottle", "1", "staging", tracking_uri=uri)
     assert again.promoted and not again.forced
-    strict = adreg.promote("bottle", "1", "strict", min_image_auroc=0.9999, tracking_uri=uri)
+    strict = adreg.promote("bottle", "1", "strict", min_pixel_auroc=0.9999, tracking_uri=uri)  # whole interval below
     assert strict.promoted is False and any("below the floor" in f for f in strict.gate.failures)
-    assert [e["action"] for e in adreg.history("bottle", tracking_uri=uri)] == ["promote", "promote", "refused"]
+    events = adreg.history("bottle", tracking_uri=uri)
+    assert [e["action"] for e in events] == ["promote", "promote", "refused"]
+    # every gate evaluation is the event run's evaluation dataset input, the same digest as the fit's
+    gate_input = client.get_run(events[-1]["run_id"]).inputs.dataset_inputs[0]
+    assert gate_input.dataset.digest == inputs["evaluation"].digest
 
     with pytest.raises(NotFoundError, match="no version 7"):
         adreg.load("bottle", version=7, tracking_uri=uri)

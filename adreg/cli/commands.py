@@ -36,7 +36,8 @@ def _api():
 def _policy(args):
     from adreg.registry.lifecycle import GatePolicy
 
-    return GatePolicy(args.min_image_auroc, args.min_pixel_auroc, args.tolerance)
+    return GatePolicy(args.min_image_auroc, args.min_pixel_auroc, level=args.level, n_resamples=args.resamples,
+                      min_per_class=args.min_per_class)
 
 
 # -- fit ---------------------------------------------------------------------------------------------
@@ -101,23 +102,46 @@ def cmd_promote(args) -> int:
         _json_out({"category": args.category, "alias": args.alias, "version": str(args.version),
                    "promoted": out.promoted, "forced": out.forced,
                    **{k: getattr(promo, k, None) for k in ("previous", "model_uri", "by", "identity", "event_run")},
-                   "gate": {**report.summary(), "floors": policy.floors(), "tolerance": policy.tolerance}})
+                   "gate": {**report.summary(), "floors": policy.floors(), "level": policy.level,
+                            "min_per_class": policy.min_per_class}})
         return 0 if out.promoted else EXIT_REFUSED
-    rows = [{"model": f"v{args.version} (candidate)", **{k: f"{report.candidate.get(k, float('nan')):.4f}"
-                                                         for k in COMPARED}}]
-    if report.baseline is not None:
-        rows.append({"model": f"v{report.baseline_version} (current {args.alias})",
-                     **{k: f"{report.baseline.get(k, float('nan')):.4f}" for k in COMPARED}})
-    print(f"gate on {report.eval_set} (floors: image {policy.min_image_auroc}, pixel {policy.min_pixel_auroc}; "
-          f"tolerance {policy.tolerance})")
-    _print_table(rows, ["model", *COMPARED])
+    dec = report.decision
+    res = dec.resampling
+    base = f"v{report.baseline_version}" if report.baseline is not None else None
+    masked = f" ({dec.n_masked} with masks)" if dec.n_masked is not None else ""
+    print(f"gate on {report.eval_set}: {dec.n_good} good, {dec.n_defective} defective images{masked}")
+    pixel = (f"; pixel metrics {res.pixel_resamples}" + (f" at {res.pixel_size[0]}x{res.pixel_size[1]}"
+                                                          if res.pixel_size else "")) if res.pixel_resamples else ""
+    print(f"  {dec.level:.0%} intervals: stratified bootstrap, {res.n_resamples} resamples{pixel} (seed {res.seed}); "
+          f"floors: image {policy.min_image_auroc}, pixel {policy.min_pixel_auroc}; at least {policy.min_per_class} "
+          f"good and {policy.min_per_class} defective")
+    cand_col, base_col = f"v{args.version} (candidate)", f"{base} (current {args.alias})"
+    diff_col = f"v{args.version} - {base} [{dec.level:.0%}]"
+    rows = []
+    for key in COMPARED:
+        v = dec.metrics.get(key)
+        if v is None:
+            continue
+        row = {"metric": key, cand_col: v.candidate.text(), "floor": "" if v.floor is None else f"{v.floor:g}",
+               "verdict": v.verdict}
+        if v.baseline is not None:
+            row[base_col] = v.baseline.text()
+        if v.paired is not None:
+            t = v.paired
+            row.update({diff_col: t.text(), "p": f"{t.p_value:.3g}", "test": t.method})
+        rows.append(row)
+    columns = ["metric", cand_col, "floor"] + ([base_col, diff_col, "p", "test"] if base else []) + ["verdict"]
+    _print_table(rows, columns)
+    vs = f" against {base} (current {args.alias})" if base else f" (no baseline: {args.alias!r} is a new alias)"
+    print(f"verdict: {dec.verdict}{vs}; {res.seconds:.1f} s for intervals and paired tests")
     from adreg.pyfunc.shadow import describe_latest
 
     print(describe_latest(args.category, args.version) or "", end="")
     for failure in report.failures:
         print(f"  gate: {failure}")
     if not out.promoted:
-        print(f"REFUSED: version {args.version} stays out of {args.alias!r} (use --force to override, recorded)")
+        print(f"REFUSED ({dec.verdict}): version {args.version} stays out of {args.alias!r} "
+              "(use --force to override, recorded)")
         return EXIT_REFUSED
     was = f"(was version {promo.previous})" if promo.previous else "(new alias)"
     forced = " FORCED past a failed gate" if out.forced else ""
@@ -235,6 +259,7 @@ def cmd_predict(args) -> int:
     out = _api().predict(args.category, args.images, version=args.version, alias=args.alias, device=args.device,
                          save_maps=args.save_maps, tracking_uri=args.tracking_uri)
     rows = [{"image": r["path"], "score": "" if r["error"] else f"{r['score']:.5g}",
+             "normal_percentile": "" if r["normal_percentile"] is None else f"{r['normal_percentile']:.1f}",
              "anomalous": "" if r["error"] else ("YES" if r["is_anomaly"] else "no"), "error": r["error"] or "",
              **({"map": r.get("map", "")} if args.save_maps else {})} for r in out.rows]
     threshold = out.threshold
@@ -342,7 +367,8 @@ def cmd_drift(args) -> int:
     _print_table([{"what": "above threshold", "production": f"{rep.alarm_rate:.1%}",
                    "expected": f"{rep.expected_alarm_rate:.1%}",
                    "test": f"binomial p = {rep.binomial_p:.3g} (ratio {rep.alarm_ratio:.2f}x)"},
-                  {"what": "median score", "production": f"{rep.score_median:.4g}",
+                  {"what": "median score", "production": f"{rep.score_median:.4g} "
+                                                          f"(normal percentile {rep.median_normal_percentile:.0f})",
                    "expected": f"{rep.reference_median:.4g}",
                    "test": f"KS D = {rep.ks_statistic:.3f}, p = {rep.ks_p:.3g}; Mann-Whitney p = {rep.mannwhitney_p:.3g}"}],
                  ["what", "production", "expected", "test"])

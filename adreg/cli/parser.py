@@ -27,8 +27,13 @@ def _parse_param(text: str):
 def _gate_args(p) -> None:
     p.add_argument("--min-image-auroc", type=float, default=0.90, help="gate floor (default 0.90)")
     p.add_argument("--min-pixel-auroc", type=float, default=0.90, help="gate floor (default 0.90)")
-    p.add_argument("--tolerance", type=float, default=0.01,
-                   help="allowed drop against the alias's current version on the same images (default 0.01)")
+    p.add_argument("--level", type=float, default=0.95,
+                   help="confidence of the gate's intervals and paired tests: refused as worse when significantly "
+                        "worse than the alias's current version on the same images, p < 1 - level (default 0.95)")
+    p.add_argument("--resamples", type=int, default=1000,
+                   help="bootstrap resamples of image AUROC (default 1000; pixel metrics: 200 at 64x64)")
+    p.add_argument("--min-per-class", type=int, default=5,
+                   help="fewer good or defective evaluation images is 'not enough evidence' (default 5)")
 
 
 def add_fit_arguments(p: argparse.ArgumentParser) -> None:

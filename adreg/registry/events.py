@@ -75,6 +75,16 @@ def record_event(category: str, event: dict) -> dict:
         metrics = [Metric(f"{prefix}_{k}", float(v), ms, 0)
                    for prefix, key in (("candidate", "candidate_metrics"), ("baseline", "baseline_metrics"))
                    for k, v in (details.get(key) or {}).items()]
+        for prefix, key in (("candidate", "candidate_intervals"), ("baseline", "baseline_intervals")):
+            for k, bounds in (details.get(key) or {}).items():  # candidate_image_auroc_low / _high, ...
+                metrics += [Metric(f"{prefix}_{k}_{end}", float(v), ms, 0)
+                            for end, v in zip(("low", "high"), bounds) if v is not None]
+        for k, test in (details.get("paired") or {}).items():  # paired_image_auroc_diff / _low / _high / _p
+            metrics += [Metric(f"paired_{k}_{end}", float(test[end]), ms, 0)
+                        for end in ("diff", "low", "high", "p") if test.get(end) is not None]
+        for k in ("n_good", "n_defective"):
+            if details.get(k) is not None:
+                metrics.append(Metric(f"gate_{k}", float(details[k]), ms, 0))
         if "gate_passed" in details:
             metrics.append(Metric("gate_passed", float(bool(details["gate_passed"])), ms, 0))
         client.log_batch(run.info.run_id, metrics=metrics, params=params,

@@ -1,9 +1,10 @@
 """Quality-gated promotion, rollback, history and comparison of registered versions.
 
 Alias scheme: ``staging`` for a candidate under trial, ``production`` for what serves. Promoting to an
-alias runs a gate: the candidate is evaluated on the evaluation set logged with it (or ``eval_dir``);
-it must meet absolute floors and must not regress beyond ``tolerance`` against the version the alias
-points at now, evaluated on the same images. ``force`` overrides a failed gate and is recorded.
+alias runs a gate: the candidate is evaluated on the evaluation set logged with it (or ``eval_dir``),
+and so is the version the alias points at now, on the same images; bootstrap intervals, paired tests and
+the decision rules are ``adreg.statistics``'s (refused: ``not enough evidence``, ``below floor``, ``worse``).
+``force`` overrides a failed gate and is recorded.
 Every promotion, refusal and rollback is an event in the category's history (one run each in the
 lifecycle experiment ``adreg-<category>/lifecycle``),
 so ``rollback`` can restore the previous version and ``history`` can show who did what, when and why.
@@ -18,11 +19,11 @@ from pathlib import Path
 
 import mlflow
 
-from adreg import store
+from adreg import statistics, store
 from adreg.data import Sample, read_labelled_folder
 from adreg.detector import AnomalyDetector
-from adreg.errors import DataError, RegistryError
-from adreg.evaluation import evaluate
+from adreg.errors import ConfigError, DataError, RegistryError
+from adreg.evaluation import EvalResult, evaluate
 from adreg.registry import events, governance, versions
 from adreg.registry.resolve import check_version, existing_versions, get_model, load_detector, model_version, resolve
 
@@ -31,9 +32,25 @@ COMPARED = ("image_auroc", "pixel_auroc", "aupro")
 
 @dataclass
 class GatePolicy:
+    """Floors (image and pixel AUROC), the confidence ``level`` of intervals and tests (a candidate is
+    ``worse`` when paired p < 1 - level and the difference < 0), bootstrap resamples (``n_resamples`` for image
+    AUROC, ``pixel_resamples`` at ``pixel_size`` for the pixel metrics), their ``seed``, and ``min_per_class``
+    good and defective images below which the set is ``not enough evidence``. Rules: ``adreg.statistics``."""
+
     min_image_auroc: float = 0.90
     min_pixel_auroc: float = 0.90
-    tolerance: float = 0.01
+    level: float = 0.95
+    n_resamples: int = statistics.DEFAULT_RESAMPLES
+    seed: int = 0
+    min_per_class: int = statistics.DEFAULT_MIN_PER_CLASS
+    pixel_resamples: int = statistics.DEFAULT_PIXEL_RESAMPLES
+    pixel_size: int = statistics.DEFAULT_PIXEL_SIZE
+
+    def __post_init__(self):
+        if not 0.5 <= self.level < 1:
+            raise ConfigError(f"the gate's --level must be in [0.5, 1), got {self.level}")
+        if self.n_resamples < 1 or self.pixel_resamples < 1:
+            raise ConfigError("the gate needs at least one bootstrap resample (--resamples)")
 
     def floors(self) -> dict[str, float]:
         return {"image_auroc": self.min_image_auroc, "pixel_auroc": self.min_pixel_auroc}
@@ -47,31 +64,30 @@ class GateReport:
     baseline_version: str | None = None
     failures: list[str] = field(default_factory=list)
     eval_set: str = ""
+    decision: statistics.GateDecision | None = None  # intervals, paired tests, verdicts, set size
+    eval_paths: list[str] = field(default_factory=list, repr=False)  # the images judged on
+
+    @property
+    def verdict(self) -> str:
+        return self.decision.verdict if self.decision else (statistics.PROMOTE if self.passed else "refused")
 
     def summary(self) -> dict:
         keep = lambda m: None if m is None else {k: round(m[k], 5) for k in COMPARED if k in m}  # noqa: E731
         return {"gate_passed": self.passed, "candidate_metrics": keep(self.candidate),
                 "baseline_version": self.baseline_version, "baseline_metrics": keep(self.baseline),
-                "gate_failures": self.failures, "eval_set": self.eval_set}
+                "gate_failures": self.failures, "eval_set": self.eval_set,
+                **(self.decision.summary() if self.decision else {})}
 
 
-def check_gate(candidate: dict, baseline: dict | None, policy: GatePolicy) -> list[str]:
-    """Reasons the candidate fails (empty list = passes). Floors on metrics the evaluation set cannot
-    measure (pixel AUROC without masks) do not apply."""
-    failures = []
-    floors = policy.floors()
-    if not any(key in candidate for key in floors):
-        failures.append(f"the evaluation set measures none of {', '.join(floors)} (it needs good and defective images)")
-    for key, floor in floors.items():
-        # a floor the set cannot measure (pixel AUROC without masks) is skipped, not failed
-        if key in candidate and candidate[key] < floor:
-            failures.append(f"{key} {candidate[key]:.4f} is below the floor {floor:.4f}")
-    if baseline is not None:
-        for key in COMPARED:
-            if key in candidate and key in baseline and candidate[key] < baseline[key] - policy.tolerance:
-                failures.append(f"{key} {candidate[key]:.4f} regresses from {baseline[key]:.4f} "
-                                f"(tolerance {policy.tolerance})")
-    return failures
+def check_gate(candidate: EvalResult, baseline: EvalResult | None, policy: GatePolicy,
+               baseline_name: str = "the baseline") -> statistics.GateDecision:
+    """The gate's decision on per-image results of the candidate and of the alias's current version (same
+    images): bootstrap intervals, paired tests, verdicts (``adreg.statistics.decide``; ``.failures`` empty =
+    passes). Floors on metrics the set cannot measure (pixel AUROC without masks) do not apply."""
+    return statistics.evaluate_gate(
+        statistics.from_evaluation(candidate), None if baseline is None else statistics.from_evaluation(baseline),
+        policy.floors(), policy.level, policy.n_resamples, policy.pixel_resamples, policy.seed,
+        policy.min_per_class, policy.pixel_size, baseline_name)
 
 
 def load_version_detector(category: str, version, device: str = "auto") -> AnomalyDetector:
@@ -97,35 +113,41 @@ def logged_eval_set(category: str, version) -> tuple[list[Sample], str]:
     return samples, manifest.get("source", "logged evaluation set")
 
 
-def evaluate_version(category: str, version, samples: list[Sample], device: str = "auto") -> dict[str, float]:
+def evaluate_version(category: str, version, samples: list[Sample], device: str = "auto") -> EvalResult:
+    """A registered version evaluated on ``samples``: metrics and the per-image scores, maps and masks."""
     detector = load_version_detector(category, version, device)
-    return evaluate(detector, samples, detector.threshold.value, show_progress=False).metrics
+    return evaluate(detector, samples, detector.threshold.value, show_progress=False)
 
 
 def run_gate(category: str, version, alias: str, policy: GatePolicy, eval_dir: str | None = None,
-             device: str = "auto", candidate_metrics: dict | None = None) -> GateReport:
-    """Evaluate candidate and current alias holder on the same images; ``candidate_metrics`` may be
-    given when they were just measured on the version's logged evaluation set (right after a fit)."""
+             device: str = "auto", candidate_eval: EvalResult | None = None) -> GateReport:
+    """Evaluate candidate and current alias holder on the same images and decide (``check_gate``);
+    ``candidate_eval`` may be given when the candidate was just evaluated on the version's logged
+    evaluation set (right after a fit or an update): used when its images are that set's, in order."""
     version = str(version)
     if eval_dir:
         samples, eval_set = read_labelled_folder(eval_dir, "evaluation folder"), str(eval_dir)
-        candidate_metrics = None
+        candidate_eval = None
     else:
         samples, eval_set = logged_eval_set(category, version)
-    candidate = candidate_metrics or evaluate_version(category, version, samples, device)
+    if candidate_eval is not None and [str(s.path) for s in candidate_eval.samples] != [str(s.path) for s in samples]:
+        candidate_eval = None  # measured on other images: evaluate again on the logged set
+    candidate = candidate_eval or evaluate_version(category, version, samples, device)
     current = get_model(category).aliases.get(alias)
     current = None if current is None else str(current)
     baseline = None
     if current is not None and str(current) != version:
         baseline = evaluate_version(category, current, samples, device)
-    failures = check_gate(candidate, baseline, policy)
-    return GateReport(not failures, candidate, baseline, None if baseline is None else str(current), failures,
-                      eval_set)
+    decision = check_gate(candidate, baseline, policy, f"v{current}")
+    report = GateReport(decision.passed, candidate.metrics, None if baseline is None else baseline.metrics,
+                        None if baseline is None else str(current), decision.failures, eval_set, decision)
+    report.eval_paths = [str(s.path) for s in samples]
+    return report
 
 
 def promote_gated(category: str, version, alias: str = "production", policy: GatePolicy | None = None,
                   force: bool = False, reason: str = "", eval_dir: str | None = None,
-                  device: str = "auto", candidate_metrics: dict | None = None
+                  device: str = "auto", candidate_eval: EvalResult | None = None
                   ) -> tuple[versions.Promotion | None, GateReport]:
     """Run the gate and promote when it passes (or when forced); returns (promotion or None, report).
     The user's permission for the alias (and for ``force``) is checked first: refused, nothing runs."""
@@ -133,16 +155,26 @@ def promote_gated(category: str, version, alias: str = "production", policy: Gat
     governance.require(category, governance.needed_for_alias(alias), f"moving alias {alias!r}")
     if force:
         governance.require(category, "MANAGE", "forcing a promotion past the gate")
-    report = run_gate(category, version, alias, policy or GatePolicy(), eval_dir, device, candidate_metrics)
+    report = run_gate(category, version, alias, policy or GatePolicy(), eval_dir, device, candidate_eval)
     if not report.passed and not force:
-        events.record_event(category, {"action": "refused", "alias": alias, "version": str(version),
-                                         "previous": report.baseline_version, "reason": reason or "gate failed",
-                                         **report.summary()})
+        event = events.record_event(category, {"action": "refused", "alias": alias, "version": str(version),
+                                               "previous": report.baseline_version,
+                                               "reason": reason or f"gate: {report.verdict}",
+                                               **report.summary()})
+        _log_gate_input(event["run_id"], category, report)
         return None, report
     action = "promote" if report.passed else "force"
     promo = versions.promote(category, version, alias, reason=reason or action, action=action,
                              details=report.summary())
+    _log_gate_input(promo.event_run, category, report)
     return promo, report
+
+
+def _log_gate_input(run_id: str, category: str, report: GateReport) -> None:
+    """The images the gate judged on, as the event run's ``evaluation`` dataset input (digest over sha256)."""
+    from adreg.registry.lineage import log_image_set
+
+    log_image_set(report.eval_paths, f"{category}-gate", "evaluation", run_id=run_id)
 
 
 def production_stack(events: list[dict], alias: str) -> list[str]:
@@ -182,8 +214,53 @@ def rollback(category: str, alias: str = "production", reason: str = "") -> vers
     return versions.promote(category, target, alias, reason=(reason or "rollback") + note, action="rollback")
 
 
+def _latest_gate(events: list[dict], version: str, paired: bool = False) -> dict | None:
+    """The latest recorded gate (promote, force, refused) that had ``version`` as its candidate (with
+    ``paired``: the latest that compared it with a baseline)."""
+    gated = [e for e in events if str(e.get("version")) == version and "gate_passed" in e
+             and (not paired or e.get("paired"))]
+    return gated[-1] if gated else None
+
+
+def _gate_rows(category: str, v1: str, v2: str) -> list[dict]:
+    """Rows of the latest gate recorded for each version: verdict, set size, intervals, paired tests."""
+    try:
+        events = versions.history(category)
+    except Exception:  # noqa: BLE001 - the history is an extra; compare works without it
+        return []
+    gates = {v: _latest_gate(events, v) for v in (v1, v2)}
+    if not any(gates.values()):
+        return []
+    cell = {v: {} for v in (v1, v2)}
+    for v, e in gates.items():
+        if e is None:
+            continue
+        c = cell[v]
+        tested = _latest_gate(events, v, paired=True)
+        verdict = e.get("verdict") or ("passed" if e["gate_passed"] else "FAILED")
+        c["gate"] = f"{e['action']} {e['alias']}: {verdict} ({e['at'][:16]})"
+        if "n_good" in e:
+            c["gate set"] = f"{e['n_good']} good, {e['n_defective']} defective; level {e.get('level')}"
+        if tested is not None:
+            c["gate paired test"] = f"vs v{tested.get('baseline_version')} ({tested['action']} {tested['alias']}, " \
+                                    f"{tested['at'][:16]})"
+        for key in COMPARED:
+            value = (e.get("candidate_metrics") or {}).get(key)
+            iv = (e.get("candidate_intervals") or {}).get(key)
+            if value is not None:
+                c[f"gate {key}"] = f"{value:.4f}" + ("" if not iv or None in iv else f" [{iv[0]:.3f}, {iv[1]:.3f}]")
+            t = ((tested or {}).get("paired") or {}).get(key)
+            if t and t.get("diff") is not None:
+                lo, hi, p = t.get("low"), t.get("high"), t.get("p")
+                ci = "" if lo is None or hi is None else f" [{lo:+.3f}, {hi:+.3f}]"
+                c[f"gate {key} diff"] = f"{t['diff']:+.4f}{ci} p={'-' if p is None else format(p, '.3g')}"
+    whats = list(dict.fromkeys(k for v in (v1, v2) for k in cell[v]))
+    return [{"what": w, f"v{v1}": cell[v1].get(w, ""), f"v{v2}": cell[v2].get(w, ""), "delta": ""} for w in whats]
+
+
 def compare(category: str, v1, v2) -> list[dict]:
-    """Rows of (what, v1, v2, delta) from the two versions' runs: key metrics, then differing params."""
+    """Rows of (what, v1, v2, delta) from the two versions' runs: key metrics, then differing params, then
+    the latest promotion gate recorded for each (verdict, set size, intervals, paired difference and p)."""
     client = mlflow.MlflowClient()
     runs = [client.get_run(model_version(resolve(category, v)).run_id) for v in (v1, v2)]
     rows = []
@@ -199,7 +276,7 @@ def compare(category: str, v1, v2) -> list[dict]:
     for key in sorted(set(p1) | set(p2)):
         if p1.get(key) != p2.get(key):
             rows.append({"what": f"param {key}", f"v{v1}": p1.get(key, ""), f"v{v2}": p2.get(key, ""), "delta": ""})
-    return rows
+    return rows + _gate_rows(category, str(v1), str(v2))
 
 
 def history_rows(events: list[dict]) -> list[dict]:
@@ -209,7 +286,19 @@ def history_rows(events: list[dict]) -> list[dict]:
         gate = ""
         if "gate_passed" in e:
             cand = e.get("candidate_metrics") or {}
-            gate = ("passed" if e["gate_passed"] else "FAILED") + " " + json.dumps(cand)
+            gate = ("passed" if e["gate_passed"] else "FAILED") + " "
+            if "verdict" in e:  # gates with intervals: verdict, set size, each figure with its interval and p
+                ivs, paired = e.get("candidate_intervals") or {}, e.get("paired") or {}
+                parts = []
+                for key in COMPARED:
+                    if key in cand:
+                        iv, t = ivs.get(key), paired.get(key) or {}
+                        parts.append(f"{key} {cand[key]:.4f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv and None not in iv
+                                                                 else "")
+                                     + (f" p={t['p']:.2g}" if t.get("p") is not None else ""))
+                gate += f"{e['verdict']} ({e.get('n_good')} good/{e.get('n_defective')} defective): " + "; ".join(parts)
+            else:
+                gate += json.dumps(cand)
         rows.append({"at": e["at"], "action": e["action"], "alias": e["alias"], "version": e["version"],
                      "from": e.get("previous") or "-", "by": e.get("by", ""), "identity": e.get("identity", ""),
                      "reason": e.get("reason", ""), "gate": gate})

@@ -51,18 +51,23 @@ def image_set_digest(paths) -> str:
     return manifest.digest([manifest.entry(p, "") for p in paths])
 
 
-def log_image_set(paths, name: str, context: str, digest: str | None = None) -> str | None:
-    """Log a set of image files as an MLflow dataset input of the active run (source: their common folder;
-    ``context``: training, validation or evaluation); returns the digest (None for an empty set)."""
+def log_image_set(paths, name: str, context: str, digest: str | None = None, run_id: str | None = None) -> str | None:
+    """Log a set of image files as an MLflow dataset input (source: their common folder; ``context``: training,
+    validation or evaluation) of the active run, or of ``run_id``; returns the digest (None for an empty set)."""
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
 
     paths = [str(p) for p in paths]
     if not paths:
         return None
     digest = digest or image_set_digest(paths)
-    mlflow.log_input(MetaDataset(LocalArtifactDatasetSource(_dataset_source(paths)), name=name, digest=digest),
-                     context=context)
+    dataset = MetaDataset(LocalArtifactDatasetSource(_dataset_source(paths)), name=name, digest=digest)
+    if run_id is None:
+        mlflow.log_input(dataset, context=context)
+    else:
+        mlflow.MlflowClient().log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                               [InputTag("mlflow.data.context", context)])])
     return digest
 
 

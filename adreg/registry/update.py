@@ -225,7 +225,7 @@ def update_version(opts: UpdateOptions, register: bool = False, promote_alias: s
         if promote_alias:
             promo, gate = lifecycle.promote_gated(opts.category, logged.version, promote_alias, policy,
                                                   reason=reason or f"update of version {result.parent_version}",
-                                                  device=opts.device, candidate_metrics=result.evaluation.metrics)
+                                                  device=opts.device, candidate_eval=result.evaluation)
             logged.promoted = promo is not None
             outcome.gate = gate
     return outcome
