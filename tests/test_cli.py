@@ -32,7 +32,7 @@ def _small_product(bottle_dir, root: Path, n_good=4) -> Path:
     for p in goods[n_good:n_good + 3]:
         shutil.copy(p, root / "val" / "good")
     shutil.copy(bottle_dir / "test" / "contamination" / "001.png", root / "val" / "defect")
-    for name in ("000.png", "001.png", "002.png"):
+    for name in ("000.png", "001.png", "002.png", "003.png", "004.png"):  # 5 + 5: enough evidence for the gate
         shutil.copy(bottle_dir / "test" / "good" / name, root / "test" / "good")
         shutil.copy(bottle_dir / "test" / "broken_large" / name, root / "test" / "broken_large")
     return root

@@ -160,7 +160,7 @@ def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateRes
     grown = grow_detector(detector, images, paths, include_suspects=opts.include_suspects, holdout=opts.holdout,
                           min_calibration=opts.min_calibration, seed=opts.seed,
                           parent_calibration=lineage.run_reference(mv.run_id)["images"],
-                          parent_label=f"version {version}",
+                          parent_label=f"{name} version {version}",
                           threshold_quantile=float(params.get("threshold_quantile", 0.99)),
                           eval_samples=eval_samples, show_progress=show_progress)
     train_idx, cal_idx = grown.train_index, grown.calibration_index
