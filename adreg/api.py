@@ -50,11 +50,11 @@ def _store(tracking_uri: str | None) -> str:
 
 
 def _policy(policy=None, min_image_auroc: float = 0.90, min_pixel_auroc: float = 0.90, level: float = 0.95,
-            n_resamples: int = 1000, min_per_class: int = 5, seed: int = 0):
+            n_resamples: int = 1000, min_per_class: int = 5, seed: int = 0, margin: float = 0.01):
     from adreg.registry.lifecycle import GatePolicy
 
     return policy or GatePolicy(min_image_auroc, min_pixel_auroc, level=level, n_resamples=n_resamples, seed=seed,
-                                min_per_class=min_per_class)
+                                min_per_class=min_per_class, margin=margin)
 
 
 # -- fit ----------------------------------------------------------------------------------------------------
@@ -164,14 +164,15 @@ class PromoteOutcome:
 def promote(category: str, version, alias: str = "production", *, force: bool = False, reason: str = "",
             eval_dir: str | None = None, policy=None, min_image_auroc: float = 0.90, min_pixel_auroc: float = 0.90,
             level: float = 0.95, n_resamples: int = 1000, min_per_class: int = 5, seed: int = 0,
-            device: str = "auto", tracking_uri: str | None = None) -> PromoteOutcome:
+            margin: float = 0.01, device: str = "auto", tracking_uri: str | None = None) -> PromoteOutcome:
     """Move ``alias`` to ``version`` of ``adreg-<category>`` if it passes the quality gate.
 
     The gate evaluates the candidate (and the alias's current version, on the same images) on the evaluation
     set logged with the version, or on ``eval_dir``, with stratified bootstrap intervals (``n_resamples``, ``seed``)
     and paired tests at confidence ``level``, and refuses ``not enough evidence`` (fewer than ``min_per_class``
     good or defective images), ``below floor`` (the whole interval under ``min_image_auroc`` /
-    ``min_pixel_auroc``) or ``worse`` (significantly worse than the current version); or give a ``GatePolicy``
+    ``min_pixel_auroc``) or ``worse`` (significantly worse than the current version, by more than ``margin``);
+    or give a ``GatePolicy``
     (rules: ``adreg.statistics``). ``force`` promotes past a failed gate (needs MANAGE; recorded). Every outcome
     is recorded in the category's history.
 
@@ -185,7 +186,7 @@ def promote(category: str, version, alias: str = "production", *, force: bool = 
     from adreg.registry import lifecycle
 
     _store(tracking_uri)
-    policy = _policy(policy, min_image_auroc, min_pixel_auroc, level, n_resamples, min_per_class, seed)
+    policy = _policy(policy, min_image_auroc, min_pixel_auroc, level, n_resamples, min_per_class, seed, margin)
     promo, report = lifecycle.promote_gated(category, version, alias, policy, force=force, reason=reason,
                                             eval_dir=eval_dir, device=device)
     return PromoteOutcome(category, alias, str(version), promo is not None, report, promo, policy)

@@ -7,7 +7,7 @@ count and settings; another draw of the shots and of their augmentation), all th
 (``adreg.fitting.fit_category``, features from a cache below it), evaluated on the same test set. Each
 candidate goes through both gate rules against the baseline: the old point rule (refuse when image AUROC,
 pixel AUROC or AUPRO drops by more than 0.01) and the statistical gate (``adreg.statistics.evaluate_gate``:
-refuse when significantly worse at the 95% level, when the whole interval lies below a floor, or when the set is
+refuse when significantly worse at the 95% level by more than the 0.01 margin, when the whole interval lies below a floor, or when the set is
 too small to tell). A refitted model of the same recipe is not worse by construction, so every refusal by the
 comparison is a false refusal. Floors (0.90 on image and pixel AUROC) are reported apart. Writes
 ``docs/benchmarks/gate.md`` with ``--update-docs``.

@@ -194,3 +194,15 @@ def test_summary_is_compact_json_and_the_module_imports_no_torch_or_mlflow():
     assert len(json.dumps(summary)) < 2000
     code = "import sys, adreg.statistics; sys.exit(any(m in sys.modules for m in ('torch', 'mlflow', 'imgad')))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_significant_but_immaterial_drop_is_not_worse():
+    """The margin: a refit can be significantly worse on the same images by a tiny amount (0.002 pixel AUROC on
+    bottle); the gate refuses only a drop that is both significant and beyond the margin."""
+    cand = st.Interval("pixel_auroc", 0.975, 0.97, 0.98, 0.95, 200, "bootstrap")
+    tiny = st.PairedTest("pixel_auroc", 0.975, 0.977, -0.002, -0.003, -0.001, 0.005, 0.95, "paired bootstrap")
+    assert st.decide({"pixel_auroc": cand}, {"pixel_auroc": tiny}, {}, 0.95, 20, 63).verdict == st.PROMOTE
+    strict = st.decide({"pixel_auroc": cand}, {"pixel_auroc": tiny}, {}, 0.95, 20, 63, margin=0.0)
+    assert strict.verdict == st.WORSE and "beyond the margin 0" in strict.failures[0]
+    big = st.PairedTest("pixel_auroc", 0.95, 0.977, -0.027, -0.035, -0.02, 0.005, 0.95, "paired bootstrap")
+    assert st.decide({"pixel_auroc": cand}, {"pixel_auroc": big}, {}, 0.95, 20, 63).verdict == st.WORSE

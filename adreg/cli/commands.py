@@ -37,7 +37,7 @@ def _policy(args):
     from adreg.registry.lifecycle import GatePolicy
 
     return GatePolicy(args.min_image_auroc, args.min_pixel_auroc, level=args.level, n_resamples=args.resamples,
-                      min_per_class=args.min_per_class)
+                      min_per_class=args.min_per_class, margin=args.margin)
 
 
 # -- fit ---------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ def _gate_args(p) -> None:
                         "worse than the alias's current version on the same images, p < 1 - level (default 0.95)")
     p.add_argument("--resamples", type=int, default=1000,
                    help="bootstrap resamples of image AUROC (default 1000; pixel metrics: 200 at 64x64)")
+    p.add_argument("--margin", type=float, default=0.01,
+                   help="refused as worse only when significantly worse by more than this (default 0.01)")
     p.add_argument("--min-per-class", type=int, default=5,
                    help="fewer good or defective evaluation images is 'not enough evidence' (default 5)")
 

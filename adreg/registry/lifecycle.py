@@ -33,7 +33,7 @@ COMPARED = ("image_auroc", "pixel_auroc", "aupro")
 @dataclass
 class GatePolicy:
     """Floors (image and pixel AUROC), the confidence ``level`` of intervals and tests (a candidate is
-    ``worse`` when paired p < 1 - level and the difference < 0), bootstrap resamples (``n_resamples`` for image
+    ``worse`` when paired p < 1 - level and the difference < -``margin``), bootstrap resamples (``n_resamples`` for image
     AUROC, ``pixel_resamples`` at ``pixel_size`` for the pixel metrics), their ``seed``, and ``min_per_class``
     good and defective images below which the set is ``not enough evidence``. Rules: ``adreg.statistics``."""
 
@@ -45,6 +45,7 @@ class GatePolicy:
     min_per_class: int = statistics.DEFAULT_MIN_PER_CLASS
     pixel_resamples: int = statistics.DEFAULT_PIXEL_RESAMPLES
     pixel_size: int = statistics.DEFAULT_PIXEL_SIZE
+    margin: float = statistics.DEFAULT_MARGIN
 
     def __post_init__(self):
         if not 0.5 <= self.level < 1:
@@ -87,7 +88,7 @@ def check_gate(candidate: EvalResult, baseline: EvalResult | None, policy: GateP
     return statistics.evaluate_gate(
         statistics.from_evaluation(candidate), None if baseline is None else statistics.from_evaluation(baseline),
         policy.floors(), policy.level, policy.n_resamples, policy.pixel_resamples, policy.seed,
-        policy.min_per_class, policy.pixel_size, baseline_name)
+        policy.min_per_class, policy.pixel_size, baseline_name, policy.margin)
 
 
 def load_version_detector(category: str, version, device: str = "auto") -> AnomalyDetector:
