@@ -122,10 +122,11 @@ class WorkerWatcher(threading.Thread):
 def run_one(args) -> dict:
     """One engine in this (child) process; prints a JSON line."""
     from adreg.batch.score import ModelRef
+    from adreg.names import category_of
     from adreg.registry import tracking
 
     tracking.configure(args.tracking_uri)
-    ref = ModelRef(args.model_name, args.model_version, None)
+    ref = ModelRef(category_of(args.model_name), args.model_name, args.model_version, None)
     out = str(Path(args.workdir) / f"out-{args.one}-{re.sub(r'[^a-z0-9]', '', args.master or '')}-"
                                         f"{args.images_dir.name}-{time.time_ns()}")
     if args.one == "inprocess":
@@ -227,11 +228,11 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(args)), flush=True)
         return 0
 
-    from adreg.batch import resolve_model
+    from adreg.registry.resolve import resolve
     from adreg.registry import tracking
 
     args.tracking_uri = tracking.configure(args.tracking_uri)
-    ref = resolve_model(args.category, None if args.version else args.alias, args.version)
+    ref = resolve(args.category, args.version, args.alias)
     args.model_name, args.model_version = ref.name, ref.version
     with tempfile.TemporaryDirectory(prefix="adreg-batch-bench-") as tmp:
         args.workdir = tmp

@@ -11,11 +11,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from adreg.backbones import build_backbone
 from adreg.backbones.base import Features
-from adreg.detector import STATE_FILE, AnomalyDetector
+from adreg.detector import AnomalyDetector
 from adreg.errors import ConfigError
 from adreg.images import load_image
 from adreg.methods import build_method

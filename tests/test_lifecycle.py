@@ -13,7 +13,7 @@ import mlflow
 import pytest
 
 from adreg.errors import RegistryError
-from adreg.registry.resolve import get_model
+from adreg.registry.resolve import get_model, resolve
 from adreg.registry import lifecycle, tracking, versions
 from adreg.registry.lifecycle import GatePolicy
 
@@ -123,7 +123,7 @@ def test_absolute_floors_apply_without_a_baseline(store_uri, two_fits):
     assert report.failures == [f"pixel_auroc {pixel.candidate.text()} is below the floor 0.9990 "
                                "(the whole 95% interval)"]
     with pytest.raises(RegistryError, match="no alias 'staging'"):
-        versions.model_uri("bottle", "staging")
+        resolve("bottle", alias="staging")
 
 
 def test_compare_side_by_side(store_uri, two_fits):
@@ -144,7 +144,7 @@ def test_deleted_versions_are_reported_and_skipped(store_uri, two_fits):
     assert "skipped deleted versions " + v2 in versions.history("bottle")[-1]["reason"]
     mlflow.MlflowClient().delete_model_version("adreg-bottle", v1)
     with pytest.raises(RegistryError, match=f"pointed at version {v1}, which has been deleted"):
-        versions.model_uri("bottle", "production")
+        resolve("bottle", alias="production")
 
 
 CONCURRENT_REGISTER = """

@@ -11,6 +11,7 @@ import pytest
 
 from adreg.errors import ConfigError, NotFoundError, RegistryError
 from adreg.images import file_to_b64, load_image
+from adreg.registry.resolve import resolve
 from adreg.registry import versions
 
 
@@ -60,9 +61,9 @@ def test_pyfunc_rows_errors_and_maps(use_registered, bottle_dir):
 
 def test_registry_errors_are_clear_and_typed(use_registered):
     with pytest.raises(NotFoundError, match="unknown category 'screw'.*bottle"):
-        versions.model_uri("screw")
+        resolve("screw")
     with pytest.raises(NotFoundError, match="no alias 'staging'.*production -> v"):
-        versions.model_uri("bottle", "staging")
+        resolve("bottle", alias="staging")
     with pytest.raises(NotFoundError, match="no version 99"):
         versions.promote("bottle", 99, "staging")
     with pytest.raises(ConfigError, match="alias"):

@@ -64,11 +64,6 @@ class BatchResult:
         return self.scored / self.seconds if self.seconds > 0 else 0.0
 
 
-def resolve_model(category: str, alias: str | None = "production", version=None) -> ModelRef:
-    """Pin the job to one version (``adreg.registry.resolve.resolve``: one-line NotFoundError)."""
-    return resolve(category, version, alias)
-
-
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not Path(name).stem.endswith("_mask")
 
@@ -207,7 +202,7 @@ def score_images(category: str, inputs: list[str], output: str, alias: str | Non
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    ref = model or resolve_model(category, alias, version)
+    ref = model or resolve(category, version, alias)
     check_output(output, resume)
     paths = collect_inputs(inputs)
     done = existing_paths(output) if resume else set()

@@ -22,7 +22,8 @@ import time
 import warnings
 from urllib.parse import urlparse
 
-from adreg.batch.score import (COLUMNS, BatchResult, ModelRef, check_output, collect_inputs, resolve_model)
+from adreg.batch.score import COLUMNS, BatchResult, ModelRef, check_output, collect_inputs
+from adreg.registry.resolve import resolve
 from adreg.errors import ConfigError, DataError
 from adreg.images import IMAGE_EXTENSIONS
 
@@ -118,7 +119,7 @@ def score_with_spark(category: str, inputs: list[str], output: str, alias: str |
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    ref = model or resolve_model(category, alias, version)
+    ref = model or resolve(category, version, alias)
     if _is_local(output):
         check_output(output, resume)
     n_images = check_inputs(inputs)

@@ -171,13 +171,14 @@ def check_drift(category: str, folders: list[str] | str, alias: str | None = "pr
     threshold = float(detector.threshold.value)
     paths, scores, unreadable = _score_folder(detector, folders)
     stats = compare_scores(scores, reference, threshold, policy)
+    percentiles = detector.normal_percentile(scores)
     report = DriftReport(category=category, model_name=name, version=version, alias=alias, run_id=mv.run_id,
                          threshold=threshold, n_images=len(paths), n_reference=len(reference),
                          unreadable=unreadable, reference_source=reference_doc.get("source", ""),
                          scores=[{"path": str(p), "score": float(s), "is_anomaly": bool(s > threshold),
                                   "normal_percentile": float(q)}
-                                 for p, s, q in zip(paths, scores, detector.normal_percentile(scores))],
-                         median_normal_percentile=float(np.median(detector.normal_percentile(scores))), **stats)
+                                 for p, s, q in zip(paths, scores, percentiles)],
+                         median_normal_percentile=float(np.median(percentiles)), **stats)
     if log:
         model_id = getattr(mv, "model_id", None) or (
             mv.source.split("/", 1)[1] if str(mv.source).startswith("models:/m-") else None)  # its LoggedModel

@@ -24,7 +24,6 @@ from adreg.errors import DataError
 from adreg.registry import manifest
 
 REFERENCE_ARTIFACT = "reference/calibration_scores.json"
-SHOTS_ARTIFACT = "fit/shots_and_threshold.json"
 UPDATE_REPORT_ARTIFACT = "update/report.json"
 
 

@@ -23,7 +23,7 @@ from adreg.integrity import DIGEST_TAG
 from adreg.names import model_name
 from adreg.registry import governance
 from adreg.registry.events import read_events, record_event
-from adreg.registry.resolve import categories, check_version, get_model, resolve
+from adreg.registry.resolve import categories, check_version, get_model
 
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 KEY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold")
@@ -137,12 +137,6 @@ def promote(category: str, version, alias: str = "production", reason: str = "",
         client.set_model_version_tag(model.name, version, f"adreg.promoted.{alias}.{key}", str(value))
     return Promotion(category, alias, version, previous, f"models:/{model.name}@{alias}", event["by"],
                      event["identity"], event["run_id"])
-
-
-def model_uri(category: str, alias: str | None = "production", version=None) -> str:
-    """``models:/adreg-<category>@alias`` (or ``/version``), checked to exist (``resolve``'s errors)."""
-    ref = resolve(category, version, alias)
-    return ref.uri if ref.alias is None else ref.alias_uri
 
 
 def list_versions() -> list[dict]:
