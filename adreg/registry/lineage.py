@@ -107,6 +107,10 @@ def log_lineage(run_id: str, result, lineage: dict | None = None) -> dict:
             mlflow.log_dict(lineage["report"], UPDATE_REPORT_ARTIFACT)
         if lineage.get("what"):
             mlflow.set_tag("adreg.update.what", str(lineage["what"])[:4900])
+        extra = {k: v for k, v in lineage.items()
+                 if k not in ("parent_model", "parent_version", "parent_run_id", "report", "what")}
+        if extra:  # e.g. the review labels an update grew from: their digest and counts
+            mlflow.set_tags({f"adreg.lineage.{k}": str(v)[:4900] for k, v in extra.items()})
     return doc
 
 

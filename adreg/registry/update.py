@@ -39,6 +39,8 @@ from adreg.registry.resolve import load_detector, model_version, resolve
 class UpdateOptions:
     category: str
     add_good: list[str]
+    add_files: list[str] = field(default_factory=list)  # single image files (e.g. reviewed goods), beside the folders
+    lineage_extra: dict = field(default_factory=dict)  # extra lineage facts (e.g. the review labels' digest)
     from_alias: str = "production"
     from_version: str | None = None  # wins over from_alias
     include_suspects: bool = False
@@ -98,9 +100,9 @@ def resolve_parent(category: str, from_alias: str | None = "production", from_ve
     return ref.version, model_version(ref)
 
 
-def _read_new_images(folders: list[str], known: dict[str, str]):
+def _read_new_images(folders: list[str], known: dict[str, str], files: list[str] = ()):
     """(images, paths, hashes, duplicates, unreadable) of the new files: hashed, de-duplicated, decoded."""
-    paths = manifest.find_images(folders, "--add-good folder")
+    paths = manifest.find_images(folders, "--add-good folder") + [Path(f) for f in files]
     if not paths:
         raise DataError(f"no images found under {', '.join(map(str, folders))} (looked recursively for "
                         "png, jpg, bmp, tif, webp); nothing to add, nothing registered")
@@ -131,7 +133,7 @@ def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateRes
     """Everything of an update but logging: resolve the parent, read and de-duplicate the new images, then
     grow (``adreg.fitting.grow_detector``: guard, grow, recalibrate, evaluate) an in-memory copy."""
     t_start = time.perf_counter()
-    if not opts.add_good:
+    if not opts.add_good and not opts.add_files:
         raise DataError("give at least one --add-good folder of good images")
     ref = resolve(opts.category, opts.from_version, opts.from_alias)
     version, mv = ref.version, model_version(ref)
@@ -143,7 +145,7 @@ def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateRes
     # suspect can be taken in later with include_suspects)
     known = {e["sha256"]: e["path"] for e in parent_entries if e.get("sha256")}
 
-    images, paths, hashes, duplicates, unreadable = _read_new_images(opts.add_good, known)
+    images, paths, hashes, duplicates, unreadable = _read_new_images(opts.add_good, known, opts.add_files)
     if not images:
         why = []
         if duplicates:
@@ -209,7 +211,7 @@ def update_version(opts: UpdateOptions, register: bool = False, promote_alias: s
         result, run_name=f"update-{result.options.method}-{opts.category}-v{result.parent_version}-k{k}",
         lineage={"parent_model": result.parent_model, "parent_version": result.parent_version,
                  "parent_run_id": result.parent_run_id, "report": result.report(),
-                 "what": result.method_report.get("what", "")})
+                 "what": result.method_report.get("what", ""), **opts.lineage_extra})
     outcome = UpdateOutcome(result, logged)
     if register or promote_alias:
         added = len(result.added)
