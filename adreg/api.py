@@ -28,7 +28,8 @@ from adreg.errors import ConfigError, DataError
 
 __all__ = ["FitOutcome", "PromoteOutcome", "PredictOutcome", "fit", "promote", "rollback", "update", "load",
            "predict", "score", "serve", "resolve", "models", "history", "compare", "export", "bundle", "drift",
-           "status", "grant", "whoami", "GatePolicy", "FitOptions"]
+           "status", "grant", "whoami", "label", "labels", "production_set", "quality", "threshold", "review",
+           "GatePolicy", "FitOptions"]
 
 
 def __getattr__(name):  # the option classes, without importing torch at ``import adreg.api``
@@ -131,9 +132,12 @@ def fit(category: str, *, train_dir: str | None = None, val_dir: str | None = No
         out.version = versions.register(logged.model_uri, logged.run_id, options.category, result.metrics())
         out.registered_name = versions.model_name(options.category)
     if promote:
-        if result.evaluation is None:
+        from adreg.registry.labels import read_labels
+
+        if result.evaluation is None and not read_labels(options.category):
             raise ConfigError(f"{out.registered_name} version {out.version} is registered but not promoted: "
-                              "promoting needs a test set to run the promotion gate on; give --test-dir")
+                              "promoting needs evidence to run the promotion gate on: give --test-dir, or serve it "
+                              "with --capture, review what the line sees (adreg review) and promote then")
         out.promotion, out.gate = lifecycle.promote_gated(options.category, out.version, promote,
                                                           reason="fit --promote", device=options.device,
                                                           candidate_eval=result.evaluation)
@@ -164,7 +168,8 @@ class PromoteOutcome:
 def promote(category: str, version, alias: str = "production", *, force: bool = False, reason: str = "",
             eval_dir: str | None = None, policy=None, min_image_auroc: float = 0.90, min_pixel_auroc: float = 0.90,
             level: float = 0.95, n_resamples: int = 1000, min_per_class: int = 5, seed: int = 0,
-            margin: float = 0.01, device: str = "auto", tracking_uri: str | None = None) -> PromoteOutcome:
+            margin: float = 0.01, production: bool | None = None, device: str = "auto",
+            tracking_uri: str | None = None) -> PromoteOutcome:
     """Move ``alias`` to ``version`` of ``adreg-<category>`` if it passes the quality gate.
 
     The gate evaluates the candidate (and the alias's current version, on the same images) on the evaluation
@@ -176,19 +181,23 @@ def promote(category: str, version, alias: str = "production", *, force: bool = 
     (rules: ``adreg.statistics``). ``force`` promotes past a failed gate (needs MANAGE; recorded). Every outcome
     is recorded in the category's history.
 
+    ``production``: also judge on the reviewed production set (``adreg.registry.labels.production_set``):
+    None = whenever reviews exist, True = required, False = never. Each set is judged on its own; the gate
+    passes when every set with enough evidence passes; without a fit-time set the production set decides alone.
+
     Returns:
         ``PromoteOutcome`` (``promoted`` False when the gate refused).
 
     Raises:
         NotFoundError: unknown category or version. PermissionDenied: the user may not move the alias.
-        DataError: the version has no logged evaluation set and no ``eval_dir`` was given.
+        DataError: the version has no logged evaluation set, no ``eval_dir`` was given and nothing was reviewed.
     """
     from adreg.registry import lifecycle
 
     _store(tracking_uri)
     policy = _policy(policy, min_image_auroc, min_pixel_auroc, level, n_resamples, min_per_class, seed, margin)
     promo, report = lifecycle.promote_gated(category, version, alias, policy, force=force, reason=reason,
-                                            eval_dir=eval_dir, device=device)
+                                            eval_dir=eval_dir, device=device, production=production)
     return PromoteOutcome(category, alias, str(version), promo is not None, report, promo, policy)
 
 
@@ -203,7 +212,8 @@ def rollback(category: str, alias: str = "production", reason: str = "", trackin
     return lifecycle.rollback(category, alias, reason=reason)
 
 
-def update(category: str, add_good: Sequence[str] | str, *, from_alias: str = "production", from_version=None,
+def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: bool = False, review_seed: int = 0,
+           from_alias: str = "production", from_version=None,
            include_suspects: bool = False, holdout: int = 20, min_calibration: int = 20, seed: int = 0,
            register: bool = False, promote: str | None = None, reason: str = "", policy=None,
            device: str = "auto", tracking_uri: str | None = None, show_progress: bool = True):
@@ -213,6 +223,10 @@ def update(category: str, add_good: Sequence[str] | str, *, from_alias: str = "p
     duplicates (sha256) and unreadable files are skipped, images the parent flags are held out unless
     ``include_suspects``, ``holdout`` new goods recalibrate the threshold, and the result is evaluated on the
     parent's evaluation set. ``promote`` registers and promotes through the gate like ``fit``.
+
+    ``from_reviews``: also grow with the reviewed goods on the grow side of the production set's seeded split
+    (``review_seed``; false alarms included: a person confirmed them, so the guard does not hold them out;
+    the other reviewed goods stay for evaluation), the labels' digest recorded in the lineage.
 
     Returns:
         ``adreg.registry.update.UpdateOutcome`` (``result``: what was added, skipped, held out; ``logged``:
@@ -225,7 +239,22 @@ def update(category: str, add_good: Sequence[str] | str, *, from_alias: str = "p
 
     _store(tracking_uri)
     folders = [add_good] if isinstance(add_good, (str, Path)) else list(add_good)
-    opts = UpdateOptions(category=category, add_good=[str(f) for f in folders], from_alias=from_alias,
+    files, extra = [], {}
+    if from_reviews:
+        from adreg.registry.labels import production_set
+
+        prod = production_set(category, seed=review_seed)
+        if not prod.grow:
+            raise DataError(f"no reviewed goods to grow {category!r} with: the {prod.describe()} puts none on the "
+                            "grow side; review more captures (adreg review / adreg label)")
+        files = [str(p) for p in prod.grow]
+        include_suspects = True  # reviewed goods are confirmed goods, false alarms above all
+        extra = {"review_labels": prod.digest, "review_split_seed": review_seed,
+                 "review_goods": len(prod.grow)}
+    elif not folders:
+        raise DataError("give at least one --add-good folder of good images, or --from-reviews")
+    opts = UpdateOptions(category=category, add_good=[str(f) for f in folders], add_files=files,
+                         lineage_extra=extra, from_alias=from_alias,
                          from_version=from_version, include_suspects=include_suspects, holdout=holdout,
                          min_calibration=min_calibration, seed=seed, device=device)
     return update_version(opts, register=register, promote_alias=promote, policy=_policy(policy), reason=reason,
@@ -255,11 +284,26 @@ def models(tracking_uri: str | None = None, serving: bool = True) -> list[dict]:
 
     _store(tracking_uri)
     rows = versions.list_versions()
+    _annotate_quality(rows)
     if serving:
         from adreg.pyfunc.status import annotate_rows
 
         annotate_rows(rows)
     return rows
+
+
+def _annotate_quality(rows: list[dict]) -> None:
+    """Add each version's production quality from the reviews (``on_line``: flag precision and false alarms
+    with their counts; the numbers as ``flag_precision`` / ``false_alarm_rate``)."""
+    from adreg.review.quality import production_quality
+
+    per = {c: production_quality(c) for c in {r["category"] for r in rows}}
+    for r in rows:
+        q = per[r["category"]].get(str(r["version"]))
+        if q is not None:
+            r.update({"flag_precision": q.flag_precision, "false_alarm_rate": q.false_alarm_rate,
+                      "on_line": f"{q.flags_confirmed}/{q.flags_reviewed} flags confirmed, "
+                                 f"{q.false_alarms}/{q.goods_reviewed} goods flagged, {q.misses} missed"})
 
 
 def resolve(category: str, version=None, alias: str | None = "production", tracking_uri: str | None = None):
@@ -357,14 +401,18 @@ def serve(category: str, *, alias: str = "production", version=None, host: str =
 
 
 def status(category: str, tracking_uri: str | None = None) -> dict:
-    """Aliases of ``category`` and the servers that report serving it: {model, aliases, servers}."""
+    """Aliases of ``category``, the servers that report serving it and each version's production quality from
+    the reviews: {model, aliases, servers, quality}."""
     from adreg.pyfunc import status as server_status
     from adreg.registry.resolve import get_model
 
     _store(tracking_uri)
+    from adreg.review.quality import production_quality
+
     model = get_model(category)
     return {"model": model.name, "aliases": {a: str(v) for a, v in sorted(model.aliases.items())},
-            "servers": server_status.servers(model)}
+            "servers": server_status.servers(model),
+            "quality": {v: q.as_dict() for v, q in production_quality(category).items()}}
 
 
 # -- exported runtimes, the router, drift, governance -------------------------------------------------------
@@ -421,3 +469,103 @@ def whoami(category: str | None = None, tracking_uri: str | None = None) -> dict
     if category:
         out["permission"] = governance.permission("registered_model", model_name(category))
     return out
+
+
+# -- reviews: labels, the production set, quality, threshold from the line ------------------------------------
+def label(category: str, files: Sequence[str] | str, verdict: str, *, mask: str | None = None,
+          reviewer: str | None = None, tracking_uri: str | None = None) -> list:
+    """Record a review label (``good``, ``defect`` or ``skip``) for each image file (``mask``: a defect region
+    image, for one defect). Each label is its own record in the tracking store (``adreg.registry.labels``);
+    a capture's sidecar supplies what the line's model said about the image.
+
+    Returns:
+        ``adreg.registry.labels.Label`` records, one per file.
+
+    Raises:
+        DataError: no such file, an unknown verdict, a mask on a good. PermissionDenied: no EDIT where the
+        store authenticates.
+    """
+    from adreg.names import check_category
+    from adreg.registry.labels import record_label
+
+    check_category(category)
+    files = [files] if isinstance(files, (str, Path)) else list(files)
+    if not files:
+        raise DataError("give at least one image file to label")
+    if mask is not None and len(files) != 1:
+        raise DataError("--mask draws the region of one defect: label one file with it")
+    _store(tracking_uri)
+    return [record_label(category, f, verdict, mask=mask, reviewer=reviewer) for f in files]
+
+
+def labels(category: str, tracking_uri: str | None = None) -> list:
+    """Every review label of ``category``, oldest first (``adreg.registry.labels.Label``; disagreement between
+    reviewers is kept: see ``adreg.registry.labels.consensus``)."""
+    from adreg.names import check_category
+    from adreg.registry.labels import read_labels
+
+    check_category(category)
+    _store(tracking_uri)
+    return read_labels(category)
+
+
+def production_set(category: str, seed: int = 0, tracking_uri: str | None = None):
+    """The reviewed images as evaluation samples (defects, evaluation-side goods) and grow-side goods:
+    ``adreg.registry.labels.ProductionSet``."""
+    from adreg.registry.labels import production_set as _production_set
+
+    _store(tracking_uri)
+    return _production_set(category, seed=seed)
+
+
+def quality(category: str, log: bool = True, tracking_uri: str | None = None) -> dict:
+    """Production quality per version from the reviewed captures: flag precision, false-alarm rate, misses,
+    each with its counts (``adreg.review.quality``); with ``log``, recorded as a monitoring run.
+
+    Returns:
+        ``{"run_id": str | None, "versions": {version: VersionQuality}}``.
+    """
+    from adreg.review import quality as q
+
+    _store(tracking_uri)
+    if log:
+        run_id, figures = q.log_quality(category)
+    else:
+        run_id, figures = None, q.production_quality(category)
+    return {"run_id": run_id, "versions": figures}
+
+
+def threshold(category: str, *, from_alias: str = "production", from_version=None,
+              target_false_alarm_rate: float | None = None, review_seed: int = 0, register: bool = True,
+              promote: str | None = None, reason: str = "", policy=None, device: str = "auto",
+              tracking_uri: str | None = None):
+    """A new version = the parent with its threshold chosen on the reviewed production set (F1-optimal, or
+    the lowest meeting ``target_false_alarm_rate`` on the reviewed goods); registered with its lineage and,
+    with ``promote``, gated like any other (``adreg.review.threshold``).
+
+    Raises:
+        DataError: fewer than 10 reviewed defects or 20 evaluation-side reviewed goods.
+    """
+    from adreg.review.threshold import threshold_from_reviews
+
+    _store(tracking_uri)
+    return threshold_from_reviews(category, from_alias=from_alias, from_version=from_version,
+                                  target_false_alarm_rate=target_false_alarm_rate, review_seed=review_seed,
+                                  register=register, promote=promote, policy=_policy(policy), reason=reason,
+                                  device=device)
+
+
+def review(categories: Sequence[str] | str, capture: str | Path, *, host: str = "127.0.0.1", port: int = 8765,
+           tracking_uri: str | None = None, **settings) -> None:
+    """Run the browser review queue over a capture folder until interrupted (``adreg.review.app``)."""
+    from adreg.names import check_category
+    from adreg.review.app import run
+
+    cats = [categories] if isinstance(categories, str) else list(categories)
+    for c in cats:
+        check_category(c)
+    capture = Path(capture)
+    if not capture.is_dir():
+        raise DataError(f"capture folder {capture} does not exist (adreg serve --capture DIR writes it)")
+    _store(tracking_uri)
+    run(cats, capture, host=host, port=port, **settings)

@@ -15,6 +15,7 @@ ROUTER = "router"  # registered as adreg-router: the multi-category router model
 CATEGORY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 LIFECYCLE_SUFFIX = "/lifecycle"
 MONITORING_SUFFIX = "-monitoring"
+REVIEWS_SUFFIX = "/reviews"
 
 
 def check_category(category: str) -> str:
@@ -48,3 +49,8 @@ def lifecycle_experiment_name(category: str) -> str:
 def monitoring_experiment_name(category: str) -> str:
     """Where drift checks of a category are logged."""
     return model_name(category) + MONITORING_SUFFIX
+
+
+def reviews_experiment_name(category: str) -> str:
+    """One experiment per category holds its review labels, one run each (``adreg.registry.labels``)."""
+    return model_name(category) + REVIEWS_SUFFIX

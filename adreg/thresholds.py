@@ -50,6 +50,23 @@ def f1_optimal(good_scores, defect_scores) -> Threshold:
     return Threshold(best_value, "f1_optimal", {"f1": best_f1, "n_good": int(good.size), "n_defect": int(bad.size)})
 
 
+def target_false_alarm(good_scores, defect_scores, rate: float) -> Threshold:
+    """The lowest threshold that flags at most ``rate`` of the good images (strictly-above rule), with the
+    recall it keeps on the defects."""
+    good = np.sort(np.asarray(good_scores, dtype=np.float64))
+    bad = np.asarray(defect_scores, dtype=np.float64)
+    if not 0 <= rate < 1:
+        raise DataError(f"a target false-alarm rate is in [0, 1), got {rate}")
+    if good.size == 0:
+        raise DataError("no good images to set a false-alarm rate on")
+    allowed = int(np.floor(rate * good.size + 1e-9))  # goods that may score above the threshold
+    value = float(good[good.size - allowed - 1])
+    far = float((good > value).mean())
+    recall = float((bad > value).mean()) if bad.size else float("nan")
+    return Threshold(value, "target_false_alarm", {"target_rate": rate, "false_alarm_rate": far, "recall": recall,
+                                                   "n_good": int(good.size), "n_defect": int(bad.size)})
+
+
 def calibrate(good_scores, defect_scores=None, q: float = 0.99) -> Threshold:
     """F1-optimal when defective validation scores exist, else the good-score quantile."""
     if defect_scores is not None and len(defect_scores) and len(good_scores):

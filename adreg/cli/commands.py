@@ -93,23 +93,14 @@ def cmd_quickstart(args) -> int:
 
 
 # -- registry ----------------------------------------------------------------------------------------
-def cmd_promote(args) -> int:
-    out = _api().promote(args.category, args.version, args.alias, force=args.force, reason=args.reason or "",
-                         eval_dir=args.eval_dir, policy=_policy(args), device=args.device,
-                         tracking_uri=args.tracking_uri)
-    report, promo, policy = out.gate, out.promotion, out.policy
-    if args.json:
-        _json_out({"category": args.category, "alias": args.alias, "version": str(args.version),
-                   "promoted": out.promoted, "forced": out.forced,
-                   **{k: getattr(promo, k, None) for k in ("previous", "model_uri", "by", "identity", "event_run")},
-                   "gate": {**report.summary(), "floors": policy.floors(), "level": policy.level,
-                            "min_per_class": policy.min_per_class}})
-        return 0 if out.promoted else EXIT_REFUSED
-    dec = report.decision
+def _print_gate_set(part, args, policy) -> None:
+    """One set's gate table: each metric with its interval, floor, the paired difference, the verdict."""
+    dec = part.decision
     res = dec.resampling
-    base = f"v{report.baseline_version}" if report.baseline is not None else None
+    base = f"v{part.baseline_version}" if part.baseline is not None else None
     masked = f" ({dec.n_masked} with masks)" if dec.n_masked is not None else ""
-    print(f"gate on {report.eval_set}: {dec.n_good} good, {dec.n_defective} defective images{masked}")
+    print(f"gate on the {part.kind} set, {part.eval_set}: {dec.n_good} good, {dec.n_defective} defective "
+          f"images{masked}")
     pixel = (f"; pixel metrics {res.pixel_resamples}" + (f" at {res.pixel_size[0]}x{res.pixel_size[1]}"
                                                           if res.pixel_size else "")) if res.pixel_resamples else ""
     print(f"  {dec.level:.0%} intervals: stratified bootstrap, {res.n_resamples} resamples{pixel} (seed {res.seed}); "
@@ -133,7 +124,26 @@ def cmd_promote(args) -> int:
     columns = ["metric", cand_col, "floor"] + ([base_col, diff_col, "p", "test"] if base else []) + ["verdict"]
     _print_table(rows, columns)
     vs = f" against {base} (current {args.alias})" if base else f" (no baseline: {args.alias!r} is a new alias)"
-    print(f"verdict: {dec.verdict}{vs}; {res.seconds:.1f} s for intervals and paired tests")
+    print(f"{part.kind} set verdict: {dec.verdict}{vs}; {res.seconds:.1f} s for intervals and paired tests")
+
+
+def cmd_promote(args) -> int:
+    out = _api().promote(args.category, args.version, args.alias, force=args.force, reason=args.reason or "",
+                         eval_dir=args.eval_dir, policy=_policy(args), device=args.device,
+                         production=args.production, tracking_uri=args.tracking_uri)
+    report, promo, policy = out.gate, out.promotion, out.policy
+    if args.json:
+        _json_out({"category": args.category, "alias": args.alias, "version": str(args.version),
+                   "promoted": out.promoted, "forced": out.forced,
+                   **{k: getattr(promo, k, None) for k in ("previous", "model_uri", "by", "identity", "event_run")},
+                   "gate": {**report.summary(), "floors": policy.floors(), "level": policy.level,
+                            "min_per_class": policy.min_per_class}})
+        return 0 if out.promoted else EXIT_REFUSED
+    for part in report.sets:
+        _print_gate_set(part, args, policy)
+    dec = report.decision
+    if len(report.sets) > 1:
+        print(f"verdict: {'promote' if report.passed else dec.verdict} (every set with enough evidence must pass)")
     from adreg.pyfunc.shadow import describe_latest
 
     print(describe_latest(args.category, args.version) or "", end="")
@@ -190,8 +200,11 @@ def cmd_models(args) -> int:
     elif not rows:
         print("no models registered yet; run `adreg fit --category NAME --register`")
     else:
-        _print_table(rows, ["category", "version", "aliases", "method", "image_auroc", "pixel_auroc", "aupro",
-                            "image_f1_max", "threshold", "created", "serving"])
+        columns = ["category", "version", "aliases", "method", "image_auroc", "pixel_auroc", "aupro",
+                   "image_f1_max", "threshold", "created", "serving"]
+        if any("on_line" in r for r in rows):
+            columns.insert(-2, "on_line")
+        _print_table(rows, columns)
     return 0
 
 
@@ -237,6 +250,8 @@ def cmd_status(args) -> int:
         return 0
     aliases, entries = out["aliases"], out["servers"]
     print(f"{out['model']}: " + (", ".join(f"{a} = {v}" for a, v in aliases.items()) or "no aliases"))
+    for version, q in out["quality"].items():
+        print(f"  on the line, version {version}: {_quality_text(q)}")
     if not entries:
         print("no server has reported serving it (servers started by `adreg serve` report here)")
         return 0
@@ -336,7 +351,8 @@ def _print_update(r, logged) -> None:
 
 
 def cmd_update(args) -> int:
-    out = _api().update(args.category, args.add_good, from_alias=args.from_alias, from_version=args.from_version,
+    out = _api().update(args.category, args.add_good, from_reviews=args.from_reviews, review_seed=args.review_seed,
+                        from_alias=args.from_alias, from_version=args.from_version,
                         include_suspects=args.include_suspects, holdout=args.holdout,
                         min_calibration=args.min_calibration, seed=args.seed, register=args.register,
                         promote=args.promote, reason=args.reason or "", policy=_policy(args), device=args.device,
@@ -382,3 +398,115 @@ def cmd_drift(args) -> int:
         return EXIT_REFUSED
     print("no drift")
     return 0
+
+
+# -- reviews ---------------------------------------------------------------------------------------------------
+def _pct(x) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.0f}%"
+
+
+def _quality_text(q: dict) -> str:
+    return (f"flag precision {_pct(q['flag_precision'])} ({q['flags_confirmed']}/{q['flags_reviewed']} reviewed "
+            f"flags were defects), false alarms {_pct(q['false_alarm_rate'])} ({q['false_alarms']}/"
+            f"{q['goods_reviewed']} reviewed goods flagged), misses {q['misses']}/{q['passes_reviewed']} "
+            "reviewed passes")
+
+
+def cmd_review(args) -> int:
+    print(f"review queue for {', '.join(args.categories)} on http://127.0.0.1:{args.port} (Ctrl-C stops it)",
+          flush=True)
+    _api().review(args.categories, args.capture, port=args.port, sample_rate=args.sample_rate, seed=args.seed,
+                  device=args.device, tracking_uri=args.tracking_uri)
+    return 0
+
+
+def cmd_label(args) -> int:
+    done = _api().label(args.category, args.files, args.verdict, mask=args.mask, reviewer=args.reviewer,
+                        tracking_uri=args.tracking_uri)
+    if args.json:
+        _json_out([lab.as_dict() for lab in done])
+        return 0
+    for lab in done:
+        judged = f" (judged by v{lab.judged_version}: score {lab.judged_score:.4g}, " \
+                 f"{'flagged' if lab.flagged else 'passed'})" if lab.judged_version else ""
+        mask = ", with its region" if lab.mask else ""
+        print(f"labelled {lab.path} {lab.verdict}{mask} by {lab.user} ({lab.identity}){judged}")
+    return 0
+
+
+def cmd_labels(args) -> int:
+    from adreg.registry.labels import consensus
+
+    api = _api()
+    labs = api.labels(args.category, tracking_uri=args.tracking_uri)
+    verdicts = consensus(labs)
+    prod = api.production_set(args.category, seed=args.seed) if labs else None
+    if args.json:
+        _json_out({"category": args.category, "labels": [lab.as_dict() for lab in labs],
+                   "images": {sha: {"verdict": v.verdict, "by": {x.user: x.verdict for x in v.labels}}
+                              for sha, v in verdicts.items()},
+                   "production_set": None if prod is None else {
+                       "digest": prod.digest, "n_good": prod.n_good, "n_defective": prod.n_defective,
+                       "n_masks": prod.n_masks, "n_grow": len(prod.grow), "n_disputed": prod.n_disputed,
+                       "seed": prod.seed, "evaluation": [str(s.path) for s in prod.samples],
+                       "grow": [str(p) for p in prod.grow]}})
+        return 0
+    if not labs:
+        print(f"no labels for {args.category!r} yet: `adreg review {args.category} --capture DIR` or `adreg label`")
+        return 0
+    rows = []
+    for sha, v in sorted(verdicts.items(), key=lambda kv: kv[1].latest.at):
+        lab = v.latest
+        rows.append({"image": lab.path.rsplit("/", 1)[-1], "verdict": v.verdict,
+                     "by": ", ".join(f"{x.user}: {x.verdict}" for x in v.labels),
+                     "judged": f"v{lab.judged_version} {'flagged' if lab.flagged else 'passed'}"
+                               if lab.judged_version else "", "region": "yes" if any(x.mask for x in v.labels) else "",
+                     "at": lab.at[:19], "sha256": sha[:12]})
+    _print_table(rows, ["image", "verdict", "by", "judged", "region", "at", "sha256"])
+    print(f"{len(labs)} label(s) of {len(verdicts)} image(s); {prod.describe()}; {len(prod.grow)} reviewed goods on "
+          f"the grow side (seed {prod.seed}); {prod.n_disputed} disputed")
+    return 0
+
+
+def cmd_quality(args) -> int:
+    out = _api().quality(args.category, log=not args.no_log, tracking_uri=args.tracking_uri)
+    figures = {v: q.as_dict() for v, q in out["versions"].items()}
+    if args.json:
+        _json_out({"category": args.category, "run_id": out["run_id"], "versions": figures})
+        return 0
+    if not figures:
+        print(f"no reviewed captures of {args.category!r} yet (adreg review)")
+    for version, q in figures.items():
+        print(f"version {version}: {_quality_text(q)}")
+    if out["run_id"]:
+        print(f"monitoring run: {out['run_id']}")
+    return 0
+
+
+def cmd_threshold(args) -> int:
+    out = _api().threshold(args.category, from_alias=args.from_alias, from_version=args.from_version,
+                           target_false_alarm_rate=args.target_false_alarm, review_seed=args.review_seed,
+                           promote=args.promote, reason=args.reason or "", policy=_policy(args), device=args.device,
+                           tracking_uri=args.tracking_uri)
+    d = out.details
+    if args.json:
+        _json_out({"category": args.category, "parent_version": out.parent_version, "version": out.logged.version,
+                   "run_id": out.logged.run_id, "threshold": out.threshold, "parent_threshold": out.parent_threshold,
+                   "rule": out.rule, "details": d, "promoted": out.logged.promoted,
+                   "gate": None if out.gate is None else out.gate.summary()})
+        return 0 if out.logged.promoted is not False else EXIT_REFUSED
+    b, a = d["before"], d["after"]
+    print(f"threshold from the line ({out.rule}) on the {out.production.describe()}")
+    _print_table([{"threshold": f"v{out.parent_version}: {out.parent_threshold:.4g}", "recall": _pct(b["recall"]),
+                   "false alarms": _pct(b["false_alarm_rate"]), "precision": _pct(b["precision"])},
+                  {"threshold": f"new: {out.threshold:.4g}", "recall": _pct(a["recall"]),
+                   "false alarms": _pct(a["false_alarm_rate"]), "precision": _pct(a["precision"])}],
+                 ["threshold", "recall", "false alarms", "precision"])
+    print(f"registered {out.logged.registered_name} version {out.logged.version} (parent: version "
+          f"{out.parent_version}, run {out.logged.run_id})")
+    if out.gate is not None:
+        for failure in out.gate.failures:
+            print(f"  gate: {failure}")
+        print(f"promoted version {out.logged.version} to {args.promote!r}" if out.logged.promoted else
+              f"not promoted to {args.promote!r} (gate failed; `adreg promote --force` overrides, recorded)")
+    return EXIT_REFUSED if out.logged.promoted is False else 0

@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from adreg.cli.commands import (cmd_compare, cmd_drift, cmd_export, cmd_fit, cmd_grant, cmd_history, cmd_models,
-                                cmd_predict, cmd_promote, cmd_quickstart, cmd_rollback, cmd_score, cmd_serve,
-                                cmd_serve_bundle, cmd_status, cmd_update, cmd_whoami)
+from adreg.cli.commands import (cmd_compare, cmd_drift, cmd_export, cmd_fit, cmd_grant, cmd_history, cmd_label,
+                                cmd_labels, cmd_models, cmd_predict, cmd_promote, cmd_quality, cmd_quickstart,
+                                cmd_review, cmd_rollback, cmd_score, cmd_serve, cmd_serve_bundle, cmd_status,
+                                cmd_threshold, cmd_update, cmd_whoami)
 
 DESCRIPTION = ("The adreg command line: fit, promote, rollback, history, compare, models, serve, predict, "
-               "quickstart.")
+               "review, label, update, threshold, quickstart.")
 
 
 def _parse_param(text: str):
@@ -93,6 +94,12 @@ def _add_lifecycle_commands(sub) -> None:
     p.add_argument("--reason", help="recorded in the history and on the version's tags")
     _gate_args(p)
     p.add_argument("--eval-dir", help="evaluate on this labelled folder instead of the set logged with the version")
+    sets = p.add_mutually_exclusive_group()
+    sets.add_argument("--production-set", dest="production", action="store_const", const=True, default=None,
+                      help="also judge on the reviewed production set, and fail when there is none (default: "
+                           "whenever reviews exist)")
+    sets.add_argument("--no-production-set", dest="production", action="store_const", const=False,
+                      help="judge on the fit-time set only")
     p.add_argument("--force", action="store_true", help="promote even if the gate fails (recorded)")
     p.add_argument("--device", default="auto")
     _json_flag(p)
@@ -220,8 +227,13 @@ def _add_update_commands(sub) -> None:
     p = sub.add_parser("update", help="grow a registered version with more good images into a new version "
                                       "(lineage, duplicates skipped, suspects held out)")
     p.add_argument("category")
-    p.add_argument("--add-good", nargs="+", required=True, metavar="DIR",
+    p.add_argument("--add-good", nargs="+", default=[], metavar="DIR",
                    help="folders of good images, read recursively (e.g. the server's capture folder)")
+    p.add_argument("--from-reviews", action="store_true",
+                   help="also grow with the reviewed goods (false alarms included) on the grow side of the "
+                        "production set's seeded split; the labels' digest goes into the lineage")
+    p.add_argument("--review-seed", type=int, default=0,
+                   help="seed of the split of reviewed goods into grown-on and evaluated-on (default 0)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--from", dest="from_alias", default="production", metavar="ALIAS",
                        help="grow the version this alias points at (default production)")
@@ -254,6 +266,58 @@ def _add_update_commands(sub) -> None:
     p.set_defaults(func=cmd_drift)
 
 
+def _add_review_commands(sub) -> None:
+    p = sub.add_parser("review", help="the browser review queue of captured images (127.0.0.1): label flags and "
+                                      "passes good or defect, draw defect regions")
+    p.add_argument("categories", nargs="+", metavar="CATEGORY")
+    p.add_argument("--capture", required=True, metavar="DIR", help="the folder `adreg serve --capture` writes")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765)")
+    p.add_argument("--sample-rate", type=float, default=0.1,
+                   help="share of passed captures queued after the flags (deterministic sample; default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the passed sample")
+    p.add_argument("--device", default="cpu", help="device for the anomaly-map overlays (default cpu)")
+    p.set_defaults(func=cmd_review)
+
+    p = sub.add_parser("label", help="record review labels for image files (scriptable; the same records as the "
+                                     "review page)")
+    p.add_argument("category")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--as", dest="verdict", required=True, choices=["good", "defect", "skip"])
+    p.add_argument("--mask", help="defect region image (white = defect) for one defect")
+    p.add_argument("--reviewer", help="reviewer name where the store has no users (default $ADREG_USER / login)")
+    _json_flag(p)
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("labels", help="the review labels of a category, who said what, and the production set")
+    p.add_argument("category")
+    p.add_argument("--seed", type=int, default=0, help="seed of the grown-on / evaluated-on split of goods")
+    _json_flag(p)
+    p.set_defaults(func=cmd_labels)
+
+    p = sub.add_parser("quality", help="production quality per version from the reviews (flag precision, false "
+                                       "alarms, misses); logged as a monitoring run")
+    p.add_argument("category")
+    p.add_argument("--no-log", action="store_true", help="do not log a monitoring run")
+    _json_flag(p)
+    p.set_defaults(func=cmd_quality)
+
+    p = sub.add_parser("threshold", help="a new version whose threshold is chosen on the reviewed production set")
+    p.add_argument("category")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--from", dest="from_alias", default="production", metavar="ALIAS",
+                       help="start from the version this alias points at (default production)")
+    which.add_argument("--from-version", help="start from this version")
+    p.add_argument("--target-false-alarm", type=float, metavar="RATE",
+                   help="the lowest threshold flagging at most this share of reviewed goods (default: F1-optimal)")
+    p.add_argument("--review-seed", type=int, default=0, help="seed of the reviewed goods' split (default 0)")
+    p.add_argument("--promote", metavar="ALIAS", help="promote the new version through the gate")
+    p.add_argument("--reason", help="recorded with the promotion")
+    _gate_args(p)
+    p.add_argument("--device", default="auto")
+    _json_flag(p)
+    p.set_defaults(func=cmd_threshold)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adreg", description=DESCRIPTION)
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default $MLFLOW_TRACKING_URI, "
@@ -268,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_commands(sub)
     _add_governance_commands(sub)
     _add_update_commands(sub)
+    _add_review_commands(sub)
     p = sub.add_parser("quickstart", help="fit 1-shot bottle on the bundled data, register, promote to production")
     p.add_argument("--category", default="bottle")
     p.add_argument("--train-dir")

@@ -24,7 +24,7 @@ def _client() -> mlflow.MlflowClient:
 
 EVENT_TAG = "adreg.lifecycle_event"
 EVENT_PARAMS = ("at", "seq", "action", "alias", "version", "previous", "user", "identity", "reason")
-DETAIL_PARAMS = ("gate_passed", "eval_set", "baseline_version", "gate_failures")
+DETAIL_PARAMS = ("gate_passed", "eval_set", "gate_set", "baseline_version", "gate_failures", "production_labels")
 PARAM_MAX = 6000
 
 
@@ -82,6 +82,10 @@ def record_event(category: str, event: dict) -> dict:
         for k, test in (details.get("paired") or {}).items():  # paired_image_auroc_diff / _low / _high / _p
             metrics += [Metric(f"paired_{k}_{end}", float(test[end]), ms, 0)
                         for end in ("diff", "low", "high", "p") if test.get(end) is not None]
+        for part in details.get("sets") or []:  # a gate over several sets: each set's figures (fit-time_..., production_...)
+            metrics += [Metric(f"{part['set']}_{who}_{k}", float(v), ms, 0)
+                        for who in ("candidate", "baseline") for k, v in (part.get(f"{who}_metrics") or {}).items()]
+            metrics += [Metric(f"{part['set']}_n_{k}", float(part[f"n_{k}"]), ms, 0) for k in ("good", "defective")]
         for k in ("n_good", "n_defective"):
             if details.get(k) is not None:
                 metrics.append(Metric(f"gate_{k}", float(details[k]), ms, 0))

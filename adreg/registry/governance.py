@@ -24,7 +24,7 @@ import requests
 
 from adreg import store
 from adreg.errors import AdregError, ConfigError, NotFoundError, PermissionDenied, StoreUnreachable
-from adreg.names import fit_experiment_name, lifecycle_experiment_name, model_name
+from adreg.names import fit_experiment_name, lifecycle_experiment_name, model_name, reviews_experiment_name
 
 __all__ = ["PermissionDenied", "Identity", "identity", "permission", "needed_for_alias", "require", "grant",
            "is_refusal", "refusal", "model_name", "lifecycle_experiment_name", "fit_experiment_name"]
@@ -133,7 +133,7 @@ def experiment_levels(level: str) -> str:
 
 def grant(category: str, user: str, level: str) -> list[dict]:
     """Give ``user`` a role on a category: ``level`` on ``adreg-<category>``, and what the role needs on the
-    category's fit and lifecycle experiments. Admin (or MANAGE on the resources) only; returns the grants."""
+    category's fit, lifecycle and review experiments. Admin (or MANAGE on the resources) only; returns the grants."""
     from mlflow.exceptions import MlflowException
     from mlflow.server import get_app_client
 
@@ -153,7 +153,8 @@ def grant(category: str, user: str, level: str) -> list[dict]:
             raise store.translate(exc, f"reading {name}") or exc from exc
         raise NotFoundError(f"unknown category {category!r}: register a version first (adreg fit --register)") from None
     targets = [("registered_model", name, level, name)]
-    for exp_name in (fit_experiment_name(category), lifecycle_experiment_name(category)):
+    for exp_name in (fit_experiment_name(category), lifecycle_experiment_name(category),
+                     reviews_experiment_name(category)):
         targets.append(("experiment", store.experiment_id(exp_name), experiment_levels(level), exp_name))
     auth = get_app_client("basic-auth", tracking_uri=ident.server)
     done = []

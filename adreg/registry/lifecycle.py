@@ -67,6 +67,9 @@ class GateReport:
     eval_set: str = ""
     decision: statistics.GateDecision | None = None  # intervals, paired tests, verdicts, set size
     eval_paths: list[str] = field(default_factory=list, repr=False)  # the images judged on
+    kind: str = "fit-time"  # which set: fit-time (test folder / logged) or production (reviewed images)
+    parts: list["GateReport"] = field(default_factory=list, repr=False)  # one report per set when several
+    production_digest: str | None = None  # the review labels the production set rests on
 
     @property
     def verdict(self) -> str:
@@ -74,10 +77,23 @@ class GateReport:
 
     def summary(self) -> dict:
         keep = lambda m: None if m is None else {k: round(m[k], 5) for k in COMPARED if k in m}  # noqa: E731
-        return {"gate_passed": self.passed, "candidate_metrics": keep(self.candidate),
-                "baseline_version": self.baseline_version, "baseline_metrics": keep(self.baseline),
-                "gate_failures": self.failures, "eval_set": self.eval_set,
-                **(self.decision.summary() if self.decision else {})}
+        out = {"gate_passed": self.passed, "candidate_metrics": keep(self.candidate),
+               "baseline_version": self.baseline_version, "baseline_metrics": keep(self.baseline),
+               "gate_failures": self.failures, "eval_set": self.eval_set, "gate_set": self.kind,
+               **(self.decision.summary() if self.decision else {})}
+        if self.parts:
+            out["sets"] = [{"set": p.kind, "eval_set": p.eval_set, "verdict": p.verdict, "gate_passed": p.passed,
+                            "n_good": p.decision.n_good, "n_defective": p.decision.n_defective,
+                            "candidate_metrics": keep(p.candidate), "baseline_metrics": keep(p.baseline)}
+                           for p in self.parts]
+        if self.production_digest:
+            out["production_labels"] = self.production_digest
+        return out
+
+    @property
+    def sets(self) -> list["GateReport"]:
+        """The per-set reports (this one alone when it judged one set)."""
+        return self.parts or [self]
 
 
 def check_gate(candidate: EvalResult, baseline: EvalResult | None, policy: GatePolicy,
@@ -96,12 +112,15 @@ def load_version_detector(category: str, version, device: str = "auto") -> Anoma
     return load_detector(resolve(category, version), device)
 
 
-def logged_eval_set(category: str, version) -> tuple[list[Sample], str]:
-    """The evaluation set logged with a version's run."""
+def logged_eval_set(category: str, version, required: bool = True) -> tuple[list[Sample], str]:
+    """The evaluation set logged with a version's run (``required`` False: empty when it was fitted without
+    one; its images missing from this machine is an error either way)."""
     from adreg.registry.tracking import EVAL_MANIFEST
 
     mv = model_version(resolve(category, version))
     manifest = store.load_run_dict(mv.run_id, EVAL_MANIFEST)
+    if manifest is None and not required:
+        return [], ""
     if manifest is None:
         raise DataError(f"version {version} was logged without an evaluation set (fitted without a test folder); "
                         "pass --eval-dir")
@@ -120,19 +139,11 @@ def evaluate_version(category: str, version, samples: list[Sample], device: str 
     return evaluate(detector, samples, detector.threshold.value, show_progress=False)
 
 
-def run_gate(category: str, version, alias: str, policy: GatePolicy, eval_dir: str | None = None,
-             device: str = "auto", candidate_eval: EvalResult | None = None) -> GateReport:
-    """Evaluate candidate and current alias holder on the same images and decide (``check_gate``);
-    ``candidate_eval`` may be given when the candidate was just evaluated on the version's logged
-    evaluation set (right after a fit or an update): used when its images are that set's, in order."""
-    version = str(version)
-    if eval_dir:
-        samples, eval_set = read_labelled_folder(eval_dir, "evaluation folder"), str(eval_dir)
-        candidate_eval = None
-    else:
-        samples, eval_set = logged_eval_set(category, version)
+def _gate_on(category: str, version: str, alias: str, samples: list[Sample], eval_set: str, policy: GatePolicy,
+             device: str, candidate_eval: EvalResult | None = None, kind: str = "fit-time") -> GateReport:
+    """The gate on one set of images: candidate and the alias's current version evaluated and decided."""
     if candidate_eval is not None and [str(s.path) for s in candidate_eval.samples] != [str(s.path) for s in samples]:
-        candidate_eval = None  # measured on other images: evaluate again on the logged set
+        candidate_eval = None  # measured on other images: evaluate again on this set
     candidate = candidate_eval or evaluate_version(category, version, samples, device)
     current = get_model(category).aliases.get(alias)
     current = None if current is None else str(current)
@@ -141,14 +152,84 @@ def run_gate(category: str, version, alias: str, policy: GatePolicy, eval_dir: s
         baseline = evaluate_version(category, current, samples, device)
     decision = check_gate(candidate, baseline, policy, f"v{current}")
     report = GateReport(decision.passed, candidate.metrics, None if baseline is None else baseline.metrics,
-                        None if baseline is None else str(current), decision.failures, eval_set, decision)
+                        None if baseline is None else str(current), decision.failures, eval_set, decision, kind=kind)
     report.eval_paths = [str(s.path) for s in samples]
+    return report
+
+
+def combine_reports(parts: list[GateReport]) -> GateReport:
+    """One gate over several sets: it passes when every set with enough evidence passes and at least one has
+    enough; a set without enough evidence decides only when no set has enough (then: not enough evidence)."""
+    if len(parts) == 1:
+        return parts[0]
+    decisive = [p for p in parts if p.verdict != statistics.NOT_ENOUGH]
+    passed = bool(decisive) and all(p.passed for p in decisive)
+    primary = next((p for p in decisive if not p.passed), None) or (decisive or parts)[0]
+    failures = [f"{p.kind} set: {f}" for p in (decisive or parts) for f in p.failures]
+    report = GateReport(passed, primary.candidate, primary.baseline, primary.baseline_version, failures,
+                        " + ".join(p.eval_set for p in parts), primary.decision, kind=primary.kind, parts=parts)
+    report.eval_paths = primary.eval_paths
+    return report
+
+
+def _learned(category: str, versions_: list) -> set[str]:
+    """sha256 of every image the given versions learned from (their training manifests)."""
+    from adreg.registry import lineage, manifest
+
+    out: set[str] = set()
+    for v in {str(v) for v in versions_ if v is not None}:
+        entries = lineage.run_manifest(model_version(resolve(category, v)).run_id)["images"]
+        out |= {e["sha256"] for e in manifest.training(entries) if e.get("sha256")}
+    return out
+
+
+def run_gate(category: str, version, alias: str, policy: GatePolicy, eval_dir: str | None = None,
+             device: str = "auto", candidate_eval: EvalResult | None = None, production: bool | None = None,
+             review_seed: int = 0) -> GateReport:
+    """Evaluate candidate and current alias holder on the same images and decide (``check_gate``).
+
+    Sets: the fit-time set (``eval_dir``, else the evaluation set logged with the version) and the production
+    set (reviewed defects and evaluation-side reviewed goods, ``adreg.registry.labels.production_set``) when
+    reviews exist (``production`` None) or when asked (True; False: never). With both, each set is judged
+    on its own and ``combine_reports`` decides; with no fit-time set, the production set alone.
+    ``candidate_eval`` may be given when the candidate was just evaluated on the version's logged
+    evaluation set (right after a fit or an update): used when its images are that set's, in order."""
+    from adreg.registry import labels
+
+    version = str(version)
+    sets, missing = [], None
+    if eval_dir:
+        sets.append((read_labelled_folder(eval_dir, "evaluation folder"), str(eval_dir), "fit-time", None))
+    else:
+        try:
+            samples, source = logged_eval_set(category, version)
+            sets.append((samples, source, "fit-time", candidate_eval))
+        except DataError as exc:
+            missing = exc
+    prod = None
+    if production is not False:
+        prod = labels.production_set(category, seed=review_seed)
+        if prod.samples:  # never judge a version on reviewed images it (or the version it is compared with) learned
+            prod = prod.without(_learned(category, [version, get_model(category).aliases.get(alias)]))
+        if prod.samples:
+            sets.append((prod.samples, prod.describe(), "production", None))
+        elif production:
+            raise DataError(f"no reviewed images of {category!r} to build a production set from; review captures "
+                            "first (adreg review / adreg label)")
+    if not sets:
+        raise DataError(f"{missing}, or review captured images so the gate can judge on a production set "
+                        "(adreg review / adreg label)")
+    parts = [_gate_on(category, version, alias, samples, name, policy, device, cand, kind)
+             for samples, name, kind, cand in sets]
+    report = combine_reports(parts)
+    if prod is not None and prod.samples:
+        report.production_digest = prod.digest
     return report
 
 
 def promote_gated(category: str, version, alias: str = "production", policy: GatePolicy | None = None,
                   force: bool = False, reason: str = "", eval_dir: str | None = None,
-                  device: str = "auto", candidate_eval: EvalResult | None = None
+                  device: str = "auto", candidate_eval: EvalResult | None = None, production: bool | None = None
                   ) -> tuple[versions.Promotion | None, GateReport]:
     """Run the gate and promote when it passes (or when forced); returns (promotion or None, report).
     The user's permission for the alias (and for ``force``) is checked first: refused, nothing runs."""
@@ -156,7 +237,7 @@ def promote_gated(category: str, version, alias: str = "production", policy: Gat
     governance.require(category, governance.needed_for_alias(alias), f"moving alias {alias!r}")
     if force:
         governance.require(category, "MANAGE", "forcing a promotion past the gate")
-    report = run_gate(category, version, alias, policy or GatePolicy(), eval_dir, device, candidate_eval)
+    report = run_gate(category, version, alias, policy or GatePolicy(), eval_dir, device, candidate_eval, production)
     if not report.passed and not force:
         event = events.record_event(category, {"action": "refused", "alias": alias, "version": str(version),
                                                "previous": report.baseline_version,
@@ -172,10 +253,13 @@ def promote_gated(category: str, version, alias: str = "production", policy: Gat
 
 
 def _log_gate_input(run_id: str, category: str, report: GateReport) -> None:
-    """The images the gate judged on, as the event run's ``evaluation`` dataset input (digest over sha256)."""
+    """The images the gate judged on, as the event run's ``evaluation`` dataset inputs (digest over sha256):
+    ``<category>-gate`` (the fit-time set) and ``<category>-production`` (reviewed images)."""
     from adreg.registry.lineage import log_image_set
 
-    log_image_set(report.eval_paths, f"{category}-gate", "evaluation", run_id=run_id)
+    for part in report.sets:
+        name = f"{category}-production" if part.kind == "production" else f"{category}-gate"
+        log_image_set(part.eval_paths, name, "evaluation", run_id=run_id)
 
 
 def production_stack(events: list[dict], alias: str) -> list[str]:

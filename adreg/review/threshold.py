@@ -1,0 +1,132 @@
+"""Threshold from the line: a new version whose threshold is chosen on the reviewed production set.
+
+The fit sets a threshold on held-out goods alone (a quantile: it has never seen a real defect). Once people
+have reviewed what the line produced, ``threshold_from_reviews`` scores the production set's evaluation side
+(reviewed defects + evaluation-side reviewed goods, ``adreg.registry.labels.production_set``) with a registered
+version and picks the threshold there: F1-optimal (default), or the lowest one whose false-alarm rate on the
+reviewed goods is at most ``target_false_alarm``. The detector is otherwise the parent's, bit for bit; the new
+run records the parent, the rule and the labels' digest, and goes through the gate like any other version.
+
+How many reviews: at least ``MIN_DEFECTS`` reviewed defects and ``MIN_GOODS`` reviewed goods. With n
+defects, moving the threshold past one defect changes recall by 1/n: below 10 a single image moves it by
+more than 10 points, so the F1 optimum is decided by one or two parts. And with m goods the finest
+false-alarm rate that can be set is 1/m: 20 goods resolve 5%.
+
+The threshold changes no ranking, so AUROC-type figures (what the gate compares) do not move; accuracy,
+precision and false-alarm rate at the threshold do, and the gate's report shows them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+
+from adreg.data import CategoryData
+from adreg.errors import DataError
+from adreg.evaluation import evaluate
+from adreg.registry import lifecycle, lineage, manifest, tracking, versions
+from adreg.registry.labels import ProductionSet, production_set
+from adreg.registry.resolve import load_detector, model_version, resolve
+from adreg.registry.update import UpdateResult, parent_fit_options
+from adreg.thresholds import f1_optimal, target_false_alarm
+
+MIN_DEFECTS = 10
+MIN_GOODS = 20
+
+
+@dataclass
+class ThresholdOutcome:
+    """What ``threshold_from_reviews`` did: the parent and its threshold, the new threshold (rule, details),
+    the production set it rests on, the logged run (and version, gate)."""
+
+    parent_version: str
+    parent_threshold: float
+    threshold: float
+    rule: str
+    details: dict
+    production: ProductionSet
+    logged: tracking.LoggedFit
+    gate: lifecycle.GateReport | None = None
+
+
+def _rates(good: np.ndarray, bad: np.ndarray, value: float) -> dict:
+    tp, fp = int((bad > value).sum()), int((good > value).sum())
+    return {"recall": tp / max(len(bad), 1), "false_alarm_rate": fp / max(len(good), 1),
+            "precision": tp / (tp + fp) if tp + fp else float("nan")}
+
+
+def choose_threshold(good_scores, defect_scores, target_false_alarm_rate: float | None = None):
+    """F1-optimal on the reviewed images, or the lowest threshold meeting a false-alarm rate."""
+    if target_false_alarm_rate is None:
+        return f1_optimal(good_scores, defect_scores)
+    return target_false_alarm(good_scores, defect_scores, target_false_alarm_rate)
+
+
+def threshold_from_reviews(category: str, *, from_alias: str = "production", from_version=None,
+                           target_false_alarm_rate: float | None = None, review_seed: int = 0,
+                           register: bool = True, promote: str | None = None, policy=None, reason: str = "",
+                           device: str = "auto", show_progress: bool = False) -> ThresholdOutcome:
+    """Log (and with ``register`` register; with ``promote`` gate and promote) a copy of the parent version
+    whose threshold is set on the production set. Raises ``DataError`` with fewer than ``MIN_DEFECTS``
+    reviewed defects or ``MIN_GOODS`` reviewed goods on the evaluation side."""
+    t0 = time.perf_counter()
+    ref = resolve(category, from_version, from_alias)
+    prod = production_set(category, seed=review_seed)
+    if prod.n_defective < MIN_DEFECTS or prod.n_good < MIN_GOODS:
+        raise DataError(f"a threshold from the line needs at least {MIN_DEFECTS} reviewed defects and {MIN_GOODS} "
+                        f"reviewed goods on the evaluation side; the {prod.describe()} has {prod.n_defective} and "
+                        f"{prod.n_good}: review more captures (adreg review)")
+    mv = model_version(ref)
+    parent_run = mlflow.MlflowClient().get_run(mv.run_id)
+    detector = load_detector(ref, device)
+    parent_threshold = float(detector.threshold.value)
+    on_line = evaluate(detector, prod.samples, parent_threshold, show_progress)
+    labels = np.array([s.label for s in prod.samples])
+    good, bad = on_line.scores[labels == 0], on_line.scores[labels == 1]
+    new = choose_threshold(good, bad, target_false_alarm_rate)
+    new.details.update({"source": prod.describe(), "production_labels": prod.digest,
+                        "parent_version": ref.version, "parent_threshold": parent_threshold,
+                        "before": _rates(good, bad, parent_threshold), "after": _rates(good, bad, new.value)})
+    detector.threshold = new
+
+    eval_samples, eval_source = lifecycle.logged_eval_set(category, ref.version, required=False)
+    evaluation = evaluate(detector, eval_samples, new.value, show_progress) if eval_samples else None
+    entries = [dict(e) for e in lineage.run_manifest(mv.run_id)["images"]]
+    training = manifest.training(entries)
+    params = parent_run.data.params
+    opts = parent_fit_options(category, detector, params, len(training), device,
+                              threshold_quantile=float(params.get("threshold_quantile", 0.99)))
+    calibration = [{"path": str(s.path), "label": int(s.label), "score": float(v), "origin": "reviewed"}
+                   for s, v in zip(prod.samples, on_line.scores)]
+    result = UpdateResult(
+        options=opts, detector=detector, data=CategoryData(train=[e["path"] for e in training],
+                                                           test=list(eval_samples), source=eval_source),
+        shots=[e["path"] for e in training], calibration_source=prod.describe(), evaluation=evaluation,
+        calibration=calibration, parent_model=ref.name, parent_version=ref.version, parent_run_id=mv.run_id,
+        parent_threshold=parent_threshold, parent_metrics=dict(parent_run.data.metrics),
+        method_report={"method": detector.method.name, "what": "threshold set on the production set"},
+        manifest_entries=entries, n_parent_training=len(training), seconds=time.perf_counter() - t0)
+    what = (f"threshold {parent_threshold:.4g} -> {new.value:.4g} ({new.rule} on the {prod.describe()})")
+    logged = tracking.log_fit(result, run_name=f"threshold-{category}-v{ref.version}",
+                              lineage={"parent_model": ref.name, "parent_version": ref.version,
+                                       "parent_run_id": mv.run_id, "report": {"threshold": new.details, "what": what},
+                                       "what": what, "threshold_rule": new.rule, "production_labels": prod.digest})
+    out = ThresholdOutcome(ref.version, parent_threshold, new.value, new.rule, new.details, prod, logged)
+    if register or promote:
+        logged.version = versions.register(
+            logged.model_uri, logged.run_id, category, result.metrics(),
+            tags={"adreg.lineage": "threshold", "adreg.parent.version": ref.version,
+                  "adreg.parent.run_id": mv.run_id, "adreg.threshold_rule": new.rule,
+                  "adreg.production_labels": prod.digest},
+            description=f"{ref.name} version {ref.version} with its {what}, by `adreg threshold --from-reviews`")
+        logged.registered_name = ref.name
+        if promote:
+            promo, gate = lifecycle.promote_gated(category, logged.version, promote, policy,
+                                                  reason=reason or f"threshold from the line of version {ref.version}",
+                                                  device=device, candidate_eval=evaluation)
+            logged.promoted = promo is not None
+            out.gate = gate
+    return out
