@@ -214,7 +214,7 @@ def rollback(category: str, alias: str = "production", reason: str = "", trackin
 
 def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: bool = False, review_seed: int = 0,
            from_alias: str = "production", from_version=None,
-           include_suspects: bool = False, holdout: int = 20, min_calibration: int = 20, seed: int = 0,
+           include_suspects: bool = False, holdout: int | None = None, min_calibration: int = 20, seed: int = 0,
            register: bool = False, promote: str | None = None, reason: str = "", policy=None,
            device: str = "auto", tracking_uri: str | None = None, show_progress: bool = True):
     """Grow a registered version with more good images into a new run (and version, with ``register``).
@@ -226,7 +226,9 @@ def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: b
 
     ``from_reviews``: also grow with the reviewed goods on the grow side of the production set's seeded split
     (``review_seed``; false alarms included: a person confirmed them, so the guard does not hold them out;
-    the other reviewed goods stay for evaluation), the labels' digest recorded in the lineage.
+    the other reviewed goods stay for evaluation), the labels' digest recorded in the lineage. ``holdout``
+    defaults to 20 new goods, and to 0 with ``from_reviews`` alone: every reviewed good is learned from and the
+    threshold is recalibrated on the parent's calibration images (``adreg threshold`` sets it from the line).
 
     Returns:
         ``adreg.registry.update.UpdateOutcome`` (``result``: what was added, skipped, held out; ``logged``:
@@ -253,6 +255,8 @@ def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: b
                  "review_goods": len(prod.grow)}
     elif not folders:
         raise DataError("give at least one --add-good folder of good images, or --from-reviews")
+    if holdout is None:
+        holdout = 0 if from_reviews and not folders else 20
     opts = UpdateOptions(category=category, add_good=[str(f) for f in folders], add_files=files,
                          lineage_extra=extra, from_alias=from_alias,
                          from_version=from_version, include_suspects=include_suspects, holdout=holdout,

@@ -173,3 +173,44 @@ def test_wrong_password_and_anonymous_are_refused(auth_server, capsys):
     assert code == 1 and "adreg: error:" in err and "Traceback" not in err
     with pytest.raises(PermissionDenied, match="refused the login of user 'editor'"):
         governance.identity()
+
+
+def test_the_review_page_asks_for_the_store_login_and_labels_as_that_user(auth_server, editor_version, tmp_path,
+                                                                          bottle_dir):
+    """The review app over the authenticated server: a login is required and checked by the server; a label
+    is recorded as the logged-in user (EDIT needed: a reader is refused, one line); a forged name is refused."""
+    import shutil
+
+    from adreg.integrity import sha256_file
+    from adreg.registry import labels
+    from adreg.review.app import build_app
+    from tests.test_review_app import serve
+
+    day = tmp_path / "bottle" / "flagged" / "20261201"
+    day.mkdir(parents=True)
+    img = day / f"120000-000000-v{editor_version}-0001.png"
+    shutil.copyfile(bottle_dir / "test" / "broken_large" / "000.png", img)
+    img.with_suffix(".json").write_text(json.dumps({"score": 1.0, "threshold": 0.5, "is_anomaly": True,
+                                                    "model": "adreg-bottle", "version": editor_version}))
+    rel = img.relative_to(tmp_path / "bottle").as_posix()
+    body = {"category": "bottle", "rel": rel, "verdict": "defect", "sha256": sha256_file(img), "reviewer": "mallory"}
+    login(auth_server, "admin")  # an editor's role covers the category's review experiment once granted
+    governance.grant("bottle", "editor", "EDIT")
+    login(auth_server, "editor")
+    app = build_app(["bottle"], tmp_path, tracking_uri=auth_server["url"])
+    with serve(app) as url:
+        assert requests.get(url + "/", timeout=30).status_code == 401
+        assert requests.get(url + "/api/status", auth=("editor", "wrong-password-000000"), timeout=60).status_code == 401
+        editor = ("editor", USERS["editor"])
+        r = requests.get(url + "/api/status", auth=editor, timeout=60)
+        assert r.status_code == 200 and r.json()["user"] == "editor"
+        r = requests.post(url + "/api/label", json=body, auth=("reader", USERS["reader"]), timeout=120)
+        assert r.status_code == 403 and "needs EDIT" in r.text
+        r = requests.post(url + "/api/label", json=body, auth=editor, timeout=120)
+        assert r.status_code == 200, r.text
+    login(auth_server, "editor")
+    got = [lab for lab in labels.read_labels("bottle") if lab.sha256 == body["sha256"]]
+    assert [(lab.user, lab.identity, lab.verdict) for lab in got] == [("editor", governance.AUTHENTICATED, "defect")]
+    run = mlflow.MlflowClient().create_run(labels.reviews_experiment_id("bottle"))
+    with pytest.raises(mlflow.exceptions.MlflowException, match="authenticated user"):
+        mlflow.MlflowClient().log_param(run.info.run_id, "user", "manager")

@@ -15,6 +15,7 @@ LAYERS = {
     "adreg.detector": 2, "adreg.evaluation": 2, "adreg.fitting": 2, "adreg.feature_cache": 2, "adreg.reports": 2,
     "adreg.store": 3, "adreg.pyfunc": 4, "adreg.registry": 5,
     "adreg.batch": 6, "adreg.monitoring": 6, "adreg.server": 6, "adreg.evaluator": 6, "adreg.api": 7, "adreg.cli": 8,
+    "adreg.review": 6,
 }
 
 

@@ -240,8 +240,9 @@ def _add_update_commands(sub) -> None:
     which.add_argument("--from-version", help="grow this version instead")
     p.add_argument("--include-suspects", action="store_true",
                    help="also learn from new images the parent scores above its threshold (held out by default)")
-    p.add_argument("--holdout", type=int, default=20,
-                   help="new good images held out to recalibrate the threshold (at most half; default 20)")
+    p.add_argument("--holdout", type=int,
+                   help="new good images held out to recalibrate the threshold (at most half; default 20, and 0 "
+                        "with --from-reviews alone: the parent's calibration images recalibrate it)")
     p.add_argument("--min-calibration", type=int, default=20,
                    help="below this many held-out new goods the parent's calibration images join (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")

@@ -8,9 +8,9 @@ creator of a registered model its MANAGEr. This app (entry point ``mlflow.app: a
 * the creator of an ``adreg-*`` registered model or experiment gets EDIT, not MANAGE (a category's
   managers are named by an admin with ``adreg grant CATEGORY USER MANAGE``), so registering the first
   version of a category does not make an editor its production manager;
-* a lifecycle event run (experiment ``adreg-<category>/lifecycle``) may only record the authenticated
-  user as its ``user`` param, with identity kind ``authenticated``: the audit trail cannot be signed
-  with someone else's name.
+* a lifecycle event run (experiment ``adreg-<category>/lifecycle``) and a review label run
+  (``adreg-<category>/reviews``) may only record the authenticated user as its ``user`` param, with identity
+  kind ``authenticated``: the audit trail and the labels cannot be signed with someone else's name.
 
 Configured like basic-auth (``MLFLOW_AUTH_CONFIG_PATH`` ini, ``MLFLOW_FLASK_SERVER_SECRET_KEY``); run it
 with one worker or with a secret key shared by the workers.
@@ -28,6 +28,7 @@ from mlflow.server import auth
 PROTECTED_ALIASES = ("production",)
 PREFIX = "adreg-"
 LIFECYCLE_SUFFIX = "/lifecycle"
+REVIEWS_SUFFIX = "/reviews"
 AUTHENTICATED = "authenticated"
 _log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _lifecycle_run(run_id: str) -> bool:
         exp = store.get_experiment(store.get_run(run_id).info.experiment_id)
     except Exception:  # noqa: BLE001 - unknown run: the handler answers that
         return False
-    return exp.name.startswith(PREFIX) and exp.name.endswith(LIFECYCLE_SUFFIX)
+    return exp.name.startswith(PREFIX) and exp.name.endswith((LIFECYCLE_SUFFIX, REVIEWS_SUFFIX))
 
 
 def _guard_event_identity():
@@ -90,7 +91,7 @@ def _guard_event_identity():
     run_id = body.get("run_id") or body.get("run_uuid")
     if not run_id or not _lifecycle_run(run_id):
         return None
-    return _forbidden(f"a lifecycle event may only record the authenticated user: param {bad[0]['key']!r} must be "
+    return _forbidden(f"a lifecycle event or review label may only record the authenticated user: param {bad[0]['key']!r} must be "
                       f"{wanted[bad[0]['key']]!r}")
 
 

@@ -152,6 +152,10 @@ def grant(category: str, user: str, level: str) -> list[dict]:
         if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
             raise store.translate(exc, f"reading {name}") or exc from exc
         raise NotFoundError(f"unknown category {category!r}: register a version first (adreg fit --register)") from None
+    if not ident.is_admin and RANK.get(permission("registered_model", name) or "", 0) < RANK["MANAGE"]:
+        # refused before anything is touched: creating a missing experiment here would make this user its owner
+        raise PermissionDenied(f"granting permissions on {name} needs an admin (or MANAGE on it); "
+                               f"user {ident.user!r} is neither")
     targets = [("registered_model", name, level, name)]
     for exp_name in (fit_experiment_name(category), lifecycle_experiment_name(category),
                      reviews_experiment_name(category)):

@@ -186,9 +186,12 @@ def _write(label: Label, image: Path, png: bytes | None) -> Label:
             if png is not None:
                 (Path(tmp) / MASK_ARTIFACT).write_bytes(png)
                 client.log_artifact(run.info.run_id, str(Path(tmp) / MASK_ARTIFACT))
-        record = {k: v for k, v in label.as_dict().items() if k not in ("run_id", "image_artifact", "category")}
+        record = {k: v for k, v in label.as_dict().items()
+                  if k not in ("run_id", "image_artifact", "category", "user", "identity")}
         record["image_artifact"] = "" if label.verdict == "skip" else "image" + image.suffix.lower()
-        client.log_batch(run.info.run_id, params=[Param("record", json.dumps(record, sort_keys=True))],
+        # who, as params of their own: the adreg-auth server lets a review run record only the authenticated user
+        client.log_batch(run.info.run_id, params=[Param("user", label.user), Param("identity", label.identity),
+                                                  Param("record", json.dumps(record, sort_keys=True))],
                          tags=[RunTag("mlflow.note.content", f"{label.user} labelled {Path(label.path).name} "
                                                              f"{label.verdict} at {label.at}")])
         with contextlib.redirect_stdout(sys.stderr):  # MLflow prints the run's URL; stdout may carry --json
@@ -201,6 +204,7 @@ def _write(label: Label, image: Path, png: bytes | None) -> Label:
 def _run_label(category: str, run) -> Label | None:
     try:
         record = json.loads(run.data.params["record"])
+        record.update(user=run.data.params["user"], identity=run.data.params["identity"])
     except (KeyError, ValueError):
         return None  # a run whose record never arrived (writer died): no label
     fields = set(Label.__dataclass_fields__)
