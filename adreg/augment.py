@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from PIL import Image, ImageEnhance
 
@@ -52,6 +52,36 @@ def augment_once(img: Image.Image, kinds: Sequence[str], rng: random.Random) -> 
             for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
                 out = enhancer(out).enhance(rng.uniform(0.8, 1.2))
     return out
+
+
+def adaptive_copies(aug_count: int, aug_views: int, n_real: int) -> int:
+    """Synthetic copies per real good when the model holds ``n_real`` real goods: ``aug_count``, cut so
+    that real goods plus copies stay near ``aug_views`` views once there are many real goods,
+    ``min(aug_count, max(0, ceil(aug_views / n_real) - 1))``; ``aug_views`` 0 = always ``aug_count``.
+
+    Many real goods need few synthetic copies: on MTD (RAD) 0, 1 or 3 flip copies per added good give the
+    same AUROC from 64 goods on, while every copy costs a full backbone pass (docs/benchmarks/growth.md)."""
+    if aug_count < 0 or aug_views < 0:
+        raise ConfigError(f"aug_count and aug_views must be >= 0, got {aug_count} and {aug_views}")
+    if not aug_views or n_real < 1:
+        return aug_count
+    return min(aug_count, max(0, math.ceil(aug_views / n_real) - 1))
+
+
+def iter_views(images: Iterable, kinds: Sequence[str], aug_count: int, seed: int,
+               decode: Callable = lambda x: x) -> Iterator[Image.Image]:
+    """Each image (``decode``d from whatever ``images`` holds, one at a time), then its ``aug_count``
+    augmented copies: the views ``augment_shots`` makes, from the same random draws, image by image, so
+    a caller can extract and forget them in chunks (only one decoded image is held at a time)."""
+    if aug_count < 0:
+        raise ConfigError(f"aug_count must be >= 0, got {aug_count}")
+    rng = random.Random(seed)
+    for item in images:
+        img = decode(item)
+        yield img
+        if kinds and aug_count:
+            for _ in range(aug_count):
+                yield augment_once(img, kinds, rng)
 
 
 def augment_shots(images: Sequence[Image.Image], kinds: Sequence[str], aug_count: int, seed: int) -> list[Image.Image]:

@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,11 +19,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import adreg
-from adreg.augment import augment_shots, parse_augmentations
+from adreg.augment import adaptive_copies, augment_shots, iter_views, parse_augmentations
 from adreg.backbones import Backbone, build_backbone
 from adreg.backbones.export import EXPORT_DIR, ExportedBackbone, resolve_runtime
 from adreg import integrity
 from adreg.errors import ConfigError
+from adreg.images import load_image
 from adreg.methods import AnomalyMethod, build_method
 from adreg.postprocess import anomaly_maps, image_scores
 from adreg.progress import Bar
@@ -31,6 +32,17 @@ from adreg.thresholds import Threshold
 
 FORMAT_VERSION = 1
 CONFIG_FILE, STATE_FILE, BUNDLED_BACKBONE_DIR = "config.json", "state.safetensors", "backbone"
+#: views augmented, extracted and merged into the method per chunk in ``fit`` / ``update``: peak memory is
+#: the method's state (bank budget) + one chunk of views and features, whatever the number of goods
+CHUNK_VIEWS = 64
+#: default view target of the adaptive augmentation (``adreg.augment.adaptive_copies``): up to 8 shots keep
+#: every copy of the usual settings (bottle rotate x30: 8 x 31 = 248 views), many real goods get few or none
+AUG_VIEWS = 256
+
+
+def decode(item) -> Image.Image:
+    """A PIL image as it is; a path (str or Path) decoded with ``adreg.images.load_image``."""
+    return item if isinstance(item, Image.Image) else load_image(item)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -100,15 +112,20 @@ class AnomalyDetector:
     """Fit on a few good images, score new ones; ``threshold`` is set by calibration (adreg.thresholds)."""
 
     def __init__(self, backbone: Backbone, method: AnomalyMethod, sigma: float = 4.0, top_fraction: float = 0.01,
-                 augment: str | Sequence[str] = "rotate", aug_count: int = 30, seed: int = 0, batch_size: int = 8):
+                 augment: str | Sequence[str] = "rotate", aug_count: int = 30, seed: int = 0, batch_size: int = 8,
+                 aug_views: int = AUG_VIEWS):
+        if int(aug_count) < 0 or int(aug_views) < 0:
+            raise ConfigError(f"aug_count and aug_views must be >= 0, got {aug_count} and {aug_views}")
         self.backbone = backbone
         self.method = method
         self.sigma = float(sigma)
         self.top_fraction = float(top_fraction)
         self.augment = parse_augmentations(augment)
         self.aug_count = int(aug_count)
+        self.aug_views = int(aug_views)
         self.seed = int(seed)
         self.batch_size = int(batch_size)
+        self.chunk_views = CHUNK_VIEWS  # runtime only (not saved): results do not depend on it without a budget
         self.threshold: Threshold | None = None
         self.normal_scores: np.ndarray | None = None  # held-out normal calibration scores, sorted (set by calibration)
         self.fit_info: dict = {}
@@ -130,33 +147,75 @@ class AnomalyDetector:
         """Backbone features of PIL images, ``backbone_batch`` at a time (float32, on the CPU)."""
         return self.backbone.extract(images, self.backbone_batch, progress=progress)
 
-    def fit(self, images: Sequence[Image.Image], show_progress: bool = True) -> "AnomalyDetector":
-        """Augment the shots, extract their features and fit the method."""
+    def aug_copies(self, n_real: int) -> int:
+        """Augmented copies per image when the model will hold ``n_real`` real goods (``adaptive_copies``)."""
+        return adaptive_copies(self.aug_count, self.aug_views, n_real) if self.augment else 0
+
+    def _chunks(self, images: Sequence, copies: int, seed: int, bar, timer: dict) -> Iterator:
+        """Features of the views of ``images`` (decoded one at a time, each followed by its ``copies``
+        augmented copies), ``chunk_views`` views per chunk; extraction seconds add up in ``timer``."""
+        views = []
+
+        def flush():
+            t0 = time.perf_counter()
+            feats = self.extract(views, progress=bar)
+            timer["seconds"] = timer.get("seconds", 0.0) + time.perf_counter() - t0
+            views.clear()
+            return feats
+
+        for view in iter_views(images, self.augment, copies, seed, decode):
+            views.append(view)
+            if len(views) >= self.chunk_views:
+                yield flush()
+        if views:
+            yield flush()
+
+    def _streams_fit(self) -> bool:
+        """Whether ``fit`` can feed the method chunk by chunk (no CutPaste pairs, no auxiliary dataset)."""
+        return self.method.synthesis is None and not self.method.needs_auxiliary
+
+    def fit(self, images: Sequence, show_progress: bool = True) -> "AnomalyDetector":
+        """Augment the shots (PIL images or paths, decoded lazily), extract their features and fit the method.
+
+        Chunked (``CHUNK_VIEWS`` views at a time through ``AnomalyMethod.fit_chunks``) for every method
+        without CutPaste or an auxiliary dataset, so memory does not grow with the shots; FoundAD and SPG
+        extract all views at once. Copies per shot: ``aug_copies(len(images))``."""
         if not images:
             raise ConfigError("no training images")
         t0 = time.perf_counter()
-        train = augment_shots(images, self.augment, self.aug_count, self.seed)
+        copies = self.aug_copies(len(images))
+        n_views = len(images) * (1 + copies)
         torch.manual_seed(self.seed)
-        bar = Bar(len(train), "features (fit)", show_progress)
-        feats = self.extract(train, progress=bar)
-        bar.close()
-        synthetic = None
-        if self.method.synthesis == "cutpaste":
-            corrupted = synthesize_cutpaste(train, self.seed)
-            bar = Bar(len(corrupted), "features (CutPaste)", show_progress)
-            synthetic = self.extract(corrupted, progress=bar)
+        if self._streams_fit():
+            timer: dict = {}
+            bar = Bar(n_views, f"fitting {self.method.name}", show_progress, unit="view")
+            self.method.to(self.backbone.device).fit_chunks(self._chunks(images, copies, self.seed, bar, timer))
             bar.close()
-        auxiliary = None
-        if self.method.needs_auxiliary:
-            auxiliary = load_auxiliary(self.method.params["aux"], self.backbone, self.batch_size, show_progress)
-        t1 = time.perf_counter()
-        bar = Bar(self.method.progress_units(len(train)), f"fitting {self.method.name}", show_progress)
-        self.method.to(self.backbone.device).fit(feats, progress=bar, synthetic=synthetic, auxiliary=auxiliary)
-        bar.close()
-        self.method.to(self.backbone.device)  # state computed on the CPU (e.g. PCA) joins the backbone
-        t2 = time.perf_counter()
-        self.fit_info = {"n_shots": len(images), "n_train_images": len(train), "feature_seconds": t1 - t0,
-                         "method_fit_seconds": t2 - t1, "fit_seconds": t2 - t0}
+            self.method.to(self.backbone.device)
+            t2 = time.perf_counter()
+            t1 = t0 + timer.get("seconds", 0.0)
+        else:
+            train = augment_shots([decode(i) for i in images], self.augment, copies, self.seed)
+            bar = Bar(len(train), "features (fit)", show_progress)
+            feats = self.extract(train, progress=bar)
+            bar.close()
+            synthetic = None
+            if self.method.synthesis == "cutpaste":
+                corrupted = synthesize_cutpaste(train, self.seed)
+                bar = Bar(len(corrupted), "features (CutPaste)", show_progress)
+                synthetic = self.extract(corrupted, progress=bar)
+                bar.close()
+            auxiliary = None
+            if self.method.needs_auxiliary:
+                auxiliary = load_auxiliary(self.method.params["aux"], self.backbone, self.batch_size, show_progress)
+            t1 = time.perf_counter()
+            bar = Bar(self.method.progress_units(len(train)), f"fitting {self.method.name}", show_progress)
+            self.method.to(self.backbone.device).fit(feats, progress=bar, synthetic=synthetic, auxiliary=auxiliary)
+            bar.close()
+            self.method.to(self.backbone.device)  # state computed on the CPU (e.g. PCA) joins the backbone
+            t2 = time.perf_counter()
+        self.fit_info = {"n_shots": len(images), "n_train_images": n_views, "aug_copies": copies,
+                         "feature_seconds": t1 - t0, "method_fit_seconds": t2 - t1, "fit_seconds": t2 - t0}
         return self
 
     def update_seed(self) -> int:
@@ -164,49 +223,61 @@ class AnomalyDetector:
         every earlier update's, since the number of images seen so far only grows."""
         return self.seed + 1_000_003 * int(self.fit_info.get("n_shots", 0))
 
-    def update(self, images: Sequence[Image.Image], show_progress: bool = True) -> dict:
-        """Grow the fitted model with more good images: augment them with this detector's own settings (a
-        seed of their own, see ``update_seed``), extract their features (+ CutPaste views when the method
-        needs them) and let the method grow its state (``AnomalyMethod.update``). The threshold is NOT
-        recalibrated here. Returns the method's report with ``n_images`` and ``seconds`` added."""
+    def update(self, images: Sequence, show_progress: bool = True) -> dict:
+        """Grow the fitted model with more good images (PIL images or paths, decoded lazily): augment them
+        with this detector's own settings (a seed of their own, see ``update_seed``; copies per image
+        ``aug_copies(goods so far + new)``, so many real goods get few synthetic copies), extract their
+        features and let the method grow its state chunk by chunk (``AnomalyMethod.update_chunks``;
+        ``CHUNK_VIEWS`` views per chunk: memory = the method's state + one chunk, time per good flat).
+        CutPaste methods (FoundAD) extract all new views and their CutPaste views at once. The threshold
+        is NOT recalibrated here. Returns the method's report with ``n_images``, ``n_views``,
+        ``aug_copies`` and ``seconds`` added."""
         if not images:
             raise ConfigError("no images to update with")
         if not self.method.is_fitted:
             raise ConfigError("cannot update a detector that is not fitted; fit it first")
         t0 = time.perf_counter()
         seed = self.update_seed()
-        train = augment_shots(images, self.augment, self.aug_count, seed)
+        copies = self.aug_copies(int(self.fit_info.get("n_shots", 0)) + len(images))
+        n_views = len(images) * (1 + copies)
         torch.manual_seed(seed)
-        bar = Bar(len(train), "features (update)", show_progress)
-        feats = self.extract(train, progress=bar)
-        bar.close()
-        synthetic = None
-        if self.method.synthesis == "cutpaste":
+        if self.method.synthesis is None:
+            timer: dict = {}
+            bar = Bar(n_views, f"updating {self.method.name}", show_progress, unit="view")
+            report = self.method.to(self.backbone.device).update_chunks(
+                self._chunks(images, copies, seed, bar, timer))
+            bar.close()
+            t1 = t0 + timer.get("seconds", 0.0)
+        else:
+            train = augment_shots([decode(i) for i in images], self.augment, copies, seed)
+            bar = Bar(len(train), "features (update)", show_progress)
+            feats = self.extract(train, progress=bar)
+            bar.close()
             corrupted = synthesize_cutpaste(train, seed)
             bar = Bar(len(corrupted), "features (CutPaste)", show_progress)
             synthetic = self.extract(corrupted, progress=bar)
             bar.close()
-        t1 = time.perf_counter()
-        bar = Bar(self.method.update_progress_units(len(train)), f"updating {self.method.name}", show_progress)
-        report = self.method.to(self.backbone.device).update(feats, progress=bar, synthetic=synthetic)
-        bar.close()
+            t1 = time.perf_counter()
+            bar = Bar(self.method.update_progress_units(len(train)), f"updating {self.method.name}", show_progress)
+            report = self.method.to(self.backbone.device).update(feats, progress=bar, synthetic=synthetic)
+            bar.close()
         self.method.to(self.backbone.device)
         t2 = time.perf_counter()
         info = self.fit_info
         info["n_shots"] = int(info.get("n_shots", 0)) + len(images)
-        info["n_train_images"] = int(info.get("n_train_images", 0)) + len(train)
+        info["n_train_images"] = int(info.get("n_train_images", 0)) + n_views
         info["n_updates"] = int(info.get("n_updates", 0)) + 1
         info.update({"update_seconds": t2 - t0, "update_feature_seconds": t1 - t0,
-                     "update_method_seconds": t2 - t1, "update_seed": seed})
-        return {**report, "n_images": len(images), "n_views": len(train), "seconds": t2 - t0}
+                     "update_method_seconds": t2 - t1, "update_seed": seed, "update_aug_copies": copies})
+        return {**report, "n_images": len(images), "n_views": n_views, "aug_copies": copies, "seconds": t2 - t0}
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[Image.Image], show_progress: bool = False) -> Prediction:
-        """Scores and smoothed maps for PIL images, in batches."""
+    def predict(self, images: Sequence, show_progress: bool = False) -> Prediction:
+        """Scores and smoothed maps for PIL images or image paths (decoded a batch at a time), in batches."""
         parts = []
         bar = Bar(len(images), "scoring", show_progress)
         for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
+            chunk = [decode(i) for i in images[start:start + self.batch_size]]
             parts.append(self.predict_features(self.extract(chunk)))
             bar(len(chunk))
         bar.close()
@@ -253,7 +324,7 @@ class AnomalyDetector:
             "backbone": self.backbone.spec(),
             "postprocess": {"sigma": self.sigma, "top_fraction": self.top_fraction},
             "augmentation": {"augment": list(self.augment) or ["none"], "aug_count": self.aug_count,
-                             "seed": self.seed},
+                             "aug_views": self.aug_views, "seed": self.seed},
             "batch_size": self.batch_size,
             "threshold": None if self.threshold is None else vars(self.threshold),
             "normal_scores": None if self.normal_scores is None else [float(v) for v in self.normal_scores],
@@ -315,7 +386,7 @@ class AnomalyDetector:
         method.load_state_tensors(load_file(str(directory / STATE_FILE)))
         aug = cfg["augmentation"]
         det = cls(backbone, method, augment=aug["augment"], aug_count=aug["aug_count"], seed=aug["seed"],
-                  batch_size=cfg.get("batch_size", 8), **cfg["postprocess"])
+                  aug_views=aug["aug_views"], batch_size=cfg.get("batch_size", 8), **cfg["postprocess"])
         if bundled:
             det._bundled_backbone = directory / BUNDLED_BACKBONE_DIR
         if (directory / EXPORT_DIR).is_dir():

@@ -19,10 +19,9 @@ import torch
 
 from adreg.backbones import DEFAULT_BACKBONE, build_backbone
 from adreg.data import CategoryData, default_category_dir, resolve_dataset, split_shots
-from adreg.detector import AnomalyDetector, resolve_device
+from adreg.detector import AUG_VIEWS, AnomalyDetector, resolve_device
 from adreg.errors import ConfigError, DataError
 from adreg.evaluation import EvalResult, evaluate, score_samples
-from adreg.images import load_image
 from adreg.methods import build_method
 from adreg.names import ROUTER, check_category
 from adreg.thresholds import calibrate
@@ -47,6 +46,7 @@ class FitOptions:
     precision: str = "fp32"
     augment: str = "rotate"
     aug_count: int = 30
+    aug_views: int = AUG_VIEWS  # adaptive augmentation: copies per good = min(aug_count, ceil(aug_views / goods) - 1)
     sigma: float = 4.0
     top_fraction: float | None = None  # None: the method's default (mean of top 1%, or max for SPG)
     threshold_quantile: float = 0.99
@@ -120,8 +120,8 @@ def fit_category(opts: FitOptions, show_progress: bool = True, backbone=None) ->
             raise ConfigError(f"{opts.method} is zero-shot: its auxiliary dataset must not be the target category")
     detector = AnomalyDetector(backbone, method, sigma=opts.sigma, top_fraction=opts.top_fraction,
                                augment=opts.augment, aug_count=opts.aug_count, seed=opts.seed,
-                               batch_size=opts.batch_size)
-    detector.fit([load_image(p) for p in shots], show_progress=show_progress)
+                               batch_size=opts.batch_size, aug_views=opts.aug_views)
+    detector.fit(list(shots), show_progress=show_progress)  # paths: decoded a chunk at a time
 
     if data.val:
         source = "validation folder"
@@ -129,7 +129,7 @@ def fit_category(opts: FitOptions, show_progress: bool = True, backbone=None) ->
         calibration = [{"path": str(x.path), "label": int(x.label), "score": float(s)} for s, x in zip(scores, data.val)]
     elif held_out:
         source = f"{len(held_out)} held-out good training images"
-        scores = detector.predict([load_image(p) for p in held_out], show_progress=show_progress).scores
+        scores = detector.predict(list(held_out), show_progress=show_progress).scores
         calibration = [{"path": str(p), "label": 0, "score": float(s)} for p, s in zip(held_out, scores)]
     else:
         raise DataError(f"no validation images: all {len(data.train)} training images are shots; "
@@ -162,12 +162,15 @@ class GrowResult:
     evaluation: EvalResult | None
 
 
-def grow_detector(detector: AnomalyDetector, images: list, paths: list[Path], *, include_suspects: bool = False,
+def grow_detector(detector: AnomalyDetector, paths: list[Path], *, include_suspects: bool = False,
                   holdout: int = 20, min_calibration: int = 20, seed: int = 0,
                   parent_calibration: list[dict] = (), parent_label: str = "the parent",
                   threshold_quantile: float = 0.99, eval_samples: list | None = None,
                   show_progress: bool = True) -> GrowResult:
-    """Grow a fitted, calibrated ``detector`` (in place) with new good ``images`` (decoded, ``paths`` beside).
+    """Grow a fitted, calibrated ``detector`` (in place) with the new good images at ``paths``.
+
+    Images are decoded lazily, a batch (scoring) or a chunk (learning) at a time, never all at once, so
+    memory is bounded by the model, a chunk and the evaluation set, not by the number of new goods.
 
     * contamination guard: images the detector itself scores above its threshold are suspects, held out
       unless ``include_suspects``;
@@ -180,24 +183,27 @@ def grow_detector(detector: AnomalyDetector, images: list, paths: list[Path], *,
     Raises ``DataError`` when nothing is left to learn from or to calibrate on."""
     if detector.threshold is None:
         raise ConfigError("the detector has no calibrated threshold; refit it")
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise DataError("no new images to grow with; nothing registered")
     parent_threshold = float(detector.threshold.value)
-    parent_scores = detector.predict(images, show_progress=show_progress).scores
+    parent_scores = detector.predict(paths, show_progress=show_progress).scores
     suspects = [{"path": str(p), "score": float(s)} for p, s in zip(paths, parent_scores) if s > parent_threshold]
     keep = [i for i, s in enumerate(parent_scores) if include_suspects or s <= parent_threshold]
     if not keep:
-        raise DataError(f"all {len(images)} new image(s) score above {parent_label}'s threshold "
+        raise DataError(f"all {len(paths)} new image(s) score above {parent_label}'s threshold "
                         f"{parent_threshold:.4g} (suspected defects); check them, or pass --include-suspects "
                         "to take them in; nothing registered")
     order = list(keep)
     random.Random(seed).shuffle(order)
     n_cal = min(max(holdout, 0), len(order) // 2)
     cal_idx, train_idx = sorted(order[:n_cal]), sorted(order[n_cal:])
-    method_report = detector.update([images[i] for i in train_idx], show_progress=show_progress)
+    method_report = detector.update([paths[i] for i in train_idx], show_progress=show_progress)
 
     q = float(detector.threshold.details.get("q") or threshold_quantile)
     calibration: list[dict] = []
     if cal_idx:
-        scores = detector.predict([images[i] for i in cal_idx], show_progress=show_progress).scores
+        scores = detector.predict([paths[i] for i in cal_idx], show_progress=show_progress).scores
         calibration = [{"path": str(paths[i]), "label": 0, "score": float(s), "origin": "held-out new good"}
                        for i, s in zip(cal_idx, scores)]
     n_new_cal = len(calibration)
@@ -208,7 +214,7 @@ def grow_detector(detector: AnomalyDetector, images: list, paths: list[Path], *,
         refs = [r for r in parent_calibration if r["path"] not in learned and Path(r["path"]).is_file()
                 and (rule == "f1_optimal" or int(r["label"]) == 0)]
         if refs:
-            scores = detector.predict([load_image(r["path"]) for r in refs], show_progress=show_progress).scores
+            scores = detector.predict([Path(r["path"]) for r in refs], show_progress=show_progress).scores
             calibration += [{"path": r["path"], "label": int(r["label"]), "score": float(s),
                              "origin": f"{parent_label} calibration"} for r, s in zip(refs, scores)]
             used_parent = len(refs)

@@ -12,12 +12,13 @@ def progress_enabled() -> bool:
 class Bar:
     """A tqdm bar when progress is on, a no-op otherwise (serving never prints bars)."""
 
-    def __init__(self, total: int, desc: str, show: bool):
+    def __init__(self, total: int, desc: str, show: bool, unit: str = "img"):
+        """``total`` units (tqdm shows the rate and the ETA from it); ``unit`` names them (img, view)."""
         self.bar = None
         if show and progress_enabled():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="img", leave=False)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False)
 
     def __call__(self, n: int, **postfix) -> None:
         if self.bar is not None:

@@ -8,7 +8,7 @@ plus its JSON hyper-parameters, so a saved method can be rebuilt exactly in anot
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Iterable
 
 import torch
 
@@ -30,6 +30,9 @@ class AnomalyMethod(ABC):
     needs_auxiliary: ClassVar[bool] = False
     #: image score = mean of this top fraction of map pixels (0 = the maximum)
     default_top_fraction: ClassVar[float] = 0.01
+    #: True when ``fit_chunks`` / ``update_chunks`` absorb the features one chunk at a time (memory bounded
+    #: by the fitted state plus one chunk, whatever the number of views); False: they concatenate them
+    streams: ClassVar[bool] = False
 
     def __init__(self, **params):
         self.params = dict(params)
@@ -66,6 +69,16 @@ class AnomalyMethod(ABC):
         Returns a report for the user: ``{"method": name, "what": "<one sentence saying what the update
         did>", ...numbers}`` (e.g. ``bank_patches_before``/``bank_patches_after``, ``n_images_total``).
         Raises ``ConfigError`` when the fitted state cannot be grown (e.g. saved before incremental updates)."""
+
+    def fit_chunks(self, chunks: Iterable[Features], progress=None) -> "AnomalyMethod":
+        """Fit on features that arrive in chunks (``AnomalyDetector.fit`` extracts them so). This default,
+        for a method that needs all views at once (``streams`` False), concatenates them and calls ``fit``."""
+        return self.fit(concat_chunks(chunks), progress=progress)
+
+    def update_chunks(self, chunks: Iterable[Features], progress=None) -> dict:
+        """Grow with features that arrive in chunks (``AnomalyDetector.update``); the report as ``update``'s.
+        This default (``streams`` False) concatenates them and calls ``update``."""
+        return self.update(concat_chunks(chunks), progress=progress)
 
     @abstractmethod
     def score_patches(self, features: Features) -> torch.Tensor:
@@ -106,3 +119,11 @@ class AnomalyMethod(ABC):
         for key, value in self.state_tensors().items():
             setattr(self, key, value.to(self.device))
         return self
+
+
+def concat_chunks(chunks: Iterable[Features]) -> Features:
+    """All chunks as one ``Features``; ``ConfigError`` when there are none."""
+    parts = list(chunks)
+    if not parts:
+        raise ConfigError("no features to learn from")
+    return parts[0] if len(parts) == 1 else Features.cat(parts)

@@ -5,11 +5,17 @@ cosine similarity to the bank. The reference point every other method is compare
 
 The bank holds at most ``bank_budget`` patches (0 = all): when there are more, PatchCore's greedy
 k-center coreset (``adreg.methods.coreset``) keeps the ``bank_budget`` patches that cover all the others
-best, so memory and scoring time stay flat however many good images are added. ``update`` takes the
-union of the kept bank and the new patches and selects the coreset again.
+best, so memory and scoring time stay flat however many good images are added. Fits and updates take
+the views in chunks (``fit_chunks`` / ``update_chunks``, what ``AnomalyDetector`` feeds): the chunks'
+patches are merged with the kept bank and the union is reduced to the budget again (a merge-and-reduce
+coreset), so peak memory is the budget plus one chunk and the time per added view does not grow with the
+bank (new patches are buffered up to 4x the budget per merge: the coreset's cost is set by its budget,
+so fewer, larger merges are cheaper per view). ``coverage_radius`` is the last merge's.
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +27,8 @@ from adreg.methods.coreset import greedy_coreset
 from adreg.methods.subspace import patch_matrix
 
 BANK_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+#: new patches buffered per merge, as a multiple of the bank budget (see ``PatchKNN._merge_stream``)
+MERGE_FACTOR = 4
 
 
 def max_cosine(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -65,6 +73,7 @@ def check_bank_dtype(name: str) -> torch.dtype:
 
 class PatchKNN(AnomalyMethod):
     name = "knn"
+    streams = True
 
     def __init__(self, layer_combine: str = "concat", bank_dtype: str = "fp32", bank_budget: int = 16_384,
                  coreset_dim: int = 64, seed: int = 0):
@@ -92,31 +101,66 @@ class PatchKNN(AnomalyMethod):
         return F.normalize(patch_matrix(features.combined(self.params["layer_combine"]).float()), dim=1)
 
     def fit(self, features: Features, progress=None, synthetic: Features | None = None, auxiliary=None) -> "PatchKNN":
-        patches = self._patches(features)
-        self.bank = self._select(patches, features.grid[0] * features.grid[1])
-        if progress is not None:
-            progress(len(features))
+        return self.fit_chunks([features], progress)
+
+    def fit_chunks(self, chunks: Iterable[Features], progress=None) -> "PatchKNN":
+        """Fit chunk by chunk (see ``_merge_stream``); one chunk is exactly ``fit``. Without a budget the
+        bank is every patch in order, so chunked and one-pass fits are identical."""
+        self.bank, self.coverage_radius = None, None
+        if not self._merge_stream(chunks, progress)[0]:
+            raise ConfigError("no features to fit on")
         self._fitted = True
         return self
 
+    def _merge_stream(self, chunks: Iterable[Features], progress=None) -> tuple[int, int]:
+        """Merge-and-reduce: new patches are buffered until they reach ``MERGE_FACTOR`` x the budget, then
+        merged with the kept bank and the union reduced to the budget again. The coreset's cost is set by
+        the budget (its picks), not by the union, so buffering several chunks per merge keeps the time per
+        added view flat and low, and memory at bank + buffer + one chunk, whatever the goods. Returns
+        (views, patches) absorbed."""
+        budget = self.params["bank_budget"]
+        pending, n_pending, views, patches, group = [], 0, 0, 0, 1
+        for chunk in chunks:
+            new = self._patches(chunk).cpu()
+            width = self.bank.shape[1] if self.bank is not None else (pending[0].shape[1] if pending else None)
+            if width is not None and new.shape[1] != width:
+                raise ConfigError(f"features have {new.shape[1]} channels but the bank has {width}; "
+                                  "use the parent's backbone and layers")
+            pending.append(new)
+            n_pending += new.shape[0]
+            views, patches, group = views + len(chunk), patches + new.shape[0], chunk.grid[0] * chunk.grid[1]
+            if not budget or n_pending >= MERGE_FACTOR * budget:
+                self._merge(pending, group)
+                pending, n_pending = [], 0
+            if progress is not None:
+                progress(len(chunk))
+        if pending:
+            self._merge(pending, group)
+        return views, patches
+
+    def _merge(self, pending: list[torch.Tensor], group_size: int) -> None:
+        """The kept bank + the buffered patches, reduced to the budget (``_select``)."""
+        parts = ([self.bank.float().cpu()] if self.bank is not None else []) + pending
+        self.bank = self._select(torch.cat(parts) if len(parts) > 1 else parts[0], group_size).to(self.device)
+
     def update(self, features: Features, progress=None, synthetic: Features | None = None) -> dict:
+        return self.update_chunks([features], progress)
+
+    def update_chunks(self, chunks: Iterable[Features], progress=None) -> dict:
+        """Grow chunk by chunk (``_merge_stream``): memory = bank + buffer + one chunk; with no budget the
+        same bank as one ``update`` on all the views."""
         self._check_updatable()
-        new = self._patches(features).to(self.bank.device)
-        if new.shape[1] != self.bank.shape[1]:
-            raise ConfigError(f"features have {new.shape[1]} channels but the bank has {self.bank.shape[1]}; "
-                              "use the parent's backbone and layers")
         before = self.bank.shape[0]
-        self.bank = self._select(torch.cat([self.bank.float().cpu(), new.cpu()]),
-                                 features.grid[0] * features.grid[1]).to(self.device)
-        if progress is not None:
-            progress(len(features))
+        views, added = self._merge_stream(chunks, progress)
+        if not views:
+            raise ConfigError("no features to update with")
         budget = self.params["bank_budget"]
         return {"method": self.name,
-                "what": f"added {new.shape[0]} patches of {len(features)} views to the {before}-patch bank and "
-                        + (f"re-selected a greedy coreset of {self.bank.shape[0]} patches (budget {budget})"
-                           if budget else "kept them all (no bank budget)"),
+                "what": f"added {added} patches of {views} views to the {before}-patch bank and "
+                        + (f"kept a greedy coreset of {self.bank.shape[0]} patches (budget {budget}; merged "
+                           "and reduced chunk by chunk)" if budget else "kept them all (no bank budget)"),
                 "bank_patches_before": before, "bank_patches_after": int(self.bank.shape[0]),
-                "patches_added": int(new.shape[0]), "bank_budget": budget,
+                "patches_added": int(added), "bank_budget": budget,
                 "coverage_radius": self.coverage_radius}
 
     def score_patches(self, features: Features) -> torch.Tensor:

@@ -20,8 +20,10 @@ the descriptor is each layer's L2-normalised patch map average-pooled to a ``cor
 compares patches at the same position, so a dropped view must be replaceable by a kept view with a
 similar *layout* (pose, rotation), which a pooled global descriptor cannot tell apart. Dropping whole
 views keeps every kept view intact for the windowed search, and the per-view state (all layers' maps)
-makes the budget a direct memory bound: ``bank_budget`` x bytes per view. ``update`` takes the union
-of the kept views and the new ones and selects again.
+makes the budget a direct memory bound: ``bank_budget`` x bytes per view. Fits and updates take the
+views in chunks (``fit_chunks`` / ``update_chunks``, what ``AnomalyDetector`` feeds): each chunk is merged
+with the kept views and the union is reduced to the budget again (merge-and-reduce), so peak memory is the
+budget plus one chunk and the time per added view stays flat as the bank grows.
 
 Defaults: 256 views stored in float16 (``bank_dtype``; features are L2-normalised, so a cosine moves by
 at most ~5e-4 and the state halves; scoring upcasts only the ``k_image`` retrieved views). Scoring cost
@@ -32,6 +34,8 @@ memory bound: Lite0 at 320 px is ~0.15 MiB (blocks 7+10) to ~0.2 MiB (blocks 4+1
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +70,7 @@ def windowed_max_cosine(query: torch.Tensor, refs: torch.Tensor, radius: int) ->
 
 class RAD(AnomalyMethod):
     name = "rad"
+    streams = True
 
     def __init__(self, k_image: int = 16, radius: int = 1, layer_weights: list[float] | None = None,
                  bank_dtype: str = "fp16", bank_budget: int = 256, coreset_grid: int = 4, coreset_dim: int = 128,
@@ -104,36 +109,60 @@ class RAD(AnomalyMethod):
         self.global_bank = global_bank.to(dtype).contiguous()
 
     def fit(self, features: Features, progress=None, synthetic: Features | None = None, auxiliary=None) -> "RAD":
-        patch_banks = [F.normalize(p.float(), dim=1) for p in features.patches]
-        weights = self.params["layer_weights"] or [1.0] * len(patch_banks)
-        if len(weights) != len(patch_banks):
-            raise ConfigError(f"{len(weights)} layer_weights for {len(patch_banks)} layers")
-        self.weights = torch.tensor(weights, dtype=torch.float32) / sum(weights)
-        self._select(patch_banks, F.normalize(features.globals[-1].float(), dim=1))
-        if progress is not None:
-            progress(len(features))
+        return self.fit_chunks([features], progress)
+
+    def fit_chunks(self, chunks: Iterable[Features], progress=None) -> "RAD":
+        """Fit chunk by chunk (``_absorb``); one chunk is exactly ``fit``; with no budget chunked and
+        one-pass fits keep the same views in the same order."""
+        self.patch_banks, self.global_bank, self.weights = None, None, None
+        views = 0
+        for chunk in chunks:
+            if self.weights is None:
+                weights = self.params["layer_weights"] or [1.0] * len(chunk.patches)
+                if len(weights) != len(chunk.patches):
+                    raise ConfigError(f"{len(weights)} layer_weights for {len(chunk.patches)} layers")
+                self.weights = torch.tensor(weights, dtype=torch.float32) / sum(weights)
+            views += self._absorb(chunk, progress)
+        if not views:
+            raise ConfigError("no features to fit on")
         self._fitted = True
         return self
 
-    def update(self, features: Features, progress=None, synthetic: Features | None = None) -> dict:
-        self._check_updatable()
-        if [p.shape[1:] for p in features.patches] != [b.shape[1:] for b in self.patch_banks]:
-            raise ConfigError("the new features' layers or grid differ from the bank's; use the parent's backbone, "
-                              "layers and image size")
-        before = int(self.global_bank.shape[0])
-        banks = [torch.cat([b.float().cpu(), F.normalize(p.float(), dim=1)])
-                 for b, p in zip(self.patch_banks, features.patches)]
-        glob = torch.cat([self.global_bank.float().cpu(), F.normalize(features.globals[-1].float(), dim=1)])
+    def _absorb(self, features: Features, progress=None) -> int:
+        """Merge one chunk's views into the bank and reduce the union to the budget (merge-and-reduce: the
+        k-center selection runs over the kept views + this chunk only, so its cost per chunk is set by the
+        budget and the chunk size, not by all views ever seen). Returns the chunk's views."""
+        banks = [F.normalize(p.float(), dim=1).cpu() for p in features.patches]
+        glob = F.normalize(features.globals[-1].float(), dim=1).cpu()
+        if self.global_bank is not None:
+            if [p.shape[1:] for p in banks] != [b.shape[1:] for b in self.patch_banks]:
+                raise ConfigError("the new features' layers or grid differ from the bank's; use the parent's "
+                                  "backbone, layers and image size")
+            banks = [torch.cat([b.float().cpu(), p]) for b, p in zip(self.patch_banks, banks)]
+            glob = torch.cat([self.global_bank.float().cpu(), glob])
         self._select(banks, glob)
         self.to(self.device)
         if progress is not None:
             progress(len(features))
+        return len(features)
+
+    def update(self, features: Features, progress=None, synthetic: Features | None = None) -> dict:
+        return self.update_chunks([features], progress)
+
+    def update_chunks(self, chunks: Iterable[Features], progress=None) -> dict:
+        """Grow chunk by chunk (``_absorb``): memory = bank + one chunk."""
+        self._check_updatable()
+        before, views = int(self.global_bank.shape[0]), 0
+        for chunk in chunks:
+            views += self._absorb(chunk, progress)
+        if not views:
+            raise ConfigError("no features to update with")
         budget, after = self.params["bank_budget"], int(self.global_bank.shape[0])
         return {"method": self.name,
-                "what": f"added {len(features)} views to the {before}-view bank and "
-                        + (f"re-selected a greedy k-center coreset of {after} views (budget {budget})"
-                           if budget else "kept them all (no bank budget)"),
-                "bank_views_before": before, "bank_views_after": after, "views_added": len(features),
+                "what": f"added {views} views to the {before}-view bank and "
+                        + (f"kept a greedy k-center coreset of {after} views (budget {budget}; merged chunk by "
+                           "chunk)" if budget else "kept them all (no bank budget)"),
+                "bank_views_before": before, "bank_views_after": after, "views_added": views,
                 "bank_budget": budget, "coverage_radius": self.coverage_radius}
 
     def retrieve(self, features: Features) -> torch.Tensor:

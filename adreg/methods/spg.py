@@ -220,6 +220,18 @@ class SPG(AnomalyMethod):
         self._fitted = True
         return self
 
+    def update_chunks(self, chunks, progress=None) -> dict:
+        """Chunked updates: nothing to merge (see ``update``), so each chunk is counted and dropped; the
+        fit itself does not chunk (it learns from the auxiliary dataset, all at once)."""
+        self._check_updatable()
+        views = 0
+        for chunk in chunks:
+            views += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+        return {"method": self.name, "what": "zero-shot: state unchanged; only the threshold is recalibrated",
+                "state_changed": False, "n_views_seen": views}
+
     def update(self, features: Features, progress=None, synthetic=None) -> dict:
         """Zero-shot: the target's good images are not part of the state (the dictionary, guides and token
         normalisation all come from the auxiliary dataset; ``patch_center='image'`` centres each image on

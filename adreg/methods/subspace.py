@@ -7,6 +7,8 @@ that explain ``pca_ev`` of the variance; a patch's score is its squared reconstr
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from adreg.backbones.base import Features
@@ -51,6 +53,7 @@ class SubspaceAD(AnomalyMethod):
     """
 
     name = "subspace"
+    streams = True  # statistics: the detector feeds chunks, memory = D x D + one chunk
 
     def __init__(self, pca_ev: float = 0.99, layer_combine: str = "concat", chunk_images: int = 16):
         if not 0.0 < pca_ev <= 1.0:
@@ -85,16 +88,34 @@ class SubspaceAD(AnomalyMethod):
         self.explained_variance = float(ratio[k - 1])
 
     def fit(self, features: Features, progress=None, synthetic: Features | None = None, auxiliary=None) -> "SubspaceAD":
-        self.stats = StreamingCovariance(features.combined(self.params["layer_combine"]).shape[1])
-        self._accumulate(self.stats, features, progress)
+        return self.fit_chunks([features], progress)
+
+    def fit_chunks(self, chunks: Iterable[Features], progress=None) -> "SubspaceAD":
+        """Accumulate the statistics chunk by chunk, solve once: equal to a one-pass fit (float64 sums)."""
+        self.stats = None
+        for chunk in chunks:
+            if self.stats is None:
+                self.stats = StreamingCovariance(chunk.combined(self.params["layer_combine"]).shape[1])
+            self._accumulate(self.stats, chunk, progress)
+        if self.stats is None:
+            raise ConfigError("no features to fit on")
         self._solve()
         self._fitted = True
         return self
 
     def update(self, features: Features, progress=None, synthetic: Features | None = None) -> dict:
+        return self.update_chunks([features], progress)
+
+    def update_chunks(self, chunks: Iterable[Features], progress=None) -> dict:
+        """Add the chunks' statistics, then re-solve once: identical to a refit on all images."""
         self._check_updatable()
         before_n, before_k = self.stats.n, int(self.components.shape[1])
-        views, per_view = self._accumulate(self.stats, features, progress)
+        views, per_view = 0, 1
+        for chunk in chunks:
+            n, per_view = self._accumulate(self.stats, chunk, progress)
+            views += n
+        if not views:
+            raise ConfigError("no features to update with")
         self._solve()
         after_k = int(self.components.shape[1])
         return {"method": self.name,

@@ -100,14 +100,31 @@ def resolve_parent(category: str, from_alias: str | None = "production", from_ve
     return ref.version, model_version(ref)
 
 
+def parent_fit_options(category: str, detector, params: dict, n_training: int, device: str, holdout: int = 20,
+                       threshold_quantile: float = 0.99) -> FitOptions:
+    """The ``FitOptions`` a model derived from a parent run is logged with: the parent detector's settings."""
+    spec = detector.backbone.spec()
+    return FitOptions(
+        category=category, method=detector.method.name, train_dir=params.get("train_dir") or None,
+        val_dir=None, test_dir=None, k_shot=n_training, seed=detector.seed, backbone=str(spec.get("name")),
+        layers=spec.get("layers"), image_size=spec.get("image_size"), precision=spec.get("precision", "fp32"),
+        augment=",".join(detector.augment) or "none", aug_count=detector.aug_count, aug_views=detector.aug_views,
+        sigma=detector.sigma,
+        top_fraction=detector.top_fraction, threshold_quantile=threshold_quantile, holdout=holdout,
+        batch_size=detector.batch_size, device=device, method_params=detector.method.get_params())
+
+
 def _read_new_images(folders: list[str], known: dict[str, str], files: list[str] = ()):
-    """(images, paths, hashes, duplicates, unreadable) of the new files: hashed, de-duplicated, decoded."""
+    """(paths, hashes, duplicates, unreadable) of the new files: hashed, de-duplicated, checked to decode.
+
+    Each image is decoded once to check it and dropped: the update decodes them again a chunk at a time
+    (``adreg.fitting.grow_detector``), so memory does not grow with the number of new images."""
     paths = manifest.find_images(folders, "--add-good folder") + [Path(f) for f in files]
     if not paths:
         raise DataError(f"no images found under {', '.join(map(str, folders))} (looked recursively for "
                         "png, jpg, bmp, tif, webp); nothing to add, nothing registered")
     seen = dict(known)
-    images, kept, hashes, duplicates, unreadable = [], [], [], [], []
+    kept, hashes, duplicates, unreadable = [], [], [], []
     for p in paths:
         try:
             digest = sha256_file(p)
@@ -118,15 +135,14 @@ def _read_new_images(folders: list[str], known: dict[str, str], files: list[str]
             duplicates.append({"path": str(p), "duplicate_of": seen[digest]})
             continue
         try:
-            img = load_image(p)
+            load_image(p).close()
         except ImageDecodeError as exc:
             unreadable.append({"path": str(p), "error": str(exc).removeprefix(f"{p}: ")})
             continue
         seen[digest] = str(p)
-        images.append(img)
         kept.append(p)
         hashes.append(digest)
-    return images, kept, hashes, duplicates, unreadable
+    return kept, hashes, duplicates, unreadable
 
 
 def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateResult:
@@ -145,8 +161,8 @@ def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateRes
     # suspect can be taken in later with include_suspects)
     known = {e["sha256"]: e["path"] for e in parent_entries if e.get("sha256")}
 
-    images, paths, hashes, duplicates, unreadable = _read_new_images(opts.add_good, known, opts.add_files)
-    if not images:
+    paths, hashes, duplicates, unreadable = _read_new_images(opts.add_good, known, opts.add_files)
+    if not paths:
         why = []
         if duplicates:
             why.append(f"{len(duplicates)} duplicate(s) of images version {version} already learned from or "
@@ -156,10 +172,10 @@ def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateRes
         raise DataError(f"nothing new to add to {name} version {version}: {' and '.join(why)}; nothing registered")
 
     # the gate compares like with like: the parent's evaluation set (checked before any heavy work)
-    eval_samples, eval_source = lifecycle.logged_eval_set(opts.category, version)
+    eval_samples, eval_source = lifecycle.logged_eval_set(opts.category, version, required=False)
     detector = load_detector(ref, opts.device)
     params = parent_run.data.params
-    grown = grow_detector(detector, images, paths, include_suspects=opts.include_suspects, holdout=opts.holdout,
+    grown = grow_detector(detector, paths, include_suspects=opts.include_suspects, holdout=opts.holdout,
                           min_calibration=opts.min_calibration, seed=opts.seed,
                           parent_calibration=lineage.run_reference(mv.run_id)["images"],
                           parent_label=f"{name} version {version}",
@@ -172,14 +188,8 @@ def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateRes
     entries += [manifest.entry(paths[i], "update", None, sha256=hashes[i]) for i in train_idx]
     entries += [manifest.entry(paths[i], "update", None, sha256=hashes[i], role="calibration") for i in cal_idx]
     training_entries = manifest.training(entries)
-    spec = detector.backbone.spec()
-    fit_opts = FitOptions(
-        category=opts.category, method=detector.method.name, train_dir=params.get("train_dir") or None,
-        val_dir=None, test_dir=None, k_shot=len(training_entries), seed=detector.seed, backbone=str(spec.get("name")),
-        layers=spec.get("layers"), image_size=spec.get("image_size"), precision=spec.get("precision", "fp32"),
-        augment=",".join(detector.augment) or "none", aug_count=detector.aug_count, sigma=detector.sigma,
-        top_fraction=detector.top_fraction, threshold_quantile=grown.threshold_quantile, holdout=opts.holdout,
-        batch_size=detector.batch_size, device=opts.device, method_params=detector.method.get_params())
+    fit_opts = parent_fit_options(opts.category, detector, params, len(training_entries), opts.device,
+                                  holdout=opts.holdout, threshold_quantile=grown.threshold_quantile)
     data = CategoryData(train=[Path(e["path"]) for e in training_entries], test=list(eval_samples),
                         source=eval_source)
     return UpdateResult(

@@ -1,0 +1,283 @@
+"""Growth through the product path: ``adreg.api.fit`` then ``adreg.api.update`` steps, each in its own process.
+
+    python -m pipelines.growth_product --methods rad,knn --steps 64,256,832 --seeds 0 --tall rad \
+        --out bench-results/growth-product --update-docs
+
+MTD (the bundled seeded split): per seed the good training tiles are shuffled; ``adreg.api.fit`` fits
+8 of them (MTD's settings: blocks 7+10, flips x8, top 0.1%; every other setting the product's default),
+registers version 1 in a temporary sqlite store, then every step offers the next goods up to the step's
+count to ``adreg.api.update`` (from the previous version, registered): the product's own guard (images
+the parent scores above its threshold are held out), holdout (20 new goods recalibrate), adaptive
+augmentation and chunked growth, evaluated on the parent's logged evaluation set (the MTD test split).
+The added goods are symlinked into a temporary folder per step.
+
+Tall product (``--tall``): bottle's goods and test images stretched to 500 x 1263 px in a temporary
+folder (MVTec layout, masks too), an 8-shot fit (bottle's defaults: rotate x30, 20 goods held out for
+calibration), then one update with 150 goods.
+
+Every fit and update runs in a child process; its peak RSS is that child's,
+never the parent's (the child's own ``ru_maxrss`` as it ends). Per step: goods offered / learned / held out by the guard, peak RSS and its ratio to
+the 8-shot fit's, the detector's update seconds (augmentation + features + chunked merge,
+``fit_info.update_seconds``) per learned good and per view, image AUROC, evaluation latency per image and
+its ratio to the 8-shot model's. ``--update-docs`` replaces the product-path section of
+docs/benchmarks/growth.md (between its markers), keeping the rest of the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "benchmarks" / "growth.md"
+BEGIN, END = "<!-- growth-product:begin -->", "<!-- growth-product:end -->"
+MTD_SETTINGS = {"augment": "hflip,vflip", "aug_count": 8, "layers": [7, 10], "top_fraction": 0.001}
+TALL_SIZE = (500, 1263)  # width x height
+
+
+# -- the child: one fit or one update through adreg.api ----------------------------------------------------
+def child(spec: dict) -> dict:
+    """Run one ``adreg.api.fit`` or ``adreg.api.update`` as ``spec`` says; what it did, as JSON-able."""
+    import torch
+
+    import adreg.api as api
+
+    torch.set_num_threads(spec.get("threads", 2))
+    if spec["kind"] == "fit":
+        out = api.fit(spec["category"], train_dir=spec["train_dir"], method=spec["method"], k_shot=spec["k_shot"],
+                      seed=spec["seed"], register=True, tracking_uri=spec["uri"], show_progress=False,
+                      device="cpu", **spec.get("settings", {}))
+        m, info = out.metrics, out.detector.fit_info
+        return {"version": out.version, "image_auroc": m.get("image_auroc"), "latency_ms": m["latency_ms_per_image"],
+                "goods_learned": info["n_shots"], "views": info["n_train_images"], "aug_copies": info["aug_copies"],
+                "seconds": info["fit_seconds"],
+                "held_out": 0, "calibration": 0}
+    out = api.update(spec["category"], spec["folders"], from_version=spec["from_version"], register=True,
+                     tracking_uri=spec["uri"], show_progress=False, device="cpu", seed=spec["seed"])
+    r = out.result
+    m, info = r.metrics(), r.detector.fit_info
+    return {"version": out.logged.version, "image_auroc": m.get("image_auroc"),
+            "latency_ms": m["latency_ms_per_image"], "goods_learned": len(r.added), "views": r.method_report["n_views"],
+            "aug_copies": r.method_report["aug_copies"], "seconds": info["update_seconds"],
+            "total_seconds": r.seconds, "held_out": len(r.suspects), "calibration": len(r.calibration_images),
+            "goods_total": info["n_shots"]}
+
+
+def run_child(spec: dict) -> dict:
+    """``child(spec)`` in a fresh process; adds its peak RSS (MiB: that process's own ``ru_maxrss``, read by
+    the child as it ends, so neither the parent nor earlier children count)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.growth_product", "--child", json.dumps(spec)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "ADREG_PROGRESS": "0", "MLFLOW_DISABLE_TELEMETRY": "true"})
+    stdout, stderr = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"child failed ({proc.returncode}): {stderr[-3000:]}")
+    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")][-1]
+    res = json.loads(line[len("RESULT "):])
+    res["peak_rss_mib"] = res.pop("_rss_mib")
+    return res
+
+
+def child_main(spec_json: str) -> None:
+    import resource
+
+    res = child(json.loads(spec_json))
+    res["_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+# -- scenarios -----------------------------------------------------------------------------------------------
+def link_folder(paths: list[Path], folder: Path) -> str:
+    folder.mkdir(parents=True)
+    for p in paths:
+        (folder / p.name).symlink_to(p.resolve())
+    return str(folder)
+
+
+def grow_mtd(method: str, seed: int, steps: list[int], work: Path, log=print) -> list[dict]:
+    """8-shot fit + updates to each of ``steps`` goods offered, on MTD; a row per process."""
+    from adreg.data import default_category_dir, resolve_dataset, split_shots
+
+    root = default_category_dir("mtd")
+    data = resolve_dataset(root)
+    shots, _ = split_shots(data.train, 8, seed, 0)  # what api.fit draws (MTD has a validation split)
+    rest = [p for p in data.train if p not in set(shots)]
+    random.Random(seed).shuffle(rest)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    base = {"category": "mtd", "method": method, "seed": seed, "uri": uri}
+    rows = [{"step": "fit", "goods_offered": 8,
+             **run_child({**base, "kind": "fit", "train_dir": str(root), "k_shot": 8, "settings": MTD_SETTINGS})}]
+    log(rows[-1])
+    offered = 8
+    for target in steps:
+        batch = rest[offered - 8:target - 8]
+        folder = link_folder(batch, work / f"add-{target}")
+        rows.append({"step": f"update to {target}", "goods_offered": target,
+                     **run_child({**base, "kind": "update", "folders": [folder],
+                                  "from_version": rows[-1]["version"]})})
+        log(rows[-1])
+        offered = target
+    return rows
+
+
+def tall_product(folder: Path, n_update: int) -> tuple[Path, list[Path]]:
+    """Bottle stretched to 500 x 1263 px in an MVTec-layout ``folder``; returns it and the update goods."""
+    from PIL import Image
+
+    from adreg.data import default_category_dir
+
+    src = default_category_dir("bottle")
+    goods = sorted((src / "train" / "good").glob("*.png"))
+    fit_goods, update_goods = goods[:len(goods) - n_update], goods[len(goods) - n_update:]
+
+    def put(path: Path, dest: Path, mask: bool = False):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(path).resize(TALL_SIZE, Image.NEAREST if mask else Image.BILINEAR).save(dest)
+
+    for p in fit_goods:
+        put(p, folder / "train" / "good" / p.name)
+    for p in update_goods:
+        put(p, folder / "new" / p.name)
+    for p in (src / "test").rglob("*.png"):
+        put(p, folder / "test" / p.parent.name / p.name)
+    for p in (src / "ground_truth").rglob("*.png"):
+        put(p, folder / "ground_truth" / p.parent.name / p.name, mask=True)
+    return folder, sorted((folder / "new").glob("*.png"))
+
+
+def grow_tall(method: str, seed: int, n_update: int, work: Path, log=print) -> list[dict]:
+    folder, new = tall_product(work / "tall", n_update)
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    base = {"category": "tall", "method": method, "seed": seed, "uri": uri}
+    rows = [{"step": "fit", "goods_offered": 8,
+             **run_child({**base, "kind": "fit", "train_dir": str(folder), "k_shot": 8})}]
+    log(rows[-1])
+    rows.append({"step": f"update +{n_update}", "goods_offered": 8 + n_update,
+                 **run_child({**base, "kind": "update", "folders": [str(folder / "new")],
+                              "from_version": rows[-1]["version"]})})
+    log(rows[-1])
+    return rows
+
+
+# -- report --------------------------------------------------------------------------------------------------
+COLUMNS = ["product", "method", "seed", "step", "goods_offered", "goods_learned", "held_out", "calibration",
+           "views", "aug_copies", "peak_rss_mib", "rss_vs_fit", "seconds", "s_per_good", "s_per_view",
+           "image_auroc", "latency_ms", "latency_vs_fit"]
+
+
+def derive(rows: list[dict]) -> list[dict]:
+    """Ratios against the run's 8-shot fit, seconds per learned good and per view."""
+    fit = rows[0]
+    for r in rows:
+        r["rss_vs_fit"] = r["peak_rss_mib"] / fit["peak_rss_mib"]
+        r["latency_vs_fit"] = r["latency_ms"] / fit["latency_ms"]
+        r["s_per_good"] = r["seconds"] / max(r["goods_learned"], 1)
+        r["s_per_view"] = r["seconds"] / max(r["views"], 1)
+    return rows
+
+
+def fmt(v) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if v < 1.5 and v > 0 and not v.is_integer() else f"{v:.3g}" if v < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def table(rows: list[dict]) -> str:
+    heads = ["product", "method", "seed", "step", "goods offered", "learned (model total)", "guard held out",
+             "calibration", "views", "copies/good", "peak RSS MiB", "RSS vs fit", "update s", "s/good", "s/view",
+             "image AUROC", "ms/image", "latency vs fit"]
+    out = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in rows:
+        learned = f"{r['goods_learned']}" + (f" ({r['goods_total']})" if r.get("goods_total") else "")
+        vals = [r["product"], r["method"], r["seed"], r["step"], r["goods_offered"], learned, r["held_out"],
+                r["calibration"], r["views"],
+                r.get("aug_copies") if r.get("aug_copies") is not None else r["views"] // max(r["goods_learned"], 1) - 1, f"{r['peak_rss_mib']:.0f}",
+                f"{r['rss_vs_fit']:.2f}", f"{r['seconds']:.1f}", f"{r['s_per_good']:.3f}", f"{r['s_per_view']:.3f}",
+                "-" if r["image_auroc"] is None else f"{r['image_auroc']:.4f}", f"{r['latency_ms']:.1f}",
+                f"{r['latency_vs_fit']:.2f}"]
+        out.append("| " + " | ".join(map(str, vals)) + " |")
+    return "\n".join(out)
+
+
+def update_page(section: str, page: Path = PAGE) -> None:
+    """Replace the product-path section of the growth page (between BEGIN and END), or append it."""
+    text = page.read_text() if page.is_file() else "# Growth\n"
+    block = f"{BEGIN}\n{section.strip()}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    page.write_text(text)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--methods", default="rad,knn")
+    p.add_argument("--steps", default="64,256,832")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--tall", default="rad", help="methods of the tall-image product ('' = none)")
+    p.add_argument("--tall-update", type=int, default=150)
+    p.add_argument("--from-csv", help="re-render from a results.csv instead of running")
+    p.add_argument("--out", default="bench-results/growth-product")
+    p.add_argument("--update-docs", action="store_true")
+    p.add_argument("--date", default=datetime.date.today().isoformat())
+    args = p.parse_args(argv)
+    if args.child:
+        return child_main(args.child)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    if args.from_csv:
+        with open(args.from_csv) as fh:
+            rows = [{k: (json.loads(v) if v not in ("",) and k not in ("product", "method", "step") else v)
+                     for k, v in r.items()} for r in csv.DictReader(fh)]
+    else:
+        steps = [int(x) for x in args.steps.split(",") if x]
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            for method in [m for m in args.methods.split(",") if m]:
+                with tempfile.TemporaryDirectory(prefix="adreg-growth-") as tmp:
+                    rows += [{"product": "mtd", "method": method, "seed": seed, **r}
+                             for r in derive(grow_mtd(method, seed, steps, Path(tmp)))]
+                write_rows(rows, out)
+            for method in [m for m in args.tall.split(",") if m]:
+                with tempfile.TemporaryDirectory(prefix="adreg-tall-") as tmp:
+                    rows += [{"product": "tall 500x1263", "method": method, "seed": seed, **r}
+                             for r in derive(grow_tall(method, seed, args.tall_update, Path(tmp)))]
+                write_rows(rows, out)
+    write_rows(rows, out)
+    md = table(rows)
+    (out / "results.md").write_text(md + "\n")
+    print(md)
+    if args.update_docs:
+        from pipelines.benchmark import machine_line
+
+        notes = (out / "notes.md").read_text() if (out / "notes.md").is_file() else ""
+        update_page(f"## Product path: `adreg.api.fit` + `adreg.api.update`\n\n{__doc__.split(chr(10) * 2, 2)[2]}\n"
+                    f"- Machine: {machine_line('cpu')}\n- Command: `python -m pipelines.growth_product "
+                    f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n- Date: {args.date}\n\n{md}\n\n{notes}")
+
+
+def write_rows(rows: list[dict], out: Path) -> None:
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows([{k: json.dumps(r.get(k)) if not isinstance(r.get(k), str) else r.get(k) for k in keys}
+                     for r in rows])
+
+
+if __name__ == "__main__":
+    main()
