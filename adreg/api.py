@@ -125,6 +125,14 @@ def fit(category: str, *, train_dir: str | None = None, val_dir: str | None = No
                              test_dir=test_dir, k_shot=k_shot, seed=seed, method_params=dict(params or {}),
                              **settings)
     uri = _store(tracking_uri)
+    if promote:  # before any work: a promotion needs something for the gate to judge on
+        from adreg.fitting import load_category_data
+        from adreg.registry.labels import read_labels
+
+        if not load_category_data(options).test and not read_labels(options.category):
+            raise ConfigError("--promote needs evidence for the promotion gate, and this fit has none: give "
+                              "--test-dir, or register it, serve it with --capture, review what the line sees "
+                              "(adreg review) and promote then; nothing was fitted")
     result = fit_category(options, show_progress=show_progress)
     logged = tracking.log_fit(result, export=export)
     out = FitOutcome(result, logged.run_id, logged.model_uri, uri)
@@ -132,12 +140,6 @@ def fit(category: str, *, train_dir: str | None = None, val_dir: str | None = No
         out.version = versions.register(logged.model_uri, logged.run_id, options.category, result.metrics())
         out.registered_name = versions.model_name(options.category)
     if promote:
-        from adreg.registry.labels import read_labels
-
-        if result.evaluation is None and not read_labels(options.category):
-            raise ConfigError(f"{out.registered_name} version {out.version} is registered but not promoted: "
-                              "promoting needs evidence to run the promotion gate on: give --test-dir, or serve it "
-                              "with --capture, review what the line sees (adreg review) and promote then")
         out.promotion, out.gate = lifecycle.promote_gated(options.category, out.version, promote,
                                                           reason="fit --promote", device=options.device,
                                                           candidate_eval=result.evaluation)

@@ -88,6 +88,13 @@ def capture(detector, version: str, paths: list[Path], root: Path, start: int) -
     return out
 
 
+def has_region(sample) -> bool:
+    """Whether a defect's ground-truth mask marks anything (4 MT_Uneven masks are empty)."""
+    from PIL import Image
+
+    return sample.mask_path is not None and bool((np.asarray(Image.open(sample.mask_path).convert("L")) > 127).any())
+
+
 def review_order(capture_dir: Path, captured, done: set, budget: int, sample_rate: float, seed: int) -> list:
     """The next ``budget`` captures not yet reviewed, in the review page's order (``adreg.review.queue``:
     flagged newest first, then the seeded sample of the passed ones)."""
@@ -140,7 +147,7 @@ def run_seed(seed: int, rounds: int, budget: int, line: int, defect_rate: float,
             if s is None:
                 adreg.label("mtd", cap, "good", reviewer="sim", tracking_uri=uri)
             else:
-                adreg.label("mtd", cap, "defect", mask=str(s.mask_path) if s.mask_path else None, reviewer="sim",
+                adreg.label("mtd", cap, "defect", mask=str(s.mask_path) if has_region(s) else None, reviewer="sim",
                             tracking_uri=uri)
                 defects_total += 1
             reviewed_total += 1

@@ -102,6 +102,16 @@ def free_port() -> int:
 
 
 def serve_round(s: Session, which: list[str], images: list[Path]) -> None:
+    """Serve ``which`` (default: follow production, or pin the newest version while there is none)."""
+    if not which:
+        import adreg
+
+        aliases = adreg.status("mtd", tracking_uri=s.uri)["aliases"]
+        if "production" not in aliases:
+            newest = max(int(r["version"]) for r in adreg.models(tracking_uri=s.uri, serving=False)
+                         if r["category"] == "mtd")
+            which = ["--pin", str(newest)]
+            s.note(f"No version is in production yet: the line keeps running on version {newest}, pinned.")
     port = free_port()
     s.lines += ["```", f"$ adreg serve mtd {' '.join(which)} --capture capture --capture-rate 1 --port {port} &",
                 "```"]
@@ -167,6 +177,7 @@ def review_round(s: Session, truth: dict, budget: int, shot_prefix: str) -> dict
                         page.mouse.move(box["x"] + box["width"] * min(xs.max() + 4, w - 1) / w,
                                         box["y"] + box["height"] * min(ys.max() + 4, h - 1) / h, steps=5)
                         page.mouse.up()
+                        page.click("#meta")  # keys go to the page, not to the mode's radio button
                         done["regions"] += 1
                         if shots < 1:
                             page.screenshot(path=str(s.out / f"{shot_prefix}-region.png"))
@@ -220,6 +231,7 @@ def main(argv=None) -> int:
     s.note("A new product: 28 good tiles, no test folder. Fit 8 shots and register; nothing to gate on yet.")
     s.run("fit", "--category", "mtd", "--train-dir", "goods", *FIT_ARGS, "--register", "--promote", "production",
           check=False)
+    s.run("fit", "--category", "mtd", "--train-dir", "goods", *FIT_ARGS, "--register")
     s.note("Round 1: serve version 1 with capture, the line sends tiles, a quality engineer reviews 50 in the browser.")
     serve_round(s, ["--pin", "1"], stream[:args.line])
     review_round(s, truth, args.budget, "round1")

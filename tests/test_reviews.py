@@ -42,25 +42,28 @@ def _capture(detector, version: str, paths: list[Path], root: Path) -> list[Path
 
 
 @pytest.fixture(scope="module")
-def widget(bottle_dir, tmp_path_factory):
-    """A product with good images only (no test folder): 1-shot SubspaceAD fitted on bottle goods, registered
-    (not promoted: nothing to gate on yet), and a capture folder of real bottle images it judged."""
-    from adreg.registry import tracking
+def widget(bottle_fit, bottle_dir, tmp_path_factory):
+    """A product with good images only (no test folder): the session's 1-shot bottle fit logged as category
+    'widget' without its evaluation, registered (not promoted: nothing to gate on yet), and a capture folder
+    of real bottle images it judged."""
+    import dataclasses
+
+    from adreg.registry import tracking, versions
 
     base = tmp_path_factory.mktemp("widget")
-    goods = base / "goods"
-    goods.mkdir()
-    for p in sorted((bottle_dir / "train" / "good").glob("*.png"))[:30]:
-        shutil.copyfile(p, goods / p.name)
     uri = f"sqlite:///{base / 'mlflow.db'}"
     old = os.environ.get("ADREG_HOME")
     os.environ["ADREG_HOME"] = str(base / "home")
-    out = adreg.fit("widget", train_dir=str(goods), k_shot=1, register=True, device="cpu", tracking_uri=uri,
-                    show_progress=False)
+    fit = dataclasses.replace(bottle_fit, evaluation=None,
+                              options=dataclasses.replace(bottle_fit.options, category="widget", test_dir=None),
+                              data=dataclasses.replace(bottle_fit.data, test=[]))
+    tracking.configure(uri)
+    logged = tracking.log_fit(fit)
+    version = versions.register(logged.model_uri, logged.run_id, "widget", fit.metrics())
     defects = sorted((bottle_dir / "test").glob("broken_*/*.png"))[:12]
-    line_goods = sorted((bottle_dir / "train" / "good").glob("*.png"))[100:160]
-    captured = _capture(out.detector, out.version, defects + line_goods, base / "capture")
-    yield {"uri": uri, "version": out.version, "defects": captured[:12], "goods": captured[12:], "base": base,
+    line_goods = sorted((bottle_dir / "train" / "good").glob("*.png"))[100:152]
+    captured = _capture(fit.detector, version, defects + line_goods, base / "capture")
+    yield {"uri": uri, "version": version, "defects": captured[:12], "goods": captured[12:], "base": base,
            "mask_of": {c: bottle_dir / "ground_truth" / d.parent.name / f"{d.stem}_mask.png"
                        for c, d in zip(captured[:12], defects)}}
     if old is None:
@@ -150,7 +153,8 @@ def test_update_from_reviews_grows_on_the_grow_side_only_and_skips_what_it_holds
     up = adreg.update("widget", from_reviews=True, from_version=widget["version"], register=True, holdout=2,
                       device="cpu", tracking_uri=uri, show_progress=False)
     took = {str(p) for p in up.result.added} | {str(p) for p in up.result.calibration_images}
-    assert took == {str(p) for p in prod.grow}
+    held = {d["path"] for d in up.result.duplicates}  # reviewed goods the parent was fitted or calibrated on
+    assert took and took | held == {str(p) for p in prod.grow} and not took & held
     assert not took & {str(s.path) for s in prod.samples}
     tags = mlflow.MlflowClient().get_run(up.logged.run_id).data.tags
     assert tags["adreg.lineage.review_labels"] == prod.digest
@@ -172,16 +176,14 @@ def test_threshold_from_the_line_and_quality_per_version(widget):
         with pytest.raises(DataError, match="at least 10 reviewed defects and 20"):
             adreg.threshold("widget", from_version=widget["version"], tracking_uri=uri)
         return
-    res = _adreg(uri, "threshold", "widget", "--from-version", str(widget["version"]), "--json",
-                 env={"ADREG_HOME": str(widget["base"] / "home")})
-    assert res.returncode == 0, res.stderr[-1500:]
-    doc = json.loads(res.stdout)
-    assert doc["rule"] == "f1_optimal" and doc["version"]
-    assert doc["details"]["production_labels"] == prod.digest
-    assert doc["details"]["after"]["recall"] >= doc["details"]["before"]["recall"] or \
-        doc["details"]["after"]["false_alarm_rate"] <= doc["details"]["before"]["false_alarm_rate"]
-    det = adreg.load("widget", version=doc["version"], device="cpu", tracking_uri=uri)
-    assert det.threshold.value == pytest.approx(doc["threshold"])
+    out = adreg.threshold("widget", from_version=widget["version"], device="cpu", tracking_uri=uri)
+    assert out.rule == "f1_optimal" and out.logged.version
+    assert out.details["production_labels"] == prod.digest
+    before, after = out.details["before"], out.details["after"]
+    f1 = lambda r: 2 * r["precision"] * r["recall"] / (r["precision"] + r["recall"] or 1)  # noqa: E731
+    assert f1(after) >= f1(before) - 1e-9  # F1-optimal on the set it was chosen on
+    det = adreg.load("widget", version=out.logged.version, device="cpu", tracking_uri=uri)
+    assert det.threshold.value == pytest.approx(out.threshold) and det.threshold.value != out.parent_threshold
     q = adreg.quality("widget", tracking_uri=uri)
     fig = q["versions"][str(widget["version"])]
     assert fig.reviewed >= 40 and fig.flags_reviewed + fig.passes_reviewed == fig.reviewed

@@ -48,7 +48,7 @@ def _fit_settings(args) -> dict:
     return dict(train_dir=args.train_dir, val_dir=args.val_dir, test_dir=args.test_dir, method=args.method,
                 k_shot=args.k_shot, seed=args.seed, params=params, backbone=args.backbone, layers=args.layers,
                 image_size=args.image_size, precision=args.precision, augment=args.augment,
-                aug_count=args.aug_count, top_fraction=args.top_fraction, sigma=args.sigma,
+                aug_count=args.aug_count, aug_views=args.aug_views, top_fraction=args.top_fraction, sigma=args.sigma,
                 threshold_quantile=args.threshold_quantile, holdout=args.holdout, batch_size=args.batch_size,
                 device=args.device)
 
@@ -99,8 +99,8 @@ def _print_gate_set(part, args, policy) -> None:
     res = dec.resampling
     base = f"v{part.baseline_version}" if part.baseline is not None else None
     masked = f" ({dec.n_masked} with masks)" if dec.n_masked is not None else ""
-    print(f"gate on the {part.kind} set, {part.eval_set}: {dec.n_good} good, {dec.n_defective} defective "
-          f"images{masked}")
+    where = part.eval_set if part.kind == "production" else f"the fit-time set, {part.eval_set}"
+    print(f"gate on {where}: {dec.n_good} good, {dec.n_defective} defective images{masked}")
     pixel = (f"; pixel metrics {res.pixel_resamples}" + (f" at {res.pixel_size[0]}x{res.pixel_size[1]}"
                                                           if res.pixel_size else "")) if res.pixel_resamples else ""
     print(f"  {dec.level:.0%} intervals: stratified bootstrap, {res.n_resamples} resamples{pixel} (seed {res.seed}); "
@@ -345,8 +345,12 @@ def _print_update(r, logged) -> None:
     rows = [{"model": f"v{r.parent_version} (parent)", **{k: f"{r.parent_metrics[k]:.4f}" for k in keys
                                                            if k in r.parent_metrics}},
             {"model": "update", **{k: f"{new[k]:.4f}" for k in keys if k in new}}]
-    print(f"evaluated on version {r.parent_version}'s evaluation set ({r.data.source}):")
-    _print_table(rows, ["model", *keys])
+    if r.evaluation is not None:
+        print(f"evaluated on version {r.parent_version}'s evaluation set ({r.data.source}):")
+        _print_table(rows, ["model", *keys])
+    else:
+        print(f"  not evaluated: version {r.parent_version} has no evaluation set (the gate can judge on reviewed "
+              "images: adreg review, adreg promote)")
     print(f"run: {logged.run_id} ({r.seconds:.1f} s)")
 
 

@@ -55,7 +55,10 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, help="square input size (default 320 for CNNs, 448 for ViTs)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="backbone precision on CUDA")
     p.add_argument("--augment", default="rotate", help="comma list of none,rotate,hflip,vflip,affine,color")
-    p.add_argument("--aug-count", type=int, default=30, help="augmented copies per shot (default 30)")
+    p.add_argument("--aug-count", type=int, default=30, help="augmented copies per shot at most (default 30)")
+    p.add_argument("--aug-views", type=int, default=256,
+                   help="adaptive augmentation: copies per good = min(aug-count, ceil(aug-views / goods) - 1), so "
+                        "many real goods get few synthetic copies, in fits and updates (default 256)")
     p.add_argument("--top-fraction", type=float,
                    help="image score = mean of this top fraction of map pixels (default 0.01; 0 = maximum; "
                         "small defects on large parts want less, e.g. 0.001 on magnetic tiles)")
