@@ -101,7 +101,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_round(s: Session, which: list[str], images: list[Path]) -> None:
+def serve_round(s: Session, which: list[str], images: list[Path]) -> str:
     """Serve ``which`` (default: follow production, or pin the newest version while there is none)."""
     if not which:
         import adreg
@@ -131,9 +131,10 @@ def serve_round(s: Session, which: list[str], images: list[Path]) -> None:
         s.note(f"The line sent {len(images)} tiles over REST; version {', '.join(sorted(versions))} flagged {flagged}.")
     finally:
         stop(proc)
+    return sorted(versions)[-1]
 
 
-def review_round(s: Session, truth: dict, budget: int, shot_prefix: str) -> dict:
+def review_round(s: Session, truth: dict, budget: int, shot_prefix: str, version: str | None = None) -> dict:
     from playwright.sync_api import sync_playwright
 
     from adreg.integrity import sha256_file
@@ -152,10 +153,21 @@ def review_round(s: Session, truth: dict, budget: int, shot_prefix: str) -> dict
             page.goto(f"http://127.0.0.1:{port}/")
             page.wait_for_selector(".entry")
             page.fill("#reviewer", "qe-anna")
+            if version:  # this round's captures: the version the line ran
+                page.select_option("#f-version", version)
+                page.wait_for_function("(v) => [...document.querySelectorAll('.entry')].every("
+                                       "(e) => e.textContent.includes(' v' + v + ' '))", arg=version)
             page.click("#meta")
             shots = 0
             for _ in range(budget):
                 rows = [e for e in page.locator(".entry").all() if not (e.locator(".labelled").text_content() or "")]
+                while not rows and page.is_enabled("#page-next"):
+                    first = page.locator(".entry").first.get_attribute("data-rel")
+                    page.click("#page-next")
+                    page.wait_for_function("(r) => document.querySelector('.entry') && "
+                                           "document.querySelector('.entry').dataset.rel !== r", arg=first)
+                    rows = [e for e in page.locator(".entry").all()
+                            if not (e.locator(".labelled").text_content() or "")]
                 if not rows:
                     break
                 rows[0].click()
@@ -179,22 +191,27 @@ def review_round(s: Session, truth: dict, budget: int, shot_prefix: str) -> dict
                         page.mouse.up()
                         page.click("#meta")  # keys go to the page, not to the mode's radio button
                         done["regions"] += 1
-                        if shots < 1:
+                        if shots < 1 and shot_prefix == "round1":
                             page.screenshot(path=str(s.out / f"{shot_prefix}-region.png"))
                             shots += 1
-                if label == 0 and "flagged" in rel and not (s.out / f"{shot_prefix}-false-alarm.png").exists():
+                if label == 0 and "flagged" in rel and shot_prefix == "round1" \
+                        and not (s.out / f"{shot_prefix}-false-alarm.png").exists():
                     page.screenshot(path=str(s.out / f"{shot_prefix}-false-alarm.png"))
                 before = page.text_content("#progress")
                 page.keyboard.press("d" if label == 1 else "g")
                 page.wait_for_function("(b) => document.getElementById('progress').textContent !== b", arg=before)
                 done["defect" if label == 1 else "good"] += 1
-            page.screenshot(path=str(s.out / f"{shot_prefix}-queue.png"))
+            if shot_prefix in ("round1", "round3"):
+                page.screenshot(path=str(s.out / f"{shot_prefix}-queue.png"))
             browser.close()
     finally:
         stop(proc)
     s.note(f"In the browser, qe-anna labelled {done['good']} captures good and {done['defect']} defect "
-           f"(a box drawn around the region of {done['regions']}); the page's screenshots: "
-           f"`{shot_prefix}-queue.png`, `{shot_prefix}-region.png`, `{shot_prefix}-false-alarm.png`.")
+           f"(a box drawn around the region of {done['regions']}).")
+    for name, what in (("region", "a flagged defect with its region drawn, before pressing d"),
+                       ("false-alarm", "a false alarm: flagged, labelled good"), ("queue", "the queue afterwards")):
+        if (s.out / f"{shot_prefix}-{name}.png").exists():
+            s.lines += [f"![{what}]({shot_prefix}-{name}.png)", f"*{what}*", ""]
     return done
 
 
@@ -233,8 +250,8 @@ def main(argv=None) -> int:
           check=False)
     s.run("fit", "--category", "mtd", "--train-dir", "goods", *FIT_ARGS, "--register")
     s.note("Round 1: serve version 1 with capture, the line sends tiles, a quality engineer reviews 50 in the browser.")
-    serve_round(s, ["--pin", "1"], stream[:args.line])
-    review_round(s, truth, args.budget, "round1")
+    v = serve_round(s, ["--pin", "1"], stream[:args.line])
+    review_round(s, truth, args.budget, "round1", v)
     s.run("labels", "mtd", shown="adreg labels mtd | tail -4")
     s.lines[-3] = "\n".join(s.lines[-3].splitlines()[-4:])
     s.run("quality", "mtd")
@@ -244,12 +261,12 @@ def main(argv=None) -> int:
     s.run("promote", "mtd", "--version", "1", *FLOORS)
     s.run("promote", "mtd", "--version", "2", *FLOORS)
     s.note("Round 2: the server follows production; 50 more reviews; then the threshold from the line.")
-    serve_round(s, [], stream[args.line:2 * args.line])
-    review_round(s, truth, args.budget, "round2")
-    s.run("threshold", "mtd", "--from-version", "2", "--promote", "production", *FLOORS)
+    v = serve_round(s, [], stream[args.line:2 * args.line])
+    review_round(s, truth, args.budget, "round2", v)
+    s.run("threshold", "mtd", "--from-version", v, "--promote", "production", *FLOORS, check=False)
     s.note("Round 3: production quality before and after, from 50 more reviews of what the new version judged.")
-    serve_round(s, [], stream[2 * args.line:])
-    review_round(s, truth, args.budget, "round3")
+    v = serve_round(s, [], stream[2 * args.line:])
+    review_round(s, truth, args.budget, "round3", v)
     s.run("quality", "mtd")
     s.run("status", "mtd")
     s.run("history", "mtd")
@@ -258,6 +275,9 @@ def main(argv=None) -> int:
             f"{(time.perf_counter() - t0) / 60:.0f} min in all. The reviewer is a headless Chromium driven by "
             "Playwright that labels each capture with the dataset's truth.", ""]
     (out / "transcript.md").write_text("\n".join(head + s.lines) + "\n")
+    for shot in out.glob("*.png"):  # 3/4 size, 128 colours: the docs carry a few hundred KB, not MBs
+        im = Image.open(shot).convert("RGB")
+        im.resize((im.width * 3 // 4, im.height * 3 // 4), Image.LANCZOS).quantize(128).save(shot, optimize=True)
     print(f"wrote {out / 'transcript.md'}")
     return 0
 
