@@ -16,7 +16,7 @@ folder (MVTec layout, masks too), an 8-shot fit (bottle's defaults: rotate x30, 
 calibration), then one update with 150 goods.
 
 Every fit and update runs in a child process; its peak RSS is that child's,
-never the parent's (the child's own ``ru_maxrss`` as it ends). Per step: goods offered / learned / held out by the guard, peak RSS and its ratio to
+never the parent's (the child's own high-water mark, VmHWM, as it ends). Per step: goods offered / learned / held out by the guard, peak RSS and its ratio to
 the 8-shot fit's, the detector's update seconds (augmentation + features + chunked merge,
 ``fit_info.update_seconds``) per learned good and per view, image AUROC, evaluation latency per image and
 its ratio to the 8-shot model's. ``--update-docs`` replaces the product-path section of
@@ -72,8 +72,8 @@ def child(spec: dict) -> dict:
 
 
 def run_child(spec: dict) -> dict:
-    """``child(spec)`` in a fresh process; adds its peak RSS (MiB: that process's own ``ru_maxrss``, read by
-    the child as it ends, so neither the parent nor earlier children count)."""
+    """``child(spec)`` in a fresh process; adds its peak RSS (MiB: that process's own high-water mark, VmHWM,
+    read by the child as it ends, so neither the parent nor earlier children count)."""
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.growth_product", "--child", json.dumps(spec)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "ADREG_PROGRESS": "0", "MLFLOW_DISABLE_TELEMETRY": "true"})
@@ -87,10 +87,9 @@ def run_child(spec: dict) -> dict:
 
 
 def child_main(spec_json: str) -> None:
-    import resource
-
     res = child(json.loads(spec_json))
-    res["_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's own high-water mark (ru_maxrss survives exec and would carry a larger parent's)
+    res["_rss_mib"] = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")) / 1024
     print("RESULT " + json.dumps(res), flush=True)
 
 
