@@ -18,7 +18,10 @@ def test_mlflow_evaluate_with_the_adreg_evaluator(use_registered, bottle_dir):
                          "label": [0] * len(goods) + [1] * len(bads),
                          "mask": [None] * len(goods) + [str(m) for m in masks]})
     uri = f"models:/adreg-bottle/{use_registered['version']}"
-    with mlflow.start_run() as run:
+    from adreg import store
+
+    # an experiment of its own: its artifacts beside the session's sqlite store, not in ./mlruns
+    with mlflow.start_run(experiment_id=store.experiment_id("evaluator-test")) as run:
         result = mlflow.models.evaluate(uri, data, targets="label", model_type="anomaly_detection",
                                         evaluators="adreg", evaluator_config={"n_resamples": 200, "pixel_resamples": 50})
     m = result.metrics

@@ -70,7 +70,9 @@ def widget(bottle_fit, bottle_dir, tmp_path_factory):
         os.environ.pop("ADREG_HOME", None)
     else:
         os.environ["ADREG_HOME"] = old
-    tracking.configure(None) if hasattr(tracking, "configure") else None
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
 
 
 def test_promote_without_test_set_or_reviews_is_refused_with_the_way_forward(widget):
