@@ -10,7 +10,7 @@ import numpy as np
 from adreg.data import Sample, load_mask
 from adreg.detector import AnomalyDetector
 from adreg.images import load_image
-from adreg.metrics import evaluate_scores
+from adreg.metrics import evaluate_scores, rates_at
 
 
 @dataclass
@@ -61,10 +61,7 @@ def evaluate(detector: AnomalyDetector, samples: list[Sample], threshold: float 
     else:
         metrics.update(evaluate_scores(labels, scores))
     if threshold is not None and labels.size:
-        pred = scores > threshold
-        metrics["test_accuracy"] = float((pred == labels.astype(bool)).mean())
-        if labels.any():
-            metrics["test_recall"] = float(pred[labels == 1].mean())
-        if (labels == 0).any():
-            metrics["test_false_alarm_rate"] = float(pred[labels == 0].mean())
+        rates = rates_at(labels, scores, threshold)
+        metrics.update({f"test_{k}": v for k, v in rates.items()
+                        if k in ("accuracy", "recall", "false_alarm_rate") and not np.isnan(v)})
     return EvalResult(metrics, samples, scores, maps, masks)

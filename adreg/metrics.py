@@ -109,6 +109,17 @@ def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, order: np.n
     return float(np.trapezoid(pro_part, fpr_part) / max_fpr)
 
 
+def rates_at(labels, scores, threshold: float) -> dict[str, float]:
+    """What the strictly-above rule ``score > threshold`` does on labelled images: ``recall`` (defects flagged),
+    ``false_alarm_rate`` (goods flagged), ``precision`` (flags that are defects), ``accuracy``; NaN where the
+    denominator is empty."""
+    labels = np.asarray(labels).astype(bool)
+    pred = np.asarray(scores) > threshold
+    share = lambda x: float(x.mean()) if x.size else float("nan")  # noqa: E731
+    return {"recall": share(pred[labels]), "false_alarm_rate": share(pred[~labels]),
+            "precision": share(labels[pred]), "accuracy": share(pred == labels)}
+
+
 def evaluate_scores(labels, scores, masks=None, maps=None) -> dict[str, float]:
     """All metrics that the given data allows: image metrics need both classes, pixel ones masks."""
     out: dict[str, float] = {}

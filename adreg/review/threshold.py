@@ -26,7 +26,8 @@ import numpy as np
 
 from adreg.data import CategoryData
 from adreg.errors import DataError
-from adreg.evaluation import evaluate
+from adreg.evaluation import evaluate, score_samples
+from adreg.metrics import rates_at
 from adreg.registry import lifecycle, lineage, manifest, tracking, versions
 from adreg.registry.labels import ProductionSet, production_set
 from adreg.registry.resolve import load_detector, model_version, resolve
@@ -50,12 +51,6 @@ class ThresholdOutcome:
     production: ProductionSet
     logged: tracking.LoggedFit
     gate: lifecycle.GateReport | None = None
-
-
-def _rates(good: np.ndarray, bad: np.ndarray, value: float) -> dict:
-    tp, fp = int((bad > value).sum()), int((good > value).sum())
-    return {"recall": tp / max(len(bad), 1), "false_alarm_rate": fp / max(len(good), 1),
-            "precision": tp / (tp + fp) if tp + fp else float("nan")}
 
 
 def choose_threshold(good_scores, defect_scores, target_false_alarm_rate: float | None = None):
@@ -83,13 +78,14 @@ def threshold_from_reviews(category: str, *, from_alias: str = "production", fro
     parent_run = mlflow.MlflowClient().get_run(mv.run_id)
     detector = load_detector(ref, device)
     parent_threshold = float(detector.threshold.value)
-    on_line = evaluate(detector, prod.samples, parent_threshold, show_progress)
+    scores = score_samples(detector, prod.samples, show_progress)[0]  # image scores only: no pixel metrics needed
     labels = np.array([s.label for s in prod.samples])
-    good, bad = on_line.scores[labels == 0], on_line.scores[labels == 1]
+    good, bad = scores[labels == 0], scores[labels == 1]
     new = choose_threshold(good, bad, target_false_alarm_rate)
     new.details.update({"source": prod.describe(), "production_labels": prod.digest,
                         "parent_version": ref.version, "parent_threshold": parent_threshold,
-                        "before": _rates(good, bad, parent_threshold), "after": _rates(good, bad, new.value)})
+                        "before": rates_at(labels, scores, parent_threshold),
+                        "after": rates_at(labels, scores, new.value)})
     detector.threshold = new
 
     eval_samples, eval_source = lifecycle.logged_eval_set(category, ref.version, required=False)
@@ -100,7 +96,7 @@ def threshold_from_reviews(category: str, *, from_alias: str = "production", fro
     opts = parent_fit_options(category, detector, params, len(training), device,
                               threshold_quantile=float(params.get("threshold_quantile", 0.99)))
     calibration = [{"path": str(s.path), "label": int(s.label), "score": float(v), "origin": "reviewed"}
-                   for s, v in zip(prod.samples, on_line.scores)]
+                   for s, v in zip(prod.samples, scores)]
     result = UpdateResult(
         options=opts, detector=detector, data=CategoryData(train=[e["path"] for e in training],
                                                            test=list(eval_samples), source=eval_source),
