@@ -216,14 +216,15 @@ def rollback(category: str, alias: str = "production", reason: str = "", trackin
 
 def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: bool = False, review_seed: int = 0,
            from_alias: str = "production", from_version=None,
-           include_suspects: bool = False, holdout: int | None = None, min_calibration: int = 20, seed: int = 0,
-           register: bool = False, promote: str | None = None, reason: str = "", policy=None,
+           include_suspects: bool = False, second_look: bool = True, holdout: int | None = None,
+           min_calibration: int = 20, seed: int = 0, register: bool = False, promote: str | None = None, reason: str = "", policy=None,
            device: str = "auto", tracking_uri: str | None = None, show_progress: bool = True):
     """Grow a registered version with more good images into a new run (and version, with ``register``).
 
     The parent (``from_version``, else the version ``from_alias`` points at) keeps its backbone and settings;
     duplicates (sha256) and unreadable files are skipped, images the parent flags are held out unless
-    ``include_suspects``, ``holdout`` new goods recalibrate the threshold, and the result is evaluated on the
+    ``include_suspects`` (with ``second_look``, the grown model judges them again and learns from those it
+    scores at or below its own threshold), ``holdout`` new goods recalibrate the threshold, and the result is evaluated on the
     parent's evaluation set. ``promote`` registers and promotes through the gate like ``fit``.
 
     ``from_reviews``: also grow with the reviewed goods on the grow side of the production set's seeded split
@@ -261,7 +262,8 @@ def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: b
         holdout = 0 if from_reviews and not folders else 20
     opts = UpdateOptions(category=category, add_good=[str(f) for f in folders], add_files=files,
                          lineage_extra=extra, from_alias=from_alias,
-                         from_version=from_version, include_suspects=include_suspects, holdout=holdout,
+                         from_version=from_version, include_suspects=include_suspects,
+                         second_look=second_look, holdout=holdout,
                          min_calibration=min_calibration, seed=seed, device=device)
     return update_version(opts, register=register, promote_alias=promote, policy=_policy(policy), reason=reason,
                           show_progress=show_progress)

@@ -142,6 +142,37 @@ def test_include_suspects_takes_them_in(store, tmp_path):
     assert taken.metrics()["n_suspects_included"] == len(taken.suspects)
 
 
+def test_second_look_learns_the_suspects_the_grown_model_clears(store, tmp_path):
+    from adreg.registry.update import UpdateOptions, prepare_update
+
+    from PIL import Image, ImageEnhance
+
+    folder = capture_folder(store, tmp_path, goods=[], defects=DEFECTS, duplicate=False, corrupt=False)
+    day = next(folder.rglob("defect_*")).parent
+    # the line's lighting dims in steps (100% down to 30%): the 2-shot parent flags some of the dimmed goods,
+    # the model grown on the others no longer does
+    for n, i in enumerate(range(100, 124)):
+        image = Image.open(store["bottle"] / "train/good" / f"{i:03d}.png").convert("RGB")
+        ImageEnhance.Brightness(image).enhance(1.0 - 0.1 * (n % 8)).save(day / f"good_{i}.png")
+    strict = prepare_update(UpdateOptions("bottle", [str(folder)], from_version="1", holdout=2, second_look=False),
+                            show_progress=False)
+    looked = prepare_update(UpdateOptions("bottle", [str(folder)], from_version="1", holdout=2), show_progress=False)
+    assert not strict.cleared and all("second_score" not in s for s in strict.suspects)
+    # the same suspects (same parent), now either cleared or still held out
+    assert {s["path"] for s in looked.suspects} | {c["path"] for c in looked.cleared} == \
+        {s["path"] for s in strict.suspects}
+    defects = {str(p) for p in folder.rglob("defect_*")}
+    assert defects <= {s["path"] for s in looked.suspects}  # the grown model still sees the broken bottles
+    assert all(s["second_score"] > s["second_threshold"] for s in looked.suspects)
+    assert looked.cleared  # the 2-shot parent's false alarms among the goods
+    assert all(c["second_score"] <= c["second_threshold"] for c in looked.cleared)
+    added = {str(p) for p in looked.added}
+    assert {c["path"] for c in looked.cleared} <= added and added - {str(p) for p in strict.added} == \
+        {c["path"] for c in looked.cleared}
+    assert looked.metrics()["n_suspects_cleared"] == len(looked.cleared)
+    assert looked.report()["cleared"] == looked.cleared
+
+
 def test_bad_inputs_are_clear_errors_with_nothing_registered(store, tmp_path, capsys):
     before = versions()
     empty = tmp_path / "empty" / "ok" / "20261125"

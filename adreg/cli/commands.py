@@ -335,7 +335,11 @@ def _print_update(r, logged) -> None:
         print(f"  {len(r.suspects)} suspect(s) score above version {r.parent_version}'s threshold "
               f"{r.parent_threshold:.4g}: {what}")
         for s in r.suspects:
-            print(f"    {s['path']}  score {s['score']:.4g}")
+            again = f", {s['second_score']:.4g} under the grown model" if "second_score" in s else ""
+            print(f"    {s['path']}  score {s['score']:.4g}{again}")
+    if r.cleared:
+        print(f"  {len(r.cleared)} more suspect(s) cleared on a second look (the grown model scores them at or "
+              "below its own threshold) and learned from (--no-second-look holds them out)")
     print(f"  {r.options.method}: {r.method_report.get('what', 'updated')}")
     print(f"  training images {r.n_parent_training} -> {r.n_parent_training + len(r.added)} (+{len(r.added)}); "
           f"threshold {r.parent_threshold:.4g} -> {r.detector.threshold.value:.4g} ({r.detector.threshold.rule}, "
@@ -357,7 +361,8 @@ def _print_update(r, logged) -> None:
 def cmd_update(args) -> int:
     out = _api().update(args.category, args.add_good, from_reviews=args.from_reviews, review_seed=args.review_seed,
                         from_alias=args.from_alias, from_version=args.from_version,
-                        include_suspects=args.include_suspects, holdout=args.holdout,
+                        include_suspects=args.include_suspects, second_look=args.second_look,
+                        holdout=args.holdout,
                         min_calibration=args.min_calibration, seed=args.seed, register=args.register,
                         promote=args.promote, reason=args.reason or "", policy=_policy(args), device=args.device,
                         tracking_uri=args.tracking_uri)

@@ -243,6 +243,9 @@ def _add_update_commands(sub) -> None:
     which.add_argument("--from-version", help="grow this version instead")
     p.add_argument("--include-suspects", action="store_true",
                    help="also learn from new images the parent scores above its threshold (held out by default)")
+    p.add_argument("--no-second-look", dest="second_look", action="store_false",
+                   help="hold out every suspect; by default the grown model judges them again and learns from "
+                        "those it scores at or below its own threshold")
     p.add_argument("--holdout", type=int,
                    help="new good images held out to recalibrate the threshold (at most half; default 20, and 0 "
                         "with --from-reviews alone: the parent's calibration images recalibrate it)")

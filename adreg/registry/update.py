@@ -8,7 +8,8 @@ means is the method's business, and its report says so). On the way:
   the new ones) are skipped and listed;
 * **unreadable files** are skipped and listed; no image at all, or nothing new, is an error;
 * **contamination guard**: the parent scores the new images; those above its threshold are suspects,
-  held out and listed unless ``include_suspects``;
+  held out and listed unless ``include_suspects``; with ``second_look`` (the default) the grown model
+  scores them again and learns from those it scores at or below its own threshold (``cleared``);
 * the threshold is recalibrated with the parent's rule on held-out new good images (plus the parent's
   own calibration images when fewer than ``min_calibration`` new ones are held out);
 * the new detector is evaluated on the parent's logged evaluation set, so the promotion gate compares
@@ -44,6 +45,7 @@ class UpdateOptions:
     from_alias: str = "production"
     from_version: str | None = None  # wins over from_alias
     include_suspects: bool = False
+    second_look: bool = True  # the grown model judges the suspects again and learns from those it clears
     holdout: int = 20  # new good images held out to recalibrate the threshold (at most half of them)
     min_calibration: int = 20  # below this many held-out new goods, the parent's calibration images join
     seed: int = 0
@@ -63,7 +65,8 @@ class UpdateResult(FitResult):
     calibration_images: list[Path] = field(default_factory=list)  # held-out new goods
     duplicates: list[dict] = field(default_factory=list)  # path, duplicate_of
     unreadable: list[dict] = field(default_factory=list)  # path, error
-    suspects: list[dict] = field(default_factory=list)  # path, score (under the parent)
+    suspects: list[dict] = field(default_factory=list)  # held out: path, score (parent), second_score (grown)
+    cleared: list[dict] = field(default_factory=list)  # suspects the grown model cleared (learned from)
     include_suspects: bool = False
     method_report: dict = field(default_factory=dict)
     manifest_entries: list[dict] = field(default_factory=list)  # read by adreg.registry.lineage
@@ -76,6 +79,7 @@ class UpdateResult(FitResult):
                     "n_images_unreadable": float(len(self.unreadable)),
                     "n_images_suspect": float(len(self.suspects)),
                     "n_suspects_included": float(len(self.suspects) if self.include_suspects else 0),
+                    "n_suspects_cleared": float(len(self.cleared)),
                     "n_calibration_images": float(len(self.calibration)), "update_total_seconds": self.seconds})
         return out
 
@@ -86,7 +90,7 @@ class UpdateResult(FitResult):
                 "added": [str(p) for p in self.added],
                 "calibration_images": [str(p) for p in self.calibration_images],
                 "duplicates": self.duplicates, "unreadable": self.unreadable,
-                "suspects": self.suspects, "suspects_included": self.include_suspects,
+                "suspects": self.suspects, "suspects_included": self.include_suspects, "cleared": self.cleared,
                 "method": self.method_report,
                 "threshold": {"value": self.detector.threshold.value, "rule": self.detector.threshold.rule,
                               "source": self.calibration_source},
@@ -175,7 +179,8 @@ def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateRes
     eval_samples, eval_source = lifecycle.logged_eval_set(opts.category, version, required=False)
     detector = load_detector(ref, opts.device)
     params = parent_run.data.params
-    grown = grow_detector(detector, paths, include_suspects=opts.include_suspects, holdout=opts.holdout,
+    grown = grow_detector(detector, paths, include_suspects=opts.include_suspects, second_look=opts.second_look,
+                          holdout=opts.holdout,
                           min_calibration=opts.min_calibration, seed=opts.seed,
                           parent_calibration=lineage.run_reference(mv.run_id)["images"],
                           parent_label=f"{name} version {version}",
@@ -198,7 +203,7 @@ def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateRes
         parent_model=name, parent_version=version, parent_run_id=mv.run_id, parent_threshold=grown.parent_threshold,
         parent_metrics=dict(parent_run.data.metrics), added=[paths[i] for i in train_idx],
         calibration_images=[paths[i] for i in cal_idx], duplicates=duplicates, unreadable=unreadable,
-        suspects=grown.suspects, include_suspects=opts.include_suspects, method_report=grown.method_report,
+        suspects=grown.suspects, cleared=grown.cleared, include_suspects=opts.include_suspects, method_report=grown.method_report,
         manifest_entries=entries, n_parent_training=len(parent_training), seconds=time.perf_counter() - t_start)
 
 
