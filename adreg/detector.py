@@ -153,18 +153,22 @@ class AnomalyDetector:
 
     def _chunks(self, images: Sequence, copies: int, seed: int, bar, timer: dict) -> Iterator:
         """Features of the views of ``images`` (decoded one at a time, each followed by its ``copies``
-        augmented copies), ``chunk_views`` views per chunk; extraction seconds add up in ``timer``."""
-        views = []
+        augmented copies; ``Features.real`` marks which are which), ``chunk_views`` views per chunk;
+        extraction seconds add up in ``timer``."""
+        views, real = [], []
 
         def flush():
             t0 = time.perf_counter()
             feats = self.extract(views, progress=bar)
+            feats.real = torch.tensor(real, dtype=torch.bool)
             timer["seconds"] = timer.get("seconds", 0.0) + time.perf_counter() - t0
             views.clear()
+            real.clear()
             return feats
 
-        for view in iter_views(images, self.augment, copies, seed, decode):
+        for k, view in enumerate(iter_views(images, self.augment, copies, seed, decode)):
             views.append(view)
+            real.append(k % (1 + copies) == 0)  # iter_views: each image, then its copies (none without augment)
             if len(views) >= self.chunk_views:
                 yield flush()
         if views:

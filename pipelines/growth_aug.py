@@ -6,16 +6,20 @@ MTD (bundled seeded split), RAD on Lite0 blocks 7+10 (MTD's settings). Every goo
 extracted once as itself and as ``--max-copies`` flip copies (one fixed RNG per tile), so a condition
 is a subset of views: the 8-shot fit's views (the first 8 goods, 8 copies each, as a fit gets them) plus,
 for every further good, its original and its first ``c`` copies. The bank is then selected from that
-union (budget, k-center over layout descriptors) and scored on the full test split through the
-product's ``predict_features``. Image AUROC (and views) per (goods, copies per added good, budget,
-layer weights): what ``adreg update``'s adaptive augmentation (``AnomalyDetector.aug_copies``) and RAD's
-defaults were chosen from (docs/benchmarks/growth.md, "Choosing the defaults").
+union by RAD's budget, either ``real-first`` (the product's rule: synthetic copies are dropped before
+real views, ``Features.real``) or ``equal`` (one k-center over every view, the rule before it), fitted
+in one pass and scored on the full test split through the product's ``predict_features``. Image AUROC
+per (goods, copies per added good, budget, selection): what ``adreg update``'s adaptive augmentation
+(``AnomalyDetector.aug_copies``) and RAD's budget rule were chosen from. ``--update-docs`` writes the
+table into docs/benchmarks/growth.md (its own section, between markers).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
+import sys
 import json
 import random
 import time
@@ -27,7 +31,7 @@ import torch
 from adreg.augment import augment_once
 from adreg.backbones import build_backbone
 from adreg.backbones.base import Features
-from adreg.data import default_category_dir, load_mask, resolve_dataset
+from adreg.data import default_category_dir, resolve_dataset
 from adreg.images import load_image
 from adreg.methods import build_method
 from adreg.metrics import evaluate_scores
@@ -61,10 +65,15 @@ def main(argv=None) -> None:
     p.add_argument("--budgets", default="256,1024")
     p.add_argument("--weights", default="[1,1]")
     p.add_argument("--k-image", default="16")
+    p.add_argument("--selection", default="real-first,equal",
+                   help="how the budget treats synthetic copies: real-first (the product's: copies go first) or "
+                        "equal (one k-center over every view)")
     p.add_argument("--max-copies", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench-results/growth-aug")
+    p.add_argument("--update-docs", action="store_true")
+    p.add_argument("--date", default=datetime.date.today().isoformat())
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -78,13 +87,13 @@ def main(argv=None) -> None:
     goods = goods[:max(int(x) for x in args.goods.split(","))]  # only the goods some condition uses
     cache = out / f"features-seed{args.seed}-{len(goods)}-{args.max_copies}.pt"  # bench-results/ (ignored) only
     if cache.is_file():
-        origin, copies, test_feats = torch.load(cache)
+        with torch.serialization.safe_globals([Features]):  # our own cache, of Features only
+            origin, copies, test_feats = torch.load(cache)
     else:
         origin, copies, test_feats = extract_all(backbone, goods, data.test, kinds, args)
         torch.save((origin, copies, test_feats), cache)
     test_feats = test_feats.to(torch.float32)
     labels = np.array([s.label for s in data.test])
-    masks = np.stack([load_mask(s, (backbone.image_size,) * 2) for s in data.test])
     print(f"features: {time.perf_counter() - t0:.0f} s", flush=True)
     rows = []
     for n_goods in [int(x) for x in args.goods.split(",")]:
@@ -94,22 +103,46 @@ def main(argv=None) -> None:
             if c:
                 parts += [copies[i][:c] for i in range(8, n_goods)]
             feats = Features.cat(parts).to(torch.float32)
-            for budget in [int(x) for x in args.budgets.split(",")]:
+            real = torch.cat([torch.ones(8, dtype=torch.bool), torch.zeros(64, dtype=torch.bool),
+                              torch.ones(n_goods - 8, dtype=torch.bool),
+                              torch.zeros((n_goods - 8) * c, dtype=torch.bool)])
+            whole = False  # a budget >= the views was evaluated: larger budgets give the same bank
+            for budget, selection in [(int(b), sel) for b in args.budgets.split(",")
+                                      for sel in args.selection.split(",")]:
+                if len(feats) <= budget and (selection == "equal" or whole):
+                    continue  # every view kept: the bank of the row already there
+                whole = whole or len(feats) <= budget
+                feats.real = real if selection == "real-first" else None
                 for weights in json.loads(f"[{args.weights}]"):
                     for k_image in [int(x) for x in args.k_image.split(",")]:
                         method = build_method("rad", bank_budget=budget, layer_weights=weights,
                                               k_image=k_image).fit(feats)
                         scores, maps = score_features(method, test_feats, backbone, 4.0, 0.001)
-                        m = evaluate_scores(labels, scores, masks, maps)
+                        m = evaluate_scores(labels, scores)
                         row = {"goods": n_goods, "copies": c, "views": len(feats), "budget": budget,
+                               "selection": selection, "real_kept": int(method.real_views.sum()),
                                "weights": json.dumps(weights), "k_image": k_image,
-                               "image_auroc": round(m["image_auroc"], 4), "pixel_auroc": round(m["pixel_auroc"], 4)}
+                               "image_auroc": round(m["image_auroc"], 4)}
                         rows.append(row)
                         print(row, flush=True)
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    keys = ["goods", "copies", "views", "budget", "selection", "real_kept", "image_auroc"]
+    md = "\n".join(["| " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|" + "---|" * len(keys)]
+                   + ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows])
+    (out / "results.md").write_text(md + "\n")
+    print(md)
+    if args.update_docs:
+        from pipelines.benchmark import machine_line
+        from pipelines.growth_product import update_page
+
+        intro = __doc__.split(chr(10) * 2, 2)[2]
+        update_page(f"## Choosing copies and the bank rule: `pipelines.growth_aug`\n\n{intro}\n"
+                    f"- Machine: {machine_line('cpu')}\n- Command: `python -m pipelines.growth_aug "
+                    f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n- Date: {args.date}\n\n{md}\n",
+                    begin="<!-- growth-aug:begin -->", end="<!-- growth-aug:end -->")
 
 
 if __name__ == "__main__":

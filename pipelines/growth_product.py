@@ -7,19 +7,24 @@ MTD (the bundled seeded split): per seed the good training tiles are shuffled; `
 8 of them (MTD's settings: blocks 7+10, flips x8, top 0.1%; every other setting the product's default),
 registers version 1 in a temporary sqlite store, then every step offers the next goods up to the step's
 count to ``adreg.api.update`` (from the previous version, registered): the product's own guard (images
-the parent scores above its threshold are held out), holdout (20 new goods recalibrate), adaptive
-augmentation and chunked growth, evaluated on the parent's logged evaluation set (the MTD test split).
+the parent scores above its threshold are suspects; the grown model's second look learns from those it
+clears, the rest are held out), holdout (20 new goods recalibrate), adaptive augmentation and chunked
+growth, evaluated on the parent's logged evaluation set (the MTD test split).
 The added goods are symlinked into a temporary folder per step.
 
 Tall product (``--tall``): bottle's goods and test images stretched to 500 x 1263 px in a temporary
 folder (MVTec layout, masks too), an 8-shot fit (bottle's defaults: rotate x30, 20 goods held out for
 calibration), then one update with 150 goods.
 
-Every fit and update runs in a child process; its peak RSS is that child's,
-never the parent's (the child's own high-water mark, VmHWM, as it ends). Per step: goods offered / learned / held out by the guard, peak RSS and its ratio to
-the 8-shot fit's, the detector's update seconds (augmentation + features + chunked merge,
-``fit_info.update_seconds``) per learned good and per view, image AUROC, evaluation latency per image and
-its ratio to the 8-shot model's. ``--update-docs`` replaces the product-path section of
+Every fit and update runs in a child process; its peak RSS is that child's, never the parent's (the
+child's own high-water mark, VmHWM, as it ends). Per step: goods offered / learned (real goods the model
+holds) / held out by the guard / cleared by the second look / held out to calibrate, views extracted and
+synthetic copies per good, the bank's views after the step (RAD), peak RSS and its ratio to the 8-shot
+fit's, the detector's update seconds (decode + augmentation + features + chunked merge, both updates when
+the second look learns; ``fit_info.update_seconds``) per learned good and per view, image AUROC on the
+test split, and ms/image: ``detector.predict`` on the first 32 test images after one warm-up image, best
+of two passes, and its ratio to the 8-shot model's.
+``--update-docs`` replaces the product-path section of
 docs/benchmarks/growth.md (between its markers), keeping the rest of the page.
 """
 
@@ -44,6 +49,24 @@ TALL_SIZE = (500, 1263)  # width x height
 
 
 # -- the child: one fit or one update through adreg.api ----------------------------------------------------
+LATENCY_IMAGES = 32  # test images timed for ms/image (after one warm-up image), best of two passes
+
+
+def latency_ms(detector, samples) -> float:
+    """Milliseconds per image of ``detector.predict`` (decode + backbone + method + post-processing) on the
+    first ``LATENCY_IMAGES`` evaluation images: one warm-up image, then the best of two passes."""
+    import time
+
+    paths = [s.path for s in samples[:LATENCY_IMAGES]]
+    detector.predict(paths[:1])
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        detector.predict(paths)
+        best = min(best, time.perf_counter() - t0)
+    return 1000.0 * best / len(paths)
+
+
 def child(spec: dict) -> dict:
     """Run one ``adreg.api.fit`` or ``adreg.api.update`` as ``spec`` says; what it did, as JSON-able."""
     import torch
@@ -56,19 +79,23 @@ def child(spec: dict) -> dict:
                       seed=spec["seed"], register=True, tracking_uri=spec["uri"], show_progress=False,
                       device="cpu", **spec.get("settings", {}))
         m, info = out.metrics, out.detector.fit_info
-        return {"version": out.version, "image_auroc": m.get("image_auroc"), "latency_ms": m["latency_ms_per_image"],
+        return {"version": out.version, "image_auroc": m.get("image_auroc"),
+                "latency_ms": latency_ms(out.detector, out.result.data.test),
+                "eval_latency_ms": m["latency_ms_per_image"],
                 "goods_learned": info["n_shots"], "views": info["n_train_images"], "aug_copies": info["aug_copies"],
-                "seconds": info["fit_seconds"],
-                "held_out": 0, "calibration": 0}
+                "seconds": info["fit_seconds"], "held_out": 0, "cleared": 0, "calibration": 0}
     out = api.update(spec["category"], spec["folders"], from_version=spec["from_version"], register=True,
-                     tracking_uri=spec["uri"], show_progress=False, device="cpu", seed=spec["seed"])
+                     tracking_uri=spec["uri"], show_progress=False, device="cpu", seed=spec["seed"],
+                     **spec.get("update", {}))
     r = out.result
     m, info = r.metrics(), r.detector.fit_info
     return {"version": out.logged.version, "image_auroc": m.get("image_auroc"),
-            "latency_ms": m["latency_ms_per_image"], "goods_learned": len(r.added), "views": r.method_report["n_views"],
+            "latency_ms": latency_ms(r.detector, r.data.test), "eval_latency_ms": m["latency_ms_per_image"],
+            "goods_learned": len(r.added), "views": r.method_report["n_views"],
             "aug_copies": r.method_report["aug_copies"], "seconds": info["update_seconds"],
-            "total_seconds": r.seconds, "held_out": len(r.suspects), "calibration": len(r.calibration_images),
-            "goods_total": info["n_shots"]}
+            "total_seconds": r.seconds, "held_out": len(r.suspects), "cleared": len(r.cleared),
+            "calibration": len(r.calibration_images), "goods_total": info["n_shots"],
+            "bank_views": r.method_report.get("bank_views_after")}
 
 
 def run_child(spec: dict) -> dict:
@@ -193,14 +220,14 @@ def fmt(v) -> str:
 
 def table(rows: list[dict]) -> str:
     heads = ["product", "method", "seed", "step", "goods offered", "learned (model total)", "guard held out",
-             "calibration", "views", "copies/good", "peak RSS MiB", "RSS vs fit", "update s", "s/good", "s/view",
+             "cleared", "calibration", "views", "copies/good", "bank views", "peak RSS MiB", "RSS vs fit", "update s", "s/good", "s/view",
              "image AUROC", "ms/image", "latency vs fit"]
     out = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         learned = f"{r['goods_learned']}" + (f" ({r['goods_total']})" if r.get("goods_total") else "")
         vals = [r["product"], r["method"], r["seed"], r["step"], r["goods_offered"], learned, r["held_out"],
-                r["calibration"], r["views"],
-                r.get("aug_copies") if r.get("aug_copies") is not None else r["views"] // max(r["goods_learned"], 1) - 1, f"{r['peak_rss_mib']:.0f}",
+                r.get("cleared", "-"), r["calibration"], r["views"], r["aug_copies"], r.get("bank_views") or "-",
+                f"{r['peak_rss_mib']:.0f}",
                 f"{r['rss_vs_fit']:.2f}", f"{r['seconds']:.1f}", f"{r['s_per_good']:.3f}", f"{r['s_per_view']:.3f}",
                 "-" if r["image_auroc"] is None else f"{r['image_auroc']:.4f}", f"{r['latency_ms']:.1f}",
                 f"{r['latency_vs_fit']:.2f}"]
@@ -208,12 +235,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def update_page(section: str, page: Path = PAGE) -> None:
-    """Replace the product-path section of the growth page (between BEGIN and END), or append it."""
+def update_page(section: str, page: Path = PAGE, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the section of the growth page between ``begin`` and ``end`` (the product path's by
+    default), or append it."""
     text = page.read_text() if page.is_file() else "# Growth\n"
-    block = f"{BEGIN}\n{section.strip()}\n{END}"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    block = f"{begin}\n{section.strip()}\n{end}"
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     page.write_text(text)

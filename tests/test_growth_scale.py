@@ -105,6 +105,38 @@ def test_budgeted_chunked_update_keeps_the_budget(name, key):
         m.update_chunks([])
 
 
+def test_rad_budget_drops_synthetic_copies_before_real_views():
+    real, copies = features(6, 0), features(12, 1)
+    copies = Features([p * 5.0 + 3.0 for p in copies.patches], [g * 5.0 for g in copies.globals])  # far apart
+    union = Features.cat([real, copies])
+    union.real = torch.tensor([True] * 6 + [False] * 12)
+    some = build_method("rad", bank_budget=8).fit(union)  # every real view, then 2 of the copies
+    assert some.real_views.tolist() == [True] * 6 + [False] * 2
+    kept = {tuple(v.flatten()[:4].tolist()) for v in some.patch_banks[0].float()}
+    assert all(tuple(torch.nn.functional.normalize(v, dim=0).flatten()[:4].half().float().tolist()) in kept
+               for v in real.patches[0])  # the real views themselves
+    only = build_method("rad", bank_budget=4).fit(union)  # fewer slots than real views: real ones only
+    assert only.real_views.tolist() == [True] * 4
+    equal = build_method("rad", bank_budget=8).fit(Features.cat([real, copies]))  # no flags: all count as real
+    assert int(equal.real_views.sum()) == 8
+    # chunked like the detector feeds it: the same rule at every merge
+    chunked = build_method("rad", bank_budget=8).fit_chunks(split(union, [5, 5, 8]))
+    assert chunked.real_views.tolist() == [True] * 6 + [False] * 2
+    restored = build_method("rad")
+    restored.load_state_tensors(chunked.state_tensors())
+    assert restored.real_views.tolist() == chunked.real_views.tolist()
+
+
+def test_detector_marks_copies_as_synthetic():
+    det = AnomalyDetector(TinyBackbone(), build_method("rad", bank_budget=0), augment="hflip", aug_count=2,
+                          aug_views=0)
+    det.chunk_views = 4
+    det.fit(goods(3, 0), show_progress=False)
+    assert det.method.real_views.tolist() == [True, False, False] * 3
+    det.update(goods(2, 1), show_progress=False)
+    assert det.method.real_views.tolist() == [True, False, False] * 5
+
+
 # -- augmentation ------------------------------------------------------------------------------------------
 def test_adaptive_copies_rule():
     assert adaptive_copies(30, 256, 1) == 30 and adaptive_copies(30, 256, 8) == 30  # few shots: unchanged

@@ -24,10 +24,19 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 @dataclass
 class Features:
-    """Backbone output for a batch: ``patches[l]`` is (B, C_l, h, w), ``globals[l]`` is (B, C_l)."""
+    """Backbone output for a batch: ``patches[l]`` is (B, C_l, h, w), ``globals[l]`` is (B, C_l).
+
+    ``real`` (B,) bool marks the views that are real images, not synthetic (augmented) copies; ``None``
+    means all are real. The detector sets it on the views it fits or updates on, so a method with a
+    budget can drop copies before real goods (RAD)."""
 
     patches: list[torch.Tensor]
     globals: list[torch.Tensor]
+    real: torch.Tensor | None = None
+
+    def real_mask(self) -> torch.Tensor:
+        """(B,) bool on the CPU: ``real``, or all True."""
+        return self.real.cpu() if self.real is not None else torch.ones(len(self), dtype=torch.bool)
 
     def __len__(self) -> int:
         return self.patches[0].shape[0]
@@ -37,17 +46,23 @@ class Features:
         return tuple(self.patches[0].shape[-2:])
 
     def to(self, *args, **kwargs) -> "Features":
-        return Features([p.to(*args, **kwargs) for p in self.patches], [g.to(*args, **kwargs) for g in self.globals])
+        return Features([p.to(*args, **kwargs) for p in self.patches], [g.to(*args, **kwargs) for g in self.globals],
+                        self.real)
 
     def __getitem__(self, idx) -> "Features":
-        return Features([p[idx] for p in self.patches], [g[idx] for g in self.globals])
+        return Features([p[idx] for p in self.patches], [g[idx] for g in self.globals],
+                        None if self.real is None else self.real[idx])
 
     @staticmethod
     def cat(parts: Sequence["Features"]) -> "Features":
         n_layers = len(parts[0].patches)
+        real = None
+        if any(p.real is not None for p in parts):
+            real = torch.cat([p.real_mask() for p in parts])
         return Features(
             [torch.cat([p.patches[i] for p in parts]) for i in range(n_layers)],
             [torch.cat([p.globals[i] for p in parts]) for i in range(n_layers)],
+            real,
         )
 
     def combined(self, mode: str = "concat") -> torch.Tensor:
