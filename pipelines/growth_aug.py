@@ -74,10 +74,14 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="bench-results/growth-aug")
     p.add_argument("--update-docs", action="store_true")
     p.add_argument("--date", default=datetime.date.today().isoformat())
+    p.add_argument("--from-csv", help="re-render a results.csv instead of running")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_csv:
+        with open(args.from_csv) as fh:
+            return report(list(csv.DictReader(fh)), out, args, argv)
     data = resolve_dataset(default_category_dir("mtd"))
     goods = list(data.train)
     random.Random(args.seed).shuffle(goods)
@@ -129,9 +133,18 @@ def main(argv=None) -> None:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    keys = ["goods", "copies", "views", "budget", "selection", "real_kept", "image_auroc"]
-    md = "\n".join(["| " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|" + "---|" * len(keys)]
-                   + ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows])
+    report(rows, out, args, argv)
+
+
+def report(rows: list[dict], out: Path, args, argv) -> None:
+    """results.md (and with ``--update-docs`` the page's section) from the rows."""
+    heads = ["goods", "copies per added good", "views", "budget", "selection", "real views kept", "image AUROC"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in rows:  # "equal" tells no copy from a real view: its count of real views kept is not known
+        real = "-" if r["selection"] == "equal" else r["real_kept"]
+        lines.append(f"| {r['goods']} | {r['copies']} | {r['views']} | {r['budget']} | {r['selection']} | {real} | "
+                     f"{float(r['image_auroc']):.4f} |")
+    md = "\n".join(lines)
     (out / "results.md").write_text(md + "\n")
     print(md)
     if args.update_docs:
@@ -139,9 +152,10 @@ def main(argv=None) -> None:
         from pipelines.growth_product import update_page
 
         intro = __doc__.split(chr(10) * 2, 2)[2]
+        notes = (out / "notes.md").read_text() if (out / "notes.md").is_file() else ""
         update_page(f"## Choosing copies and the bank rule: `pipelines.growth_aug`\n\n{intro}\n"
                     f"- Machine: {machine_line('cpu')}\n- Command: `python -m pipelines.growth_aug "
-                    f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n- Date: {args.date}\n\n{md}\n",
+                    f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n- Date: {args.date}\n\n{md}\n\n{notes}",
                     begin="<!-- growth-aug:begin -->", end="<!-- growth-aug:end -->")
 
 

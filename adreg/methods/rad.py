@@ -26,18 +26,19 @@ Real views before copies. Over budget, synthetic (augmented) copies go first (``
 in the state as ``real_views``): with at least ``bank_budget`` real views the coreset chooses among
 the real ones only, else every real view stays and the coreset fills the remaining slots from the
 copies. The k-center selection alone favours copies, since a flipped or rotated view is far from every
-real one: on MTD with 832 goods, a 256-view coreset over real views and one flip copy each reached
-0.896 image AUROC, over the real views alone 0.975 (docs/benchmarks/growth.md). Fits and updates take the
+real one: on MTD with 832 goods and one flip copy each, a 512-view coreset over every view reached
+0.961 image AUROC, real views first 0.982 (docs/benchmarks/growth.md). Fits and updates take the
 views in chunks (``fit_chunks`` / ``update_chunks``, what ``AnomalyDetector`` feeds): each chunk is merged
 with the kept views and the union is reduced to the budget again (merge-and-reduce), so peak memory is the
 budget plus one chunk and the time per added view stays flat as the bank grows.
 
-Defaults: 256 views stored in float16 (``bank_dtype``; features are L2-normalised, so a cosine moves by
+Defaults: 512 views stored in float16 (``bank_dtype``; features are L2-normalised, so a cosine moves by
 at most ~5e-4 and the state halves; scoring upcasts only the ``k_image`` retrieved views). Scoring cost
 does not grow with the bank beyond the global retrieval (one dot product per view), so the budget is a
 memory bound: Lite0 at 320 px is ~0.15 MiB (blocks 7+10) to ~0.2 MiB (blocks 4+10) per float16 view,
-37-54 MiB at 256. On MTD the budget decides how far updates can grow accuracy: grown to 256 goods, a
-256-view bank reaches 0.934 image AUROC (3 seeds) where 64 views stopped at 0.878 (docs/benchmarks/growth.md).
+75-107 MiB at 512. On MTD the budget decides how far updates can grow accuracy (docs/benchmarks/growth.md,
+one seed, 832 goods, real views first): 256 views 0.966 image AUROC, 512 views 0.982, all 832 views 0.982
+(a full refit: 0.981); grown to 256 goods a 256-view bank holds every view (0.934, 3 seeds).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class RAD(AnomalyMethod):
     streams = True
 
     def __init__(self, k_image: int = 16, radius: int = 1, layer_weights: list[float] | None = None,
-                 bank_dtype: str = "fp16", bank_budget: int = 256, coreset_grid: int = 4, coreset_dim: int = 128,
+                 bank_dtype: str = "fp16", bank_budget: int = 512, coreset_grid: int = 4, coreset_dim: int = 128,
                  chunk_images: int = 1, seed: int = 0):
         if k_image < 1:
             raise ConfigError(f"k_image must be >= 1, got {k_image}")
