@@ -128,8 +128,13 @@ def link_folder(paths: list[Path], folder: Path) -> str:
     return str(folder)
 
 
-def grow_mtd(method: str, seed: int, steps: list[int], work: Path, log=print) -> list[dict]:
-    """8-shot fit + updates to each of ``steps`` goods offered, on MTD; a row per process."""
+CONDITIONS = {"guard": {}, "suspects included": {"include_suspects": True}}
+
+
+def grow_mtd(method: str, seed: int, steps: list[int], work: Path, log=print, condition: str = "guard") -> list[dict]:
+    """8-shot fit + updates to each of ``steps`` goods offered, on MTD; a row per process. ``condition``:
+    ``guard`` (the product's default) or ``suspects included`` (``include_suspects``: every offered good
+    is learned from, as after a person confirmed the suspects)."""
     from adreg.data import default_category_dir, resolve_dataset, split_shots
 
     root = default_category_dir("mtd")
@@ -147,7 +152,7 @@ def grow_mtd(method: str, seed: int, steps: list[int], work: Path, log=print) ->
         batch = rest[offered - 8:target - 8]
         folder = link_folder(batch, work / f"add-{target}")
         rows.append({"step": f"update to {target}", "goods_offered": target,
-                     **run_child({**base, "kind": "update", "folders": [folder],
+                     **run_child({**base, "kind": "update", "folders": [folder], "update": CONDITIONS[condition],
                                   "from_version": rows[-1]["version"]})})
         log(rows[-1])
         offered = target
@@ -194,7 +199,7 @@ def grow_tall(method: str, seed: int, n_update: int, work: Path, log=print) -> l
 
 
 # -- report --------------------------------------------------------------------------------------------------
-COLUMNS = ["product", "method", "seed", "step", "goods_offered", "goods_learned", "held_out", "calibration",
+COLUMNS = ["product", "method", "condition", "seed", "step", "goods_offered", "goods_learned", "held_out", "calibration",
            "views", "aug_copies", "peak_rss_mib", "rss_vs_fit", "seconds", "s_per_good", "s_per_view",
            "image_auroc", "latency_ms", "latency_vs_fit"]
 
@@ -219,13 +224,13 @@ def fmt(v) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    heads = ["product", "method", "seed", "step", "goods offered", "learned (model total)", "guard held out",
+    heads = ["product", "method", "condition", "seed", "step", "goods offered", "learned (model total)", "guard held out",
              "cleared", "calibration", "views", "copies/good", "bank views", "peak RSS MiB", "RSS vs fit", "update s", "s/good", "s/view",
              "image AUROC", "ms/image", "latency vs fit"]
     out = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         learned = f"{r['goods_learned']}" + (f" ({r['goods_total']})" if r.get("goods_total") else "")
-        vals = [r["product"], r["method"], r["seed"], r["step"], r["goods_offered"], learned, r["held_out"],
+        vals = [r["product"], r["method"], r.get("condition") or "guard", r["seed"], r["step"], r["goods_offered"], learned, r["held_out"],
                 r.get("cleared", "-"), r["calibration"], r["views"], r["aug_copies"], r.get("bank_views") or "-",
                 f"{r['peak_rss_mib']:.0f}",
                 f"{r['rss_vs_fit']:.2f}", f"{r['seconds']:.1f}", f"{r['s_per_good']:.3f}", f"{r['s_per_view']:.3f}",
@@ -254,6 +259,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", default="64,256,832")
     p.add_argument("--seeds", default="0")
     p.add_argument("--tall", default="rad", help="methods of the tall-image product ('' = none)")
+    p.add_argument("--tall-seeds", default="0", help="seeds of the tall-image product")
+    p.add_argument("--condition", default="guard", choices=sorted(CONDITIONS))
     p.add_argument("--tall-update", type=int, default=150)
     p.add_argument("--from-csv", help="re-render from a results.csv instead of running")
     p.add_argument("--out", default="bench-results/growth-product")
@@ -266,20 +273,23 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     if args.from_csv:
-        with open(args.from_csv) as fh:
-            rows = [{k: (json.loads(v) if v not in ("",) and k not in ("product", "method", "step") else v)
-                     for k, v in r.items()} for r in csv.DictReader(fh)]
+        for path in args.from_csv.split(","):  # several runs' rows, in the order given
+            with open(path) as fh:
+                rows += [{k: (json.loads(v) if v not in ("",) and k not in ("product", "method", "step", "condition")
+                              else v) for k, v in r.items()} for r in csv.DictReader(fh)]
     else:
         steps = [int(x) for x in args.steps.split(",") if x]
         for seed in [int(x) for x in args.seeds.split(",")]:
             for method in [m for m in args.methods.split(",") if m]:
                 with tempfile.TemporaryDirectory(prefix="adreg-growth-") as tmp:
-                    rows += [{"product": "mtd", "method": method, "seed": seed, **r}
-                             for r in derive(grow_mtd(method, seed, steps, Path(tmp)))]
+                    rows += [{"product": "mtd", "method": method, "condition": args.condition, "seed": seed, **r}
+                             for r in derive(grow_mtd(method, seed, steps, Path(tmp), condition=args.condition))]
                 write_rows(rows, out)
+            if str(seed) not in args.tall_seeds.split(","):
+                continue
             for method in [m for m in args.tall.split(",") if m]:
                 with tempfile.TemporaryDirectory(prefix="adreg-tall-") as tmp:
-                    rows += [{"product": "tall 500x1263", "method": method, "seed": seed, **r}
+                    rows += [{"product": "tall 500x1263", "method": method, "condition": "guard", "seed": seed, **r}
                              for r in derive(grow_tall(method, seed, args.tall_update, Path(tmp)))]
                 write_rows(rows, out)
     write_rows(rows, out)
