@@ -233,8 +233,9 @@ def grow_detector(detector: AnomalyDetector, paths: list[Path], *, include_suspe
     * ``second_look``: the grown, recalibrated detector scores the held-out suspects again; those it
       scores at or below its own threshold are cleared and learned from (a second update), and the
       threshold is recalibrated once more. The parent judged with less variety than the grown model
-      holds: on MTD, a 196-good parent held out 110 of 576 goods (19%) at its threshold. A suspect the
-      grown model still scores above its threshold stays held out and listed;
+      holds: on MTD (seed 0) a 214-good RAD parent flagged 117 of 576 new goods, the second look cleared
+      45 (docs/benchmarks/growth.md). A suspect the grown model still scores above its threshold stays
+      held out and listed;
     * ``eval_samples`` (the parent's evaluation set) evaluate the grown detector.
     Raises ``DataError`` when nothing is left to learn from or to calibrate on."""
     if detector.threshold is None:

@@ -75,6 +75,9 @@ def main(argv=None) -> None:
     p.add_argument("--update-docs", action="store_true")
     p.add_argument("--date", default=datetime.date.today().isoformat())
     p.add_argument("--from-csv", help="re-render a results.csv instead of running")
+    p.add_argument("--drop-probe", type=int, default=0, metavar="K",
+                   help="instead of the sweep: what leaving K goods out costs, the K a 200-good model scores "
+                        "highest (what a guard holds out) against K random ones (RAD, every good, no copies)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -99,6 +102,9 @@ def main(argv=None) -> None:
     test_feats = test_feats.to(torch.float32)
     labels = np.array([s.label for s in data.test])
     print(f"features: {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.drop_probe:
+        return drop_probe(origin, test_feats, labels, backbone, args.drop_probe, int(args.budgets.split(",")[0]),
+                          args.seed)
     rows = []
     for n_goods in [int(x) for x in args.goods.split(",")]:
         for c in [int(x) for x in args.copies.split(",")]:
@@ -134,6 +140,27 @@ def main(argv=None) -> None:
         w.writeheader()
         w.writerows(rows)
     report(rows, out, args, argv)
+
+
+def drop_probe(origin, test_feats, labels, backbone, k: int, budget: int, seed: int) -> None:
+    """Image AUROC of RAD (``budget`` views) on every good, without the ``k`` goods a model of the first
+    200 scores highest (what a guard at any threshold holds out first), and without ``k`` random goods."""
+    goods = Features.cat(origin).to(torch.float32)
+    n = len(goods)
+
+    def auroc(keep) -> float:
+        method = build_method("rad", bank_budget=budget).fit(goods[torch.tensor(sorted(keep))])
+        return evaluate_scores(labels, score_features(method, test_feats, backbone, 4.0, 0.001)[0])["image_auroc"]
+
+    judge = build_method("rad", bank_budget=budget).fit(goods[:200])
+    rest = list(range(200, n))
+    scores = score_features(judge, goods[torch.tensor(rest)], backbone, 4.0, 0.001)[0]
+    highest = {rest[i] for i in np.argsort(-scores)[:k]}
+    chance = set(random.Random(seed).sample(rest, k))
+    for what, out in [("every good", set()), (f"without the {k} a 200-good model scores highest", highest),
+                      (f"without {k} random goods", chance)]:
+        print(f"{what}: {n - len(out)} goods, image AUROC {auroc([i for i in range(n) if i not in out]):.4f}",
+              flush=True)
 
 
 def report(rows: list[dict], out: Path, args, argv) -> None:

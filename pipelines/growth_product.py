@@ -224,19 +224,48 @@ def fmt(v) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    heads = ["product", "method", "condition", "seed", "step", "goods offered", "learned (model total)", "guard held out",
-             "cleared", "calibration", "views", "copies/good", "bank views", "peak RSS MiB", "RSS vs fit", "update s", "s/good", "s/view",
+    heads = ["product", "method", "condition", "seed", "step", "goods offered", "learned (model total)",
+             "flagged by the parent", "cleared", "held out", "calibration", "views", "copies/good", "bank views", "peak RSS MiB", "RSS vs fit", "update s", "s/good", "s/view",
              "image AUROC", "ms/image", "latency vs fit"]
     out = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         learned = f"{r['goods_learned']}" + (f" ({r['goods_total']})" if r.get("goods_total") else "")
-        vals = [r["product"], r["method"], r.get("condition") or "guard", r["seed"], r["step"], r["goods_offered"], learned, r["held_out"],
-                r.get("cleared", "-"), r["calibration"], r["views"], r["aug_copies"], r.get("bank_views") or "-",
+        included = r.get("condition") == "suspects included"  # the suspects were flagged, then learned from
+        flagged = r["held_out"] + (0 if included else r.get("cleared") or 0)
+        vals = [r["product"], r["method"], r.get("condition") or "guard", r["seed"], r["step"], r["goods_offered"], learned,
+                flagged, "-" if included else r.get("cleared", "-"), 0 if included else r["held_out"], r["calibration"], r["views"], r["aug_copies"], r.get("bank_views") or "-",
                 f"{r['peak_rss_mib']:.0f}",
                 f"{r['rss_vs_fit']:.2f}", f"{r['seconds']:.1f}", f"{r['s_per_good']:.3f}", f"{r['s_per_view']:.3f}",
                 "-" if r["image_auroc"] is None else f"{r['image_auroc']:.4f}", f"{r['latency_ms']:.1f}",
                 f"{r['latency_vs_fit']:.2f}"]
         out.append("| " + " | ".join(map(str, vals)) + " |")
+    return "\n".join(out)
+
+
+def summary(rows: list[dict]) -> str:
+    """Mean ± std over seeds per (product, method, condition, step): what the targets are judged on."""
+    import numpy as np
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["product"], r["method"], r.get("condition") or "guard", r["step"]), []).append(r)
+    heads = ["product", "method", "condition", "step", "seeds", "learned (model total)", "held out", "RSS vs fit",
+             "s/good", "s/view", "image AUROC", "latency vs fit"]
+    out = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+
+    def ms(values, digits):
+        v = np.array([float(x) for x in values if x is not None], dtype=float)
+        if not v.size:
+            return "-"
+        return f"{v.mean():.{digits}f}" + (f" ± {v.std(ddof=1):.{digits}f}" if v.size > 1 else "")
+
+    for (product, method, condition, step), g in groups.items():
+        total = ms([r.get("goods_total") or r["goods_learned"] for r in g], 0)
+        out.append("| " + " | ".join(map(str, [
+            product, method, condition, step, len(g), f"{ms([r['goods_learned'] for r in g], 0)} ({total})",
+            "0" if condition == "suspects included" else ms([r["held_out"] for r in g], 0),
+            ms([r["rss_vs_fit"] for r in g], 2), ms([r["s_per_good"] for r in g], 3), ms([r["s_per_view"] for r in g], 3),
+            ms([r["image_auroc"] for r in g], 4), ms([r["latency_vs_fit"] for r in g], 2)])) + " |")
     return "\n".join(out)
 
 
@@ -293,7 +322,7 @@ def main(argv=None) -> None:
                              for r in derive(grow_tall(method, seed, args.tall_update, Path(tmp)))]
                 write_rows(rows, out)
     write_rows(rows, out)
-    md = table(rows)
+    md = "Mean over seeds:\n\n" + summary(rows) + "\n\nEvery run:\n\n" + table(rows)
     (out / "results.md").write_text(md + "\n")
     print(md)
     if args.update_docs:
