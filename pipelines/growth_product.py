@@ -18,12 +18,12 @@ calibration), then one update with 150 goods.
 
 Every fit and update runs in a child process; its peak RSS is that child's, never the parent's (the
 child's own high-water mark, VmHWM, as it ends). Per step: goods offered / learned (real goods the model
-holds) / held out by the guard / cleared by the second look / held out to calibrate, views extracted and
+holds) / flagged by the parent / cleared by the second look / held out / held out to calibrate, views extracted and
 synthetic copies per good, the bank's views after the step (RAD), peak RSS and its ratio to the 8-shot
 fit's, the detector's update seconds (decode + augmentation + features + chunked merge, both updates when
 the second look learns; ``fit_info.update_seconds``) per learned good and per view, image AUROC on the
-test split, and ms/image: ``detector.predict`` on the first 32 test images after one warm-up image, best
-of two passes, and its ratio to the 8-shot model's.
+test split, and ms/image: ``detector.predict`` on the paths of the first 32 test images (decoding
+included) after one warm-up image, best of two passes, and its ratio to the 8-shot model's.
 ``--update-docs`` replaces the product-path section of
 docs/benchmarks/growth.md (between its markers), keeping the rest of the page.
 """
