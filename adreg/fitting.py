@@ -164,15 +164,23 @@ class GrowResult:
     cleared: list[dict] = field(default_factory=list)  # suspects the grown model cleared, then learned from
 
 
+#: report keys of ``AnomalyDetector.update`` (and the methods' reports) that count what one update did
+ADDITIVE_REPORT_KEYS = ("n_images", "n_views", "seconds", "views_added", "patches_added", "n_views_added",
+                        "update_steps")
+#: ``fit_info`` timings that ``AnomalyDetector.update`` sets for the last update only
+UPDATE_TIMINGS = ("update_seconds", "update_feature_seconds", "update_method_seconds")
+
+
 def _merge_reports(first: dict, second: dict) -> dict:
     """One report for two successive ``AnomalyDetector.update`` calls (the second look's): counts and seconds
-    add up, the bank's state is the second's, the method's words are both."""
+    add up, the state before is the first's (``*_before``, copies per good), after it the second's, the
+    method's words are both."""
     out = {**first, **second}
-    for key in ("n_images", "n_views", "seconds", "views_added"):
+    for key in ADDITIVE_REPORT_KEYS:
         if key in first and key in second:
             out[key] = first[key] + second[key]
-    for key in ("bank_views_before", "aug_copies"):
-        if key in first:
+    for key in first:
+        if key.endswith("_before") or key == "aug_copies":
             out[key] = first[key]
     if first.get("what") or second.get("what"):
         out["what"] = f"{first.get('what', '')}; then, for the suspects cleared on a second look, {second.get('what', '')}"
@@ -272,12 +280,14 @@ def grow_detector(detector: AnomalyDetector, paths: list[Path], *, include_suspe
         grown_threshold = float(detector.threshold.value)
         cleared_idx = [i for i in suspect_idx if second[i] <= grown_threshold]
         if cleared_idx:
-            seconds = detector.fit_info.get("update_seconds", 0.0)
+            first = {k: detector.fit_info[k] for k in UPDATE_TIMINGS}
             method_report = _merge_reports(method_report, detector.update([paths[i] for i in cleared_idx],
                                                                            show_progress=show_progress))
-            detector.fit_info["update_seconds"] = seconds + detector.fit_info["update_seconds"]
+            for key in UPDATE_TIMINGS:  # the fit_info of both updates, as the merged report
+                detector.fit_info[key] += first[key]
             train_idx = sorted(train_idx + cleared_idx)
             calibration, source = recalibrate()
+
     def looked(i: int) -> dict:
         return {"second_score": second[i], "second_threshold": grown_threshold} if i in second else {}
 

@@ -170,6 +170,12 @@ def test_second_look_learns_the_suspects_the_grown_model_clears(store, tmp_path)
     assert {c["path"] for c in looked.cleared} <= added and added - {str(p) for p in strict.added} == \
         {c["path"] for c in looked.cleared}
     assert looked.metrics()["n_suspects_cleared"] == len(looked.cleared)
+    # one report and one fit_info for both updates
+    assert looked.method_report["n_images"] == len(looked.added)
+    assert looked.method_report["patches_before"] == strict.method_report["patches_before"]
+    info = looked.detector.fit_info
+    assert info["update_seconds"] == pytest.approx(info["update_feature_seconds"] + info["update_method_seconds"])
+    assert info["update_seconds"] == pytest.approx(looked.method_report["seconds"])
     assert looked.report()["cleared"] == looked.cleared
 
 

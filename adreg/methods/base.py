@@ -30,9 +30,6 @@ class AnomalyMethod(ABC):
     needs_auxiliary: ClassVar[bool] = False
     #: image score = mean of this top fraction of map pixels (0 = the maximum)
     default_top_fraction: ClassVar[float] = 0.01
-    #: True when ``fit_chunks`` / ``update_chunks`` absorb the features one chunk at a time (memory bounded
-    #: by the fitted state plus one chunk, whatever the number of views); False: they concatenate them
-    streams: ClassVar[bool] = False
 
     def __init__(self, **params):
         self.params = dict(params)
@@ -72,12 +69,12 @@ class AnomalyMethod(ABC):
 
     def fit_chunks(self, chunks: Iterable[Features], progress=None) -> "AnomalyMethod":
         """Fit on features that arrive in chunks (``AnomalyDetector.fit`` extracts them so). This default,
-        for a method that needs all views at once (``streams`` False), concatenates them and calls ``fit``."""
+        for a method that needs all views at once, concatenates them and calls ``fit``."""
         return self.fit(concat_chunks(chunks), progress=progress)
 
     def update_chunks(self, chunks: Iterable[Features], progress=None) -> dict:
         """Grow with features that arrive in chunks (``AnomalyDetector.update``); the report as ``update``'s.
-        This default (``streams`` False) concatenates them and calls ``update``."""
+        This default concatenates them and calls ``update``."""
         return self.update(concat_chunks(chunks), progress=progress)
 
     @abstractmethod

@@ -10,10 +10,10 @@ Architecture as in the paper, with widths derived from the backbone: Linear C ->
 ViT blocks (D, D/32 heads, MLP x4, no positional embedding), LayerNorm, Linear D -> C; D = C/2
 rounded up to a multiple of 32 (768 -> 384 for ViT-B, 152 -> 96 for Lite0 blocks 4+10).
 
-Chunked fitting does not apply (``streams`` False): training samples random minibatches over all clean
-views and their CutPaste pairs for many steps, so ``fit_chunks`` / ``update_chunks`` concatenate the
-chunks and ``AnomalyDetector`` extracts all views (and their CutPaste views) at once, as before. Memory
-grows with the views of one fit or update; grow FoundAD in several smaller updates where that matters.
+Chunked fitting does not apply: training samples random minibatches over all clean views and their
+CutPaste pairs for many steps, so the default ``fit_chunks`` / ``update_chunks`` concatenate the chunks
+and ``AnomalyDetector`` extracts all views (and their CutPaste views) at once, as before. Memory grows
+with the views of one fit or update; grow FoundAD in several smaller updates where that matters.
 """
 
 from __future__ import annotations

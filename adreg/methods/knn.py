@@ -73,7 +73,6 @@ def check_bank_dtype(name: str) -> torch.dtype:
 
 class PatchKNN(AnomalyMethod):
     name = "knn"
-    streams = True
 
     def __init__(self, layer_combine: str = "concat", bank_dtype: str = "fp32", bank_budget: int = 16_384,
                  coreset_dim: int = 64, seed: int = 0):

@@ -78,7 +78,6 @@ def windowed_max_cosine(query: torch.Tensor, refs: torch.Tensor, radius: int) ->
 
 class RAD(AnomalyMethod):
     name = "rad"
-    streams = True
 
     def __init__(self, k_image: int = 16, radius: int = 1, layer_weights: list[float] | None = None,
                  bank_dtype: str = "fp16", bank_budget: int = 512, coreset_grid: int = 4, coreset_dim: int = 128,

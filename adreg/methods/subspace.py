@@ -53,7 +53,6 @@ class SubspaceAD(AnomalyMethod):
     """
 
     name = "subspace"
-    streams = True  # statistics: the detector feeds chunks, memory = D x D + one chunk
 
     def __init__(self, pca_ev: float = 0.99, layer_combine: str = "concat", chunk_images: int = 16):
         if not 0.0 < pca_ev <= 1.0:
