@@ -19,7 +19,6 @@ import argparse
 import csv
 import datetime
 import json
-import math
 import os
 import platform
 import shlex
@@ -33,7 +32,7 @@ import torch
 
 from adreg.backbones import build_backbone
 from adreg.data import default_category_dir, resolve_dataset
-from adreg.detector import AnomalyDetector, resolve_device
+from adreg.detector import CHUNK_VIEWS, AnomalyDetector, resolve_device
 from adreg.feature_cache import CachingBackbone, honest_seconds, split_calls
 from adreg.fitting import FitOptions, fit_category
 from adreg.images import load_image
@@ -129,18 +128,38 @@ def fit_options(args, dataset: str, data_dir: str, name: str, k: int, seed: int)
                       method_params=params)
 
 
-def phase_calls(calls: list, detector, n_test: int) -> tuple[list, list]:
-    """The backbone calls of one ``fit_category``, split into those of ``AnomalyDetector.fit`` (the first:
-    the views, their CutPaste copies when the method synthesises, the auxiliary dataset when it needs one)
-    and those of ``evaluate`` (the last: one per ``batch_size`` test images); the calibration's lie between."""
+def _batches(n: int, size: int) -> list[int]:
+    """The sizes of ``n`` images taken ``size`` at a time (the last batch holds the rest)."""
+    return [min(size, n - start) for start in range(0, n, size)]
+
+
+def phase_calls(calls: list, detector, n_test: int, n_calibration: int | None = None) -> tuple[list, list]:
+    """The backbone calls of one ``fit_category``, split into those of ``AnomalyDetector.fit`` (the first)
+    and those of ``evaluate`` (the last); the calibration's lie between.
+
+    The fit's views (``fit_info["n_train_images"]``) go ``detector.chunk_views`` (``CHUNK_VIEWS``) at a time
+    when the method streams its fit (``AnomalyDetector._chunks``: one call per chunk); otherwise in one call,
+    followed by one for their CutPaste copies when the method synthesises and one for the auxiliary dataset
+    when it needs one. Calibration (``n_calibration`` images, when given) and evaluation (``n_test``) are
+    scored ``batch_size`` images per call. Raises ``RuntimeError`` when the calls do not have these sizes."""
     method = detector.method
-    n_fit = 1 + (method.synthesis == "cutpaste") + bool(method.needs_auxiliary)
-    n_eval = math.ceil(n_test / detector.batch_size)
-    if (len(calls) < n_fit + n_eval or calls[0].n_images != detector.fit_info["n_train_images"]
-            or sum(c.n_images for c in calls[-n_eval:]) != n_test):
-        raise RuntimeError(f"fit_category's backbone calls ({[c.n_images for c in calls]}) no longer match the "
+    n_views = int(detector.fit_info["n_train_images"])
+    if detector._streams_fit():
+        fit_sizes = _batches(n_views, getattr(detector, "chunk_views", CHUNK_VIEWS))
+    else:
+        fit_sizes = [n_views] * (1 + (method.synthesis == "cutpaste"))
+    n_fit = len(fit_sizes) + bool(method.needs_auxiliary)  # the auxiliary set: one call, its own size
+    eval_sizes = _batches(n_test, detector.batch_size)
+    n_eval = len(eval_sizes)
+    sizes = [c.n_images for c in calls]
+    between = sizes[n_fit:len(sizes) - n_eval]
+    cal_ok = (between == _batches(n_calibration, detector.batch_size) if n_calibration is not None
+              else bool(between) and all(0 < n <= detector.batch_size for n in between))
+    if (len(sizes) < n_fit + n_eval or sizes[:len(fit_sizes)] != fit_sizes
+            or sizes[len(sizes) - n_eval:] != eval_sizes or not cal_ok):
+        raise RuntimeError(f"fit_category's backbone calls ({sizes}) no longer match the "
                            "fit -> calibration -> evaluation order pipelines.benchmark.phase_calls expects")
-    return calls[:n_fit], calls[-n_eval:]
+    return calls[:n_fit], calls[len(calls) - n_eval:]
 
 
 def run_dataset(args, dataset: str, out: Path) -> list[dict]:
@@ -183,7 +202,8 @@ def run_dataset(args, dataset: str, out: Path) -> list[dict]:
                 first = len(backbone.calls)
                 result = fit_category(opts, show_progress=False, backbone=backbone)
                 det, ev = result.detector, result.evaluation
-                fit_calls, eval_calls = phase_calls(backbone.calls[first:], det, len(test))
+                fit_calls, eval_calls = phase_calls(backbone.calls[first:], det, len(test),
+                                                    len(result.calibration))
                 fit_s = honest_seconds(det.fit_info["fit_seconds"], fit_calls, backbone_ms)
                 eval_s = ev.metrics["latency_ms_per_image"] * len(test) / 1000
                 ms = honest_seconds(eval_s, eval_calls, backbone_ms) / len(test) * 1000

@@ -203,3 +203,51 @@ def test_growth_tables_merge_runs_and_a_later_run_replaces_the_same_rows():
     assert table[("knn", 8)]["seeds"] == 2 and table[("knn", 8)]["image_auroc"][0] == pytest.approx(0.72)
     assert table[("knn", 16)]["image_auroc"][0] == pytest.approx(0.75)
     assert table[("rad", 8)]["seeds"] == 1
+
+
+def test_fit_of_more_views_than_one_chunk_splits_into_fit_calibration_and_evaluation(bottle_dir, shared_cache,
+                                                                                      tmp_path, monkeypatch):
+    """3 bottle shots x (1 + 30 rotations) = 93 views: the fit streams two backbone calls (64 + 29,
+    ``CHUNK_VIEWS``), and ``phase_calls`` still tells the fit, the calibration (a 3-image val folder) and the
+    evaluation (4 test images) apart, 2 images per call (--batch-size 2); a wrong order still raises."""
+    from adreg.detector import CHUNK_VIEWS
+
+    root = tmp_path / "mini-bottle"
+    picks = {"train/good": ("train/good", ["000", "001", "002"]), "val/good": ("train/good", ["003", "004", "005"]),
+             "test/good": ("test/good", ["000", "001"]), "test/broken_large": ("test/broken_large", ["000", "001"]),
+             "ground_truth/broken_large": ("ground_truth/broken_large", ["000_mask", "001_mask"])}
+    for dest, (src, stems) in picks.items():
+        (root / dest).mkdir(parents=True)
+        for stem in stems:
+            (root / dest / f"{stem}.png").symlink_to(bottle_dir / src / f"{stem}.png")
+    seen = []
+    real_phase_calls = benchmark.phase_calls
+
+    def spy(*args):
+        fit, evaluation = real_phase_calls(*args)
+        seen.append((*args, fit, evaluation))
+        return fit, evaluation
+
+    monkeypatch.setattr(benchmark, "phase_calls", spy)
+    argv = ["--datasets", "bottle", "--data", str(root), "--methods", "rad,subspace", "--shots", "3", "--seeds", "0",
+            "--batch-size", "2", "--device", "cpu", "--timing-images", "2", "--no-pictures",
+            "--out", str(tmp_path / "out")]
+    assert benchmark.main(argv) == 0
+    rows = _rows(tmp_path / "out")
+    assert [(r["method"], r["n_train_images"], r["calibration"]) for r in rows] == [
+        ("rad", "93", "validation folder"), ("subspace", "93", "validation folder")]
+    assert len(seen) == 2
+    for calls, det, n_test, n_cal, fit, evaluation in seen:
+        assert (det.fit_info["n_train_images"], n_test, n_cal) == (93, 4, 3) and 93 > CHUNK_VIEWS
+        between = calls[len(fit):len(calls) - len(evaluation)]
+        assert [c.n_images for c in fit] == [64, 29]
+        assert [c.n_images for c in between] == [2, 1]
+        assert [c.n_images for c in evaluation] == [2, 2]
+        assert sum(c.n_images for c in calls) == 93 + 3 + 4 == sum(c.n_images for c in fit + between + evaluation)
+        assert real_phase_calls(calls, det, n_test) == (fit, evaluation)  # calibration size not given
+        for wrong in (calls[1:], calls[:1] + calls[2:], calls[-2:] + calls[:-2], calls[:2] + calls[3:],
+                      calls[:-1]):
+            with pytest.raises(RuntimeError, match="no longer match"):
+                real_phase_calls(wrong, det, n_test, n_cal)
+        with pytest.raises(RuntimeError, match="no longer match"):
+            real_phase_calls(calls, det, n_test, n_cal + 1)
