@@ -1,9 +1,10 @@
 """Dataset layouts and the few-shot split.
 
-Two layouts are understood:
+These layouts are understood:
 
 * MVTec AD: ``<root>/train/good``, ``<root>/test/<good|defect>``, ``<root>/ground_truth/<defect>/<stem>_mask.png``.
 * Magnetic-Tile-Defect (``MT_*/Imgs``): a seeded split, see ``mtd_split``.
+* ELPV solar cells (``images/`` + ``labels.csv``, image labels only): a seeded split, see ``elpv_split``.
 * A custom product folder: a folder of good images, with optional ``val/`` and ``test/`` folders beside
   it (or given explicitly) holding ``good/`` and defect sub-folders. Masks are found as MVTec does it,
   as ``<stem>_mask.png`` beside the image, or as ``<stem>.png`` beside a ``.jpg`` image.
@@ -11,6 +12,7 @@ Two layouts are understood:
 
 from __future__ import annotations
 
+import csv
 import os
 import random
 from dataclasses import dataclass, field
@@ -62,8 +64,12 @@ def default_data_root() -> Path | None:
     return None if root is None else root.parent / "shared" / "datasets"
 
 
+ELPV_NAMES = ("elpv_mono", "elpv")  # category names of the bundled ELPV folder, elpv_mono
+
+
 def default_category_dir(category: str) -> Path | None:
-    """The bundled folder of ``category`` (MVTec ``mvtec_ad/<category>``, or ``mtd``), if there is one."""
+    """The bundled folder of ``category`` (MVTec ``mvtec_ad/<category>``, ``mtd``, or ``elpv_mono``, also
+    called ``elpv``), if there is one."""
     root = default_data_root()
     if root is None:
         return None
@@ -71,7 +77,10 @@ def default_category_dir(category: str) -> Path | None:
     if (candidate / "train" / "good").is_dir():
         return candidate
     candidate = root / category
-    return candidate if is_mtd(candidate) else None
+    if is_mtd(candidate) or is_elpv(candidate):
+        return candidate
+    candidate = root / ELPV_NAMES[0]
+    return candidate if category in ELPV_NAMES and is_elpv(candidate) else None
 
 
 def is_mtd(folder: Path) -> bool:
@@ -94,6 +103,65 @@ def mtd_split(root: str | Path, split_seed: int = 0, n_val: int = 20, n_test_goo
         test += [Sample(p, 1, defect, find_mask(p, defect)) for p in list_images(defect_dir / "Imgs")]
     return CategoryData(train=train, val=[Sample(p, 0, "good") for p in sorted(val_good)], test=test,
                         source=f"mtd:{root}:split{split_seed}")
+
+
+def is_elpv(folder: Path) -> bool:
+    """The ELPV layout: ``labels.csv`` and an ``images/`` folder."""
+    folder = Path(folder)
+    return (folder / "labels.csv").is_file() and (folder / "images").is_dir()
+
+
+def read_elpv_labels(root: str | Path) -> list[tuple[Path, int]]:
+    """(image, label) of every row of ``<root>/labels.csv`` (``image,defect_probability``), in file order:
+    probability 0.0 = good (0), 1.0 = defective (1). A missing column or image, or a row that is not one
+    of these, is a DataError naming the line."""
+    root = Path(root)
+    labels = root / "labels.csv"
+    try:
+        with open(labels, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"image", "defect_probability"} <= set(reader.fieldnames):
+                raise DataError(f"{labels}: expected the header image,defect_probability, "
+                                f"got {','.join(reader.fieldnames or []) or 'an empty file'}")
+            rows = []
+            for row in reader:
+                line = reader.line_num
+                image, value = (row.get("image") or "").strip(), (row.get("defect_probability") or "").strip()
+                try:
+                    prob = float(value)
+                except ValueError:
+                    prob = None
+                if not image or prob not in (0.0, 1.0):
+                    raise DataError(f"{labels} line {line}: expected an image and a defect_probability of "
+                                    f"0.0 (good) or 1.0 (defective), got {image!r}, {value!r}")
+                path = root / image
+                if not path.is_file():
+                    raise DataError(f"{labels} line {line}: image {path} does not exist")
+                rows.append((path, int(prob)))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{labels}: not readable ({exc})") from None
+    if not rows:
+        raise DataError(f"{labels} lists no images")
+    return rows
+
+
+def elpv_split(root: str | Path, split_seed: int = 0, n_val: int = 20, n_test_good: int = 150) -> CategoryData:
+    """ELPV has no official split: a seeded one, as ``mtd_split`` makes it. Good cells (probability 0.0
+    in ``labels.csv``) are shuffled with ``split_seed`` into ``n_test_good`` test, ``n_val`` validation
+    and the rest training images; every defective cell (1.0) is a test image (defect ``defective``, no
+    mask: ELPV has image labels only)."""
+    root = Path(root)
+    rows = read_elpv_labels(root)
+    good = sorted(p for p, label in rows if label == 0)
+    defective = sorted(p for p, label in rows if label == 1)
+    random.Random(split_seed).shuffle(good)
+    test_good, val_good, train = good[:n_test_good], good[n_test_good:n_test_good + n_val], sorted(good[n_test_good + n_val:])
+    if not train:
+        raise DataError(f"{root / 'labels.csv'} lists {len(good)} good cells: none is left for training after "
+                        f"{n_test_good} test and {n_val} validation ones")
+    test = [Sample(p, 0, "good") for p in sorted(test_good)] + [Sample(p, 1, "defective") for p in defective]
+    return CategoryData(train=train, val=[Sample(p, 0, "good") for p in sorted(val_good)], test=test,
+                        source=f"elpv:{root}:split{split_seed}")
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -140,8 +208,8 @@ def resolve_dataset(train_dir: str | Path, val_dir: str | Path | None = None,
                     test_dir: str | Path | None = None) -> CategoryData:
     """Read a category's folders; ``train_dir`` is an MVTec category root or a folder of good images."""
     train_dir = _require_dir(Path(train_dir), "training folder")
-    if is_mtd(train_dir):
-        data = mtd_split(train_dir)
+    if is_mtd(train_dir) or is_elpv(train_dir):
+        data = mtd_split(train_dir) if is_mtd(train_dir) else elpv_split(train_dir)
         data.root = train_dir
         data.val = read_labelled_folder(val_dir, "validation folder") if val_dir is not None else data.val
         data.test = read_labelled_folder(test_dir, "test folder") if test_dir is not None else data.test
