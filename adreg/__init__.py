@@ -7,16 +7,16 @@ The public API (``adreg.api``, loaded on first use so ``import adreg`` stays lig
     detector = adreg.load("bottle")                       # production's AnomalyDetector, verified
     adreg.predict("bottle", ["part.png"]).rows
 
-Functions: fit, promote, rollback, update, load, predict, score, serve, resolve, models, history, compare,
+Functions: fit, tune, promote, rollback, update, load, predict, score, serve, resolve, models, history, compare,
 export, bundle, drift, status, grant, whoami; reviews: label, labels, production_set, quality, threshold,
 review; errors in ``adreg.errors``. ``help(adreg.fit)`` documents each.
 """
 
 __version__ = "0.1.0"
 
-_API = ("fit", "promote", "rollback", "update", "load", "predict", "score", "serve", "resolve", "models", "history",
+_API = ("fit", "tune", "promote", "rollback", "update", "load", "predict", "score", "serve", "resolve", "models", "history",
         "compare", "export", "bundle", "drift", "status", "grant", "whoami", "label", "labels", "production_set",
-        "quality", "threshold", "review", "FitOutcome", "PromoteOutcome",
+        "quality", "threshold", "review", "FitOutcome", "TuneOutcome", "PromoteOutcome",
         "PredictOutcome", "FitOptions", "GatePolicy")
 __all__ = ["__version__", "errors", *_API]
 

@@ -29,7 +29,7 @@ from adreg.errors import ConfigError, DataError
 __all__ = ["FitOutcome", "PromoteOutcome", "PredictOutcome", "fit", "promote", "rollback", "update", "load",
            "predict", "score", "serve", "resolve", "models", "history", "compare", "export", "bundle", "drift",
            "status", "grant", "whoami", "label", "labels", "production_set", "quality", "threshold", "review",
-           "GatePolicy", "FitOptions"]
+           "GatePolicy", "FitOptions", "tune", "TuneOutcome"]
 
 
 def __getattr__(name):  # the option classes, without importing torch at ``import adreg.api``
@@ -89,7 +89,8 @@ class FitOutcome:
 def fit(category: str, *, train_dir: str | None = None, val_dir: str | None = None, test_dir: str | None = None,
         method: str = "subspace", k_shot: int = 1, seed: int = 0, params: dict | None = None,
         register: bool = False, promote: str | None = None, export: str | None = None,
-        tracking_uri: str | None = None, show_progress: bool = True, options=None, **settings) -> FitOutcome:
+        tracking_uri: str | None = None, show_progress: bool = True, options=None, settings_from: str | None = None,
+        **settings) -> FitOutcome:
     """Fit a detector for ``category``, evaluate it, log it to MLflow, and optionally register and promote it.
 
     Args:
@@ -102,6 +103,8 @@ def fit(category: str, *, train_dir: str | None = None, val_dir: str | None = No
         promote: after registering, move this alias (e.g. ``"staging"``) to it through the quality gate.
         export: also export the backbone for ``onnxruntime`` or ``openvino`` and serve it with that runtime.
         options: an ``adreg.FitOptions`` instead of the keyword settings.
+        settings_from: the parent run of an ``adreg tune`` search: its chosen settings (method, backbone,
+            layers, input size, augmentation, aggregation) replace those fields.
         **settings: any other ``FitOptions`` field (``backbone``, ``layers``, ``image_size``, ``augment``,
             ``aug_count``, ``top_fraction``, ``sigma``, ``threshold_quantile``, ``holdout``, ``device``, ...).
 
@@ -111,10 +114,11 @@ def fit(category: str, *, train_dir: str | None = None, val_dir: str | None = No
     Raises:
         DataError: missing or empty folders, unreadable images, ``k_shot`` larger than the folder.
         ConfigError: an unknown method, backbone or option value; ``promote`` without a test set.
-        StoreUnreachable, PermissionDenied: the store is down or refuses the user.
+        StoreUnreachable: the store is down.
+        PermissionDenied: the store refuses the user.
     """
     from adreg.fitting import FitOptions, fit_category
-    from adreg.registry import lifecycle, tracking, versions
+    from adreg.registry import tracking
 
     if options is None:
         known = set(FitOptions.__dataclass_fields__)
@@ -125,24 +129,42 @@ def fit(category: str, *, train_dir: str | None = None, val_dir: str | None = No
                              test_dir=test_dir, k_shot=k_shot, seed=seed, method_params=dict(params or {}),
                              **settings)
     uri = _store(tracking_uri)
-    if promote:  # before any work: a promotion needs something for the gate to judge on
-        from adreg.fitting import load_category_data
-        from adreg.registry.labels import read_labels
+    if settings_from:
+        from adreg.tuning.search import options_for
+        from adreg.tuning.record import read_choice
 
-        if not load_category_data(options).test and not read_labels(options.category):
-            raise ConfigError("--promote needs evidence for the promotion gate, and this fit has none: give "
-                              "--test-dir, or register it, serve it with --capture, review what the line sees "
-                              "(adreg review) and promote then; nothing was fitted")
+        options = options_for(options, read_choice(settings_from))
+    _check_promotable(options, promote)
     result = fit_category(options, show_progress=show_progress)
     logged = tracking.log_fit(result, export=export)
-    out = FitOutcome(result, logged.run_id, logged.model_uri, uri)
+    return _register_and_promote(FitOutcome(result, logged.run_id, logged.model_uri, uri), register, promote,
+                                 "fit --promote")
+
+
+def _check_promotable(options, promote: str | None) -> None:
+    """Before any work: a promotion needs something for the gate to judge on."""
+    if not promote:
+        return
+    from adreg.fitting import load_category_data
+    from adreg.registry.labels import read_labels
+
+    if not load_category_data(options).test and not read_labels(options.category):
+        raise ConfigError("--promote needs evidence for the promotion gate, and this fit has none: give "
+                          "--test-dir, or register it, serve it with --capture, review what the line sees "
+                          "(adreg review) and promote then; nothing was fitted")
+
+
+def _register_and_promote(out: FitOutcome, register: bool, promote: str | None, reason: str) -> FitOutcome:
+    """Register a logged fit (``register`` or ``promote``) and move ``promote`` to it through the gate."""
+    from adreg.registry import lifecycle, versions
+
+    result, options = out.result, out.result.options
     if register or promote:
-        out.version = versions.register(logged.model_uri, logged.run_id, options.category, result.metrics())
+        out.version = versions.register(out.model_uri, out.run_id, options.category, result.metrics())
         out.registered_name = versions.model_name(options.category)
     if promote:
-        out.promotion, out.gate = lifecycle.promote_gated(options.category, out.version, promote,
-                                                          reason="fit --promote", device=options.device,
-                                                          candidate_eval=result.evaluation)
+        out.promotion, out.gate = lifecycle.promote_gated(options.category, out.version, promote, reason=reason,
+                                                          device=options.device, candidate_eval=result.evaluation)
         out.promoted = out.promotion is not None
     return out
 
@@ -191,7 +213,8 @@ def promote(category: str, version, alias: str = "production", *, force: bool = 
         ``PromoteOutcome`` (``promoted`` False when the gate refused).
 
     Raises:
-        NotFoundError: unknown category or version. PermissionDenied: the user may not move the alias.
+        NotFoundError: unknown category or version.
+        PermissionDenied: the user may not move the alias.
         DataError: the version has no logged evaluation set, no ``eval_dir`` was given and nothing was reviewed.
     """
     from adreg.registry import lifecycle
@@ -238,7 +261,8 @@ def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: b
         run and version; ``gate``).
 
     Raises:
-        DataError: no folder, no image, nothing new, every image suspect. NotFoundError: unknown parent.
+        DataError: no folder, no image, nothing new, every image suspect.
+        NotFoundError: unknown parent.
     """
     from adreg.registry.update import UpdateOptions, update_version
 
@@ -490,8 +514,8 @@ def label(category: str, files: Sequence[str] | str, verdict: str, *, mask: str 
         ``adreg.registry.labels.Label`` records, one per file.
 
     Raises:
-        DataError: no such file, an unknown verdict, a mask on a good. PermissionDenied: no EDIT where the
-        store authenticates.
+        DataError: no such file, an unknown verdict, a mask on a good.
+        PermissionDenied: no EDIT where the store authenticates.
     """
     from adreg.names import check_category
     from adreg.registry.labels import record_label
@@ -577,3 +601,176 @@ def review(categories: Sequence[str] | str, capture: str | Path, *, host: str = 
         raise DataError(f"capture folder {capture} does not exist (adreg serve --capture DIR writes it)")
     _store(tracking_uri)
     run(cats, capture, host=host, port=port, **settings)
+
+
+# -- tune ---------------------------------------------------------------------------------------------------
+@dataclass
+class TuneOutcome:
+    """What ``tune`` did: the search (``search``: every candidate, the choice, the evidence) and, on the worker
+    that led it, the winner's fit logged on the search's parent run (``fit``: a ``FitOutcome``, registered and
+    promoted as asked). A worker that joined another's search has ``fit`` None."""
+
+    search: object                      # adreg.tuning.SearchResult
+    fit: FitOutcome | None = None
+    fallback: str | None = None         # why the defaults were fitted instead of searching
+
+    @property
+    def run_id(self) -> str:
+        """The search's parent run (the winner's model lives there)."""
+        return self.search.parent_run_id
+
+    @property
+    def version(self) -> str | None:
+        return None if self.fit is None else self.fit.version
+
+    @property
+    def promoted(self) -> bool | None:
+        return None if self.fit is None else self.fit.promoted
+
+    @property
+    def chosen(self) -> dict:
+        """The chosen settings (FitOptions fields), empty when the defaults were fitted."""
+        return {} if self.search.chosen is None else self.search.chosen.fit_settings()
+
+    def leaderboard(self) -> list[dict]:
+        """One row per candidate, best first (``adreg.tuning.record.leaderboard``)."""
+        from adreg.tuning.record import leaderboard
+
+        return leaderboard(self.search)
+
+
+def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = None, test_dir: str | None = None,
+         evidence_dir: str | None = None, k_shot: int = 1, seed: int = 0, space=None, trials: int | None = None,
+         time_budget: float | None = None, storage: str | None = None, study: str | None = None,
+         selection_goods: int = 30, pruning: bool = True, register: bool = False, promote: str | None = None,
+         export: str | None = None, tracking_uri: str | None = None, show_progress: bool = True,
+         on_candidate=None, labelled_defects: Sequence = (), feature_cache: str | None = None,
+         **settings) -> TuneOutcome:
+    """Search fit settings for ``category`` on evidence the final evaluation never sees, log every candidate as
+    a nested run under one parent run, then fit the winner as the parent's model (``adreg.tuning``).
+
+    Args:
+        category: product name; the model is registered as ``adreg-<category>``.
+        train_dir: the product's good images (or an MVTec / MTD / ELPV folder); ``val_dir``, ``test_dir`` as in
+            ``fit``. The test folder is only used after the choice, for the reported evaluation and the gate.
+        evidence_dir: labelled images for the choice only (``good/`` and defect sub-folders), never the test
+            folder; without it (and without validation defects) the defects are synthetic.
+        k_shot, seed: the shots, drawn as ``fit`` draws them.
+        space: an ``adreg.tuning.SearchSpace``, its dict form or a YAML / JSON file (default ``DEFAULT_SPACE``).
+        trials: fits at most in all; time_budget: minutes per worker (a running candidate finishes).
+        storage, study: an Optuna storage URL (``postgresql://...``) and study name shared by several workers.
+        selection_goods: held-out goods in the selection set.
+        pruning: stop a hopeless candidate after half the selection set.
+        register, promote, export: as in ``fit``, for the winner.
+        on_candidate: called with each ``CandidateOutcome`` and its fitted detector (benchmarks).
+        labelled_defects: ``adreg.data.Sample`` defects (and goods) for the choice, beside ``evidence_dir``'s.
+        feature_cache: a folder where the candidates' backbone features are also cached on disk (re-runs).
+        **settings: other ``FitOptions`` fields every candidate shares (``holdout``, ``device``, ``aug_views``...).
+
+    Returns:
+        ``TuneOutcome``: the search, and on the leading worker the winner's ``FitOutcome``.
+
+    Raises:
+        DataError: missing or empty folders, unreadable images, ``k_shot`` larger than the folder.
+        ConfigError: a space with no valid candidate, an evidence folder that is the test folder, a worker
+            whose data differ from the search it joins, ``promote`` without evidence for the gate.
+        StoreUnreachable: the tracking store or the search storage is down.
+        Interrupted: Ctrl-C / SIGTERM; the finished candidates stay logged, nothing is registered.
+    """
+    import mlflow
+
+    from adreg.data import read_labelled_folder
+    from adreg.errors import Interrupted
+    from adreg.fitting import FitOptions, fit_category, load_category_data
+    from adreg.names import check_category
+    from adreg.registry import tracking
+    from adreg.tuning import SearchConfig, SearchSpace, build_evidence, run_search
+    from adreg.tuning.record import log_search
+    from adreg.tuning.search import options_for
+
+    check_category(category)
+    known = set(FitOptions.__dataclass_fields__)
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"unknown fit setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if trials is not None and trials < 1:
+        raise ConfigError(f"--trials must be at least 1, got {trials}")
+    if time_budget is not None and time_budget <= 0:
+        raise ConfigError(f"--time-budget must be positive minutes, got {time_budget}")
+    base = FitOptions(category=category, train_dir=train_dir, val_dir=val_dir, test_dir=test_dir, k_shot=k_shot,
+                      seed=seed, **settings)
+    if isinstance(space, SearchSpace):
+        search_space = space
+    elif isinstance(space, dict):
+        search_space = SearchSpace.from_dict(space)
+    elif space is not None:
+        search_space = SearchSpace.load(space)
+    else:
+        from adreg.tuning import DEFAULT_SPACE
+
+        search_space = SearchSpace.from_dict(DEFAULT_SPACE, source="default")
+    uri = _store(tracking_uri)
+    _check_promotable(base, promote)
+    data = load_category_data(base)
+    labelled = list(labelled_defects)
+    if evidence_dir is not None:
+        ev = Path(evidence_dir).resolve()
+        tests = {Path(s.path).resolve().parent.parent for s in data.test} | (
+            {Path(test_dir).resolve()} if test_dir else set())
+        if ev in tests or any(Path(s.path).resolve().is_relative_to(ev) for s in data.test):
+            raise ConfigError(f"--evidence-dir {evidence_dir} holds test images: the choice must not see the test "
+                              "folder; give a folder of its own")
+        labelled += read_labelled_folder(evidence_dir, "evidence folder")
+    evidence = build_evidence(data, base.k_shot, base.seed, base.holdout, n_goods=selection_goods, labelled=labelled)
+    config = SearchConfig(trials=trials, time_budget=time_budget, storage=storage, study=study, pruning=pruning,
+                          feature_cache=feature_cache)
+    experiment = tracking.fit_experiment_id(category)
+    name = f"tune-{category}-k{base.k_shot}-seed{base.seed}"
+    fallback = evidence.insufficient()
+    client = mlflow.MlflowClient()
+    if fallback:
+        from adreg.tuning import SearchResult
+        from adreg.tuning.search import TUNE_TAG
+
+        parent = client.create_run(experiment, run_name=name, tags={TUNE_TAG: "parent", "adreg.category": category})
+        search = SearchResult(parent.info.run_id, "", True, [], None,
+                              {"kind": evidence.kind(), "counts": evidence.counts(), "n_good": evidence.n_good,
+                               "n_defective": evidence.n_defective}, fallback=fallback)
+    else:
+        try:
+            search = run_search(base, evidence, search_space, config, experiment, name, show_progress, on_candidate)
+        except KeyboardInterrupt:
+            raise Interrupted(_interrupted_line(client, experiment, name)) from None
+        if not search.leader:
+            return TuneOutcome(search)
+        if search.chosen is None:
+            fallback = "no candidate completed (every one failed or was pruned); see the nested runs"
+            search.fallback = fallback
+    title = f"{category} k={base.k_shot} seed={base.seed}"
+    try:
+        log_search(client, search, search_space, evidence.describe(), title, fallback)
+        chosen = options_for(base, search.chosen.fit_settings()) if search.chosen else base
+        result = fit_category(chosen, show_progress=show_progress)
+        logged = tracking.log_fit(result, export=export, run_id=search.parent_run_id)
+    except KeyboardInterrupt:
+        client.set_terminated(search.parent_run_id, "KILLED")
+        raise Interrupted(f"interrupted while fitting the winner: the search's candidates stay logged under run "
+                          f"{search.parent_run_id}; nothing registered") from None
+    out = _register_and_promote(FitOutcome(result, logged.run_id, logged.model_uri, uri), register, promote,
+                                "tune --promote")
+    return TuneOutcome(search, out, fallback)
+
+
+def _interrupted_line(client, experiment: str, name: str) -> str:
+    """The one line of an interrupted search: how many candidates stay logged, and under which run."""
+    from adreg.tuning.search import TUNE_TAG
+
+    runs = client.search_runs([experiment], f"tags.`{TUNE_TAG}` = 'parent' and attributes.run_name = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return "interrupted before the search started; nothing logged, nothing registered"
+    parent = runs[0].info.run_id
+    if runs[0].info.status == "RUNNING":
+        client.set_terminated(parent, "KILLED")
+    n = len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000))
+    return f"interrupted: {n} candidate run(s) logged under run {parent}; nothing registered"

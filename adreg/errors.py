@@ -15,6 +15,7 @@ class                  exit  when
 ``ConflictError``      2     the store refused a write that collides with existing state
 ``PermissionDenied``   1     the acting user lacks a permission (nothing was changed)
 ``IntegrityError``     1     a model whose files do not match their recorded digest (refused)
+``Interrupted``        130   Ctrl-C or SIGTERM stopped a long command (what it finished is kept)
 =====================  ====  =======================================================================
 
 A gate refusing a promotion is not an error: it is a result (``PromoteOutcome.promoted`` is False) and
@@ -72,3 +73,9 @@ class IntegrityError(AdregError):
     """A model whose artifacts do not match the digest recorded when it was logged; it is refused."""
 
     exit_code = EXIT_REFUSED
+
+
+class Interrupted(AdregError):
+    """Ctrl-C or SIGTERM stopped a long command; the message says what was kept and that nothing was registered."""
+
+    exit_code = EXIT_INTERRUPTED

@@ -70,8 +70,63 @@ def _print_fit(out, alias: str | None) -> None:
 
 def cmd_fit(args) -> int:
     out = _api().fit(args.category, register=args.register, promote=args.promote, export=args.export,
-                     tracking_uri=args.tracking_uri, **_fit_settings(args))
+                     tracking_uri=args.tracking_uri, settings_from=args.settings_from, **_fit_settings(args))
     _print_fit(out, args.promote)
+    return EXIT_REFUSED if out.promoted is False else 0
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM stops a long command the way Ctrl-C does (what it finished is kept, nothing half-registered)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def cmd_tune(args) -> int:
+    _sigterm_as_interrupt()
+    out = _api().tune(args.category, train_dir=args.train_dir, val_dir=args.val_dir, test_dir=args.test_dir,
+                      evidence_dir=args.evidence_dir, k_shot=args.k_shot, seed=args.seed, space=args.space,
+                      trials=args.trials, time_budget=args.time_budget, storage=args.storage, study=args.study,
+                      selection_goods=args.selection_goods, pruning=args.pruning, holdout=args.holdout,
+                      device=args.device, batch_size=args.batch_size, register=args.register,
+                      promote=args.promote, export=args.export, tracking_uri=args.tracking_uri)
+    s = out.search
+    if args.json:
+        _json_out({"parent_run_id": out.run_id, "leader": s.leader, "chosen": out.chosen, "fallback": out.fallback,
+                   "evidence": s.evidence, "stopped": s.stopped, "seconds": s.seconds, "n_here": s.n_here,
+                   "versus_default": s.versus_default, "leaderboard": out.leaderboard(),
+                   "version": out.version, "promoted": out.promoted})
+        return EXIT_REFUSED if out.promoted is False else 0
+    if not s.leader:
+        print(f"joined search {s.study_name!r}: ran {s.n_here} candidate(s) under run {out.run_id}; "
+              "the worker that started it chooses and registers")
+        return 0
+    ev = s.evidence
+    print(f"evidence ({ev['kind']}): {ev['n_good']} good, {ev['n_defective']} defective images, never the test folder")
+    if out.fallback:
+        print(f"too little evidence to choose: {out.fallback}; fitted the defaults")
+    else:
+        rows = [r for r in out.leaderboard() if r["rank"] != ""][:10]
+        columns = ["rank", "candidate", "top_fraction", "selection_image_auroc", "interval", "selection_pixel_auroc",
+                   "fit_seconds"]
+        _print_table(rows, columns)
+        n_other = len(s.candidates) - len(rows)
+        states = {}
+        for c in s.candidates:
+            states[c.state] = states.get(c.state, 0) + 1
+        print(f"{len(s.candidates)} candidates ({', '.join(f'{n} {k}' for k, n in sorted(states.items()))})"
+              f"{f'; {n_other} more in the leaderboard' if n_other > 0 else ''}; {s.seconds:.0f} s"
+              + (f"; stopped: {s.stopped}" if s.stopped else ""))
+        vd = s.versus_default
+        if vd:
+            print(f"chosen - default on the selection set: {vd['diff']:+.4f} [{vd['low']:+.3f}, {vd['high']:+.3f}], "
+                  f"p = {vd['p_value']:.3g} ({vd['method']})")
+        print(f"chosen: {s.chosen.label} / top {s.chosen.settings.get('top_fraction')}")
+    _print_fit(out.fit, args.promote)
+    print(f"leaderboard: tune/leaderboard.csv and tune/leaderboard.png on run {out.run_id}; "
+          f"reuse the choice: adreg fit --category {args.category} --settings-from {out.run_id}")
     return EXIT_REFUSED if out.promoted is False else 0
 
 

@@ -9,9 +9,9 @@ import json
 from adreg.cli.commands import (cmd_compare, cmd_drift, cmd_export, cmd_fit, cmd_grant, cmd_history, cmd_label,
                                 cmd_labels, cmd_models, cmd_predict, cmd_promote, cmd_quality, cmd_quickstart,
                                 cmd_review, cmd_rollback, cmd_score, cmd_serve, cmd_serve_bundle, cmd_status,
-                                cmd_threshold, cmd_update, cmd_whoami)
+                                cmd_threshold, cmd_tune, cmd_update, cmd_whoami)
 
-DESCRIPTION = ("The adreg command line: fit, promote, rollback, history, compare, models, serve, predict, "
+DESCRIPTION = ("The adreg command line: fit, tune, promote, rollback, history, compare, models, serve, predict, "
                "review, label, update, threshold, quickstart.")
 
 
@@ -76,6 +76,46 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--promote", metavar="ALIAS", help="after registering, point ALIAS (e.g. staging) at it")
     p.add_argument("--export", choices=["onnx", "onnxruntime", "openvino"],
                    help="also export the backbone and serve the model through this CPU runtime (onnx = onnxruntime)")
+    p.add_argument("--settings-from", metavar="RUN_ID",
+                   help="reuse the settings an `adreg tune` search chose (its parent run): method, backbone, layers, "
+                        "input size, augmentation and image-score aggregation replace those flags")
+
+
+def _add_tune_command(sub) -> None:
+    p = sub.add_parser("tune", help="search methods and settings on held-out evidence, log every candidate, "
+                                    "fit the winner")
+    p.add_argument("category", help="product category (model name adreg-<category>)")
+    p.add_argument("--train-dir", help="the product's good images, or an MVTec / MTD / ELPV folder "
+                                       "(default: the bundled data for the category)")
+    p.add_argument("--val-dir", help="validation folder: good/ and optional defect sub-folders (its defects rank too)")
+    p.add_argument("--test-dir", help="test folder: used only after the choice, for the evaluation and the gate")
+    p.add_argument("--evidence-dir", help="labelled images for the choice only (good/ and defect sub-folders), "
+                                          "never the test folder; default: synthetic defects on held-out goods")
+    p.add_argument("--k-shot", type=int, default=1, help="number of good images to fit on (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shots, augmentation and evidence")
+    p.add_argument("--space", metavar="FILE", help="search space, YAML or JSON (default: adreg.tuning.DEFAULT_SPACE; "
+                                                   "python -m adreg.tuning.space prints it)")
+    p.add_argument("--trials", type=int, help="fits at most, all workers together (default: the whole space)")
+    p.add_argument("--time-budget", type=float, metavar="MIN",
+                   help="minutes this worker searches; a running candidate finishes (default: no limit)")
+    p.add_argument("--storage", help="Optuna storage shared by several workers, e.g. postgresql://host/db "
+                                     "(default: in memory, one worker)")
+    p.add_argument("--study", help="study name the workers share (default: derived from category, shots, seed, "
+                                   "evidence and space)")
+    p.add_argument("--selection-goods", type=int, default=30,
+                   help="held-out good images in the selection set (default 30)")
+    p.add_argument("--no-pruning", dest="pruning", action="store_false",
+                   help="score every candidate on the whole selection set")
+    p.add_argument("--holdout", type=int, default=20,
+                   help="good training images held out to calibrate the threshold when there is no --val-dir")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--register", action="store_true", help="register the winner as a new version of adreg-<category>")
+    p.add_argument("--promote", metavar="ALIAS", help="after registering, point ALIAS (e.g. staging) at it")
+    p.add_argument("--export", choices=["onnx", "onnxruntime", "openvino"],
+                   help="also export the winner's backbone and serve it through this CPU runtime")
+    p.add_argument("--json", action="store_true", help="print the leaderboard and outcome as JSON")
+    p.set_defaults(func=cmd_tune)
 
 
 # -- the parser --------------------------------------------------------------------------------------
@@ -335,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit, evaluate and log a detector for one category")
     add_fit_arguments(p)
     p.set_defaults(func=cmd_fit)
+    _add_tune_command(sub)
     _add_lifecycle_commands(sub)
     _add_serve_commands(sub)
     _add_governance_commands(sub)

@@ -198,7 +198,7 @@ def _model_folder(result: FitResult, folder: Path, export: str | None) -> tuple[
 
 
 def log_fit(result: FitResult, run_name: str | None = None, lineage: dict | None = None,
-            export: str | None = None) -> LoggedFit:
+            export: str | None = None, run_id: str | None = None) -> LoggedFit:
     """Log one fit (or update) as one run: its record (``_log_record``), its lineage (``adreg.registry.lineage``:
     training manifest, calibration reference scores, dataset inputs, the parent of an update) and the pyfunc
     model around its detector folder (``_model_folder``).
@@ -207,13 +207,17 @@ def log_fit(result: FitResult, run_name: str | None = None, lineage: dict | None
     registry refuses runs without it, so a fit that dies half-way never becomes a model version.
     ``lineage`` (an update: parent_model, parent_version, parent_run_id, report, what).
     ``export`` (onnxruntime / openvino) adds an exported backbone that the model is served with by default.
+    ``run_id``: log into this existing run instead of a new one (``adreg tune`` logs its winner on the search's
+    parent run).
     """
     from adreg.pyfunc.served import DEFAULT_MODEL_CONFIG
     from adreg.registry.lineage import log_lineage
 
     opts = result.options
     name = run_name or f"{opts.method}-{opts.category}-k{opts.k_shot}-seed{opts.seed}"
-    with mlflow.start_run(experiment_id=fit_experiment_id(opts.category), run_name=name) as run:
+    start = ({"run_id": run_id} if run_id else
+             {"experiment_id": fit_experiment_id(opts.category), "run_name": name})
+    with mlflow.start_run(**start) as run:
         _log_record(run.info.run_id, result)
         log_lineage(run.info.run_id, result, lineage)
         with tempfile.TemporaryDirectory() as tmp:
