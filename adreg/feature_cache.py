@@ -224,10 +224,6 @@ class CachingBackbone:
             save_file(state, str(tmp))
             tmp.replace(path)  # atomic: a killed run never leaves a half-written entry
 
-    def clear_memory(self) -> None:
-        self._memory.clear()
-        self._memory_used = 0
-
 
 def split_calls(calls: Sequence[ExtractCall]) -> dict:
     """Totals of some ``ExtractCall``s: images, hits, seconds, backbone seconds."""

@@ -22,6 +22,8 @@ from adreg.errors import (AdregError, ConflictError, IntegrityError, NotFoundErr
                           StoreUnreachable)
 
 DETECTOR_CONFIG = "config.json"
+#: set on a run only once its model is fully logged; the registry refuses runs without it
+MODEL_COMPLETE_TAG = "adreg.model_complete"
 CONNECT_TIMEOUT_S = 5
 _DATABASES = ("postgresql", "mysql", "mssql")
 

@@ -135,3 +135,16 @@ def test_quickstart_in_a_fresh_folder(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "models:/adreg-bottle@production" in r.stdout
     assert (tmp_path / "store" / "mlflow.db").is_file() and (tmp_path / "store" / "artifacts").is_dir()
+
+
+def test_every_argument_of_every_command_has_help_and_the_description_names_every_command():
+    import argparse
+
+    from adreg.cli.parser import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [(name, a.dest) for name, p in sub.choices.items() for a in p._actions
+               if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert missing == []
+    assert all(name in parser.description for name in sub.choices)

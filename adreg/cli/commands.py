@@ -139,7 +139,7 @@ def cmd_quickstart(args) -> int:
     steps = [(f"mlflow ui --backend-store-uri {out.tracking_uri}", "browse runs and the registry"),
              ("adreg models", "versions, aliases, metrics"),
              (f"adreg predict {args.category} IMAGE...", "score images in-process"),
-             (f"adreg serve {args.category} --port 5000", f"REST: models:/{out.registered_name}@production")]
+             (f"adreg serve {args.category} --port 5001", f"REST: models:/{out.registered_name}@production")]
     width = max(len(cmd) for cmd, _ in steps)
     print("\nnext:")
     for cmd, what in steps:

@@ -11,8 +11,36 @@ from adreg.cli.commands import (cmd_compare, cmd_drift, cmd_export, cmd_fit, cmd
                                 cmd_review, cmd_rollback, cmd_score, cmd_serve, cmd_serve_bundle, cmd_status,
                                 cmd_threshold, cmd_tune, cmd_update, cmd_whoami)
 
-DESCRIPTION = ("The adreg command line: fit, tune, promote, rollback, history, compare, models, serve, predict, "
-               "review, label, update, threshold, quickstart.")
+DESCRIPTION = "The adreg command line"  # build_parser adds every command's name
+
+
+#: help of the arguments many commands share, given where a command does not say more
+COMMON_HELP = {
+    "category": "product category (registered model adreg-<category>)",
+    "categories": "product categories",
+    "version": "a registered version number",
+    "alias": "alias of the category (default production)",
+    "device": "auto, cpu or cuda (default auto)",
+    "reason": "recorded in the history and on the version's tags",
+    "host": "address to bind (default 127.0.0.1)",
+    "port": "port to listen on",
+    "workers": "server worker processes",
+    "v1": "first version to compare",
+    "v2": "second version to compare",
+    "user": "the user's login",
+    "level": "READ, EDIT or MANAGE",
+    "files": "image files",
+}
+
+
+def _fill_help(parser: argparse.ArgumentParser) -> None:
+    """Every argument of every command gets a help text: its own, else ``COMMON_HELP``'s."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _fill_help(sub)
+        elif action.help is None and action.dest in COMMON_HELP:
+            action.help = COMMON_HELP[action.dest]
 
 
 def _parse_param(text: str):
@@ -71,7 +99,7 @@ def add_fit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout", type=int, default=20,
                    help="good training images held out to calibrate the threshold when there is no --val-dir")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per backbone batch on a GPU (default 8)")
     p.add_argument("--register", action="store_true", help="register the model as a new version of adreg-<category>")
     p.add_argument("--promote", metavar="ALIAS", help="after registering, point ALIAS (e.g. staging) at it")
     p.add_argument("--export", choices=["onnx", "onnxruntime", "openvino"],
@@ -109,7 +137,7 @@ def _add_tune_command(sub) -> None:
     p.add_argument("--holdout", type=int, default=20,
                    help="good training images held out to calibrate the threshold when there is no --val-dir")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per backbone batch on a GPU (default 8)")
     p.add_argument("--register", action="store_true", help="register the winner as a new version of adreg-<category>")
     p.add_argument("--promote", metavar="ALIAS", help="after registering, point ALIAS (e.g. staging) at it")
     p.add_argument("--export", choices=["onnx", "onnxruntime", "openvino"],
@@ -329,7 +357,8 @@ def _add_review_commands(sub) -> None:
                                      "review page)")
     p.add_argument("category")
     p.add_argument("files", nargs="+", metavar="FILE")
-    p.add_argument("--as", dest="verdict", required=True, choices=["good", "defect", "skip"])
+    p.add_argument("--as", dest="verdict", required=True, choices=["good", "defect", "skip"],
+                   help="the verdict recorded for every file")
     p.add_argument("--mask", help="defect region image (white = defect) for one defect")
     p.add_argument("--reviewer", help="reviewer name where the store has no users (default $ADREG_USER / login)")
     _json_flag(p)
@@ -382,9 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_update_commands(sub)
     _add_review_commands(sub)
     p = sub.add_parser("quickstart", help="fit 1-shot bottle on the bundled data, register, promote to production")
-    p.add_argument("--category", default="bottle")
-    p.add_argument("--train-dir")
-    p.add_argument("--k-shot", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--category", default="bottle", help="a bundled category (default bottle)")
+    p.add_argument("--train-dir", help="its folder (default: the bundled data)")
+    p.add_argument("--k-shot", type=int, default=1, help="good images to fit on (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shot selection")
     p.set_defaults(func=cmd_quickstart)
+    parser.description = f"{DESCRIPTION}: {', '.join(sub.choices)} (adreg COMMAND --help for each)."
+    _fill_help(parser)
     return parser

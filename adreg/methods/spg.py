@@ -251,12 +251,6 @@ class SPG(AnomalyMethod):
         prob = self._logits(self.guides(), x, slice(2, 4)).softmax(-1)[..., 1]
         return prob.reshape(b, h, w)
 
-    @torch.inference_mode()
-    def image_probability(self, features: Features) -> torch.Tensor:
-        """p(anomalous) of whole images from the global guides (reported, not used for the score)."""
-        x = self._normalise(global_tokens(features).to(self.device, torch.float32))
-        return self._logits(self.guides(), x, slice(0, 2)).softmax(-1)[:, 1]
-
     def state_tensors(self) -> dict[str, torch.Tensor]:
         self._check_fitted()
         return {"dictionary": self.dictionary, "encoder": self.encoder, "alive": self.alive.to(torch.uint8),

@@ -62,7 +62,7 @@ def build_router(categories: list[str], alias: str = "production") -> tracking.L
                 artifacts={"detectors": str(root)}, code_paths=[str(tracking.PACKAGE_DIR)],
                 signature=router_signature(), input_example=example, pip_requirements=tracking.pip_requirements(),
                 model_config=dict(DEFAULT_MODEL_CONFIG), metadata={"adreg_categories": categories})
-            mlflow.set_tag("adreg.model_complete", "true")
+            mlflow.set_tag(store.MODEL_COMPLETE_TAG, "true")
     logged = tracking.LoggedFit(run_id=run.info.run_id, model_uri=info.model_uri)
     logged.version = versions.register(info.model_uri, run.info.run_id, ROUTER)
     logged.registered_name = model_name(ROUTER)

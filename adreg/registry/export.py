@@ -96,7 +96,7 @@ def export_version(category: str, version, runtime: str = "openvino") -> trackin
                               "runtime": runtime},
                 metadata={**(mlmodel.metadata or {}), "adreg_source_version": version, "adreg_runtime": runtime},
             )
-            mlflow.set_tag("adreg.model_complete", "true")
+            mlflow.set_tag(store.MODEL_COMPLETE_TAG, "true")
     logged = tracking.LoggedFit(run_id=run.info.run_id, model_uri=info.model_uri)
     logged.version = versions.register(info.model_uri, run.info.run_id, category, source_run.data.metrics,
                                        tags=lineage, description=lineage["adreg.exported_from"])

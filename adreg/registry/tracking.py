@@ -237,5 +237,5 @@ def log_fit(result: FitResult, run_name: str | None = None, lineage: dict | None
                 model_config={**DEFAULT_MODEL_CONFIG, "runtime": runtime},
                 metadata={"adreg_category": opts.category, "adreg_method": opts.method},
             )
-        mlflow.set_tag("adreg.model_complete", "true")
+        mlflow.set_tag(store.MODEL_COMPLETE_TAG, "true")
     return LoggedFit(run_id=run.info.run_id, model_uri=info.model_uri)

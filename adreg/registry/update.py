@@ -98,12 +98,6 @@ class UpdateResult(FitResult):
                                     "new": self.n_parent_training + len(self.added)}}
 
 
-def resolve_parent(category: str, from_alias: str | None = "production", from_version=None):
-    """(version, model version entity) of the parent, with the resolver's helpful errors."""
-    ref = resolve(category, from_version, from_alias)
-    return ref.version, model_version(ref)
-
-
 def parent_fit_options(category: str, detector, params: dict, n_training: int, device: str, holdout: int = 20,
                        threshold_quantile: float = 0.99) -> FitOptions:
     """The ``FitOptions`` a model derived from a parent run is logged with: the parent detector's settings."""

@@ -18,6 +18,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+from adreg import store
 from adreg.errors import ConfigError, RegistryError
 from adreg.integrity import DIGEST_TAG
 from adreg.names import model_name
@@ -39,7 +40,7 @@ def register(model_uri: str, run_id: str, category: str, metrics: dict | None = 
     ``tags`` / ``description`` go on the version (an update's parent version and run)."""
     client = _client()
     run = client.get_run(run_id)
-    if run.data.tags.get("adreg.model_complete") != "true":
+    if run.data.tags.get(store.MODEL_COMPLETE_TAG) != "true":
         raise RegistryError(f"run {run_id} has no completely logged model; refusing to register it")
     name = model_name(category)
     try:
