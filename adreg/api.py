@@ -645,7 +645,7 @@ def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = N
          selection_goods: int = 30, pruning: bool = True, register: bool = False, promote: str | None = None,
          export: str | None = None, tracking_uri: str | None = None, show_progress: bool = True,
          on_candidate=None, labelled_defects: Sequence = (), feature_cache: str | None = None,
-         **settings) -> TuneOutcome:
+         review_seed: int = 0, **settings) -> TuneOutcome:
     """Search fit settings for ``category`` on evidence the final evaluation never sees, log every candidate as
     a nested run under one parent run, then fit the winner as the parent's model (``adreg.tuning``).
 
@@ -665,6 +665,8 @@ def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = N
         on_candidate: called with each ``CandidateOutcome`` and its fitted detector (benchmarks).
         labelled_defects: ``adreg.data.Sample`` defects (and goods) for the choice, beside ``evidence_dir``'s.
         feature_cache: a folder where the candidates' backbone features are also cached on disk (re-runs).
+        review_seed: the seed of the split of reviewed production defects (half rank the candidates, the
+            rest stay for the gate; the tuned version's manifest records the first half as ``selection``).
         **settings: other ``FitOptions`` fields every candidate shares (``holdout``, ``device``, ``aug_views``...).
 
     Returns:
@@ -721,7 +723,11 @@ def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = N
             raise ConfigError(f"--evidence-dir {evidence_dir} holds test images: the choice must not see the test "
                               "folder; give a folder of its own")
         labelled += read_labelled_folder(evidence_dir, "evidence folder")
-    evidence = build_evidence(data, base.k_shot, base.seed, base.holdout, n_goods=selection_goods, labelled=labelled)
+    from adreg.tuning.evidence import reviewed_for_tuning
+
+    reviewed, reviewed_sha = reviewed_for_tuning(category, review_seed)
+    evidence = build_evidence(data, base.k_shot, base.seed, base.holdout, n_goods=selection_goods, labelled=labelled,
+                              reviewed=reviewed)
     config = SearchConfig(trials=trials, time_budget=time_budget, storage=storage, study=study, pruning=pruning,
                           feature_cache=feature_cache)
     experiment = tracking.fit_experiment_id(category)
@@ -751,6 +757,11 @@ def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = N
         log_search(client, search, search_space, evidence.describe(), title, fallback)
         chosen = options_for(base, search.chosen.fit_settings()) if search.chosen else base
         result = fit_category(chosen, show_progress=show_progress)
+        if reviewed and not fallback:  # chosen on them: the gate leaves them out for this version
+            from adreg.registry import manifest
+
+            result.selection_entries = [manifest.entry(s.path, "tune", sha256=sha, role="selection")
+                                        for s, sha in zip(reviewed, reviewed_sha)]
         logged = tracking.log_fit(result, export=export, run_id=search.parent_run_id)
     except KeyboardInterrupt:
         client.set_terminated(search.parent_run_id, "KILLED")

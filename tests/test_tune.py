@@ -290,3 +290,33 @@ def test_trials_bound_the_search(widget, tmp_path):
                    device="cpu")
     assert len(out.search.candidates) == 1 and out.search.stopped == "--trials 1 reached"
     assert out.chosen["method"] == "subspace" and out.fit is not None
+
+
+def test_reviewed_defects_rank_the_candidates_and_the_gate_leaves_them_out(tuned, bottle_dir, tmp_path):
+    """Half of the reviewed production defects (a seeded split of their hashes) are the tune's evidence; the
+    tuned version's manifest records them (role selection), so the gate's production set leaves them out."""
+    from adreg import api
+    from adreg.registry import labels, lifecycle, manifest, lineage
+    from adreg.tuning.evidence import reviewed_for_tuning
+
+    uri = tuned["uri"]
+    defects = sorted((bottle_dir / "test" / "broken_small").iterdir())[:20]
+    for p in defects:
+        shutil.copy(p, tmp_path / f"r{p.name}")
+    api.label("widget", [str(tmp_path / f"r{p.name}") for p in defects], "defect", reviewer="qe",
+              tracking_uri=uri)
+    tune_side, shas = reviewed_for_tuning("widget")
+    assert 4 <= len(tune_side) <= 16 and len(set(shas)) == len(shas)
+    out = api.tune("widget", train_dir=str(tuned["out"].fit.result.data.root), k_shot=2, seed=1, holdout=4,
+                   selection_goods=8, space=SPACE, trials=1, register=True, tracking_uri=uri, show_progress=False,
+                   device="cpu")
+    counts = out.search.evidence["counts"]
+    assert counts["reviewed defect"] == len(tune_side)
+    if len(tune_side) >= 10:
+        assert not any(k.startswith("synthetic") for k in counts)
+    entries = lineage.run_manifest(out.run_id)["images"]
+    assert {e["sha256"] for e in entries if e["role"] == "selection"} == set(shas)
+    left_out = lifecycle._learned("widget", [out.version])
+    prod = labels.production_set("widget").without(left_out)
+    assert not set(shas) & set(prod.sample_sha256) and prod.n_defective == 20 - len(shas)
+    assert not set(shas) & {e["sha256"] for e in manifest.training(entries)}  # chosen on, not learned from

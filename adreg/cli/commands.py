@@ -90,6 +90,7 @@ def cmd_tune(args) -> int:
                       evidence_dir=args.evidence_dir, k_shot=args.k_shot, seed=args.seed, space=args.space,
                       trials=args.trials, time_budget=args.time_budget, storage=args.storage, study=args.study,
                       selection_goods=args.selection_goods, pruning=args.pruning, holdout=args.holdout,
+                      review_seed=args.review_seed,
                       device=args.device, batch_size=args.batch_size, register=args.register,
                       promote=args.promote, export=args.export, tracking_uri=args.tracking_uri)
     s = out.search

@@ -130,6 +130,9 @@ def _add_tune_command(sub) -> None:
                                      "(default: in memory, one worker)")
     p.add_argument("--study", help="study name the workers share (default: derived from category, shots, seed, "
                                    "evidence and space)")
+    p.add_argument("--review-seed", type=int, default=0,
+                   help="seed of the split of reviewed production defects: half rank the candidates, the rest "
+                        "stay for the gate")
     p.add_argument("--selection-goods", type=int, default=30,
                    help="held-out good images in the selection set (default 30)")
     p.add_argument("--no-pruning", dest="pruning", action="store_false",

@@ -173,13 +173,13 @@ def combine_reports(parts: list[GateReport]) -> GateReport:
 
 
 def _learned(category: str, versions_: list) -> set[str]:
-    """sha256 of every image the given versions learned from (their training manifests)."""
+    """sha256 of every image the given versions learned from or were chosen on (their training manifests)."""
     from adreg.registry import lineage, manifest
 
     out: set[str] = set()
     for v in {str(v) for v in versions_ if v is not None}:
         entries = lineage.run_manifest(model_version(resolve(category, v)).run_id)["images"]
-        out |= {e["sha256"] for e in manifest.training(entries) if e.get("sha256")}
+        out |= {e["sha256"] for e in manifest.seen(entries) if e.get("sha256")}
     return out
 
 

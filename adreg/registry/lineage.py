@@ -79,6 +79,7 @@ def log_lineage(run_id: str, result, lineage: dict | None = None) -> dict:
     if entries is None:
         entries = [manifest.entry(p, "fit") for p in result.shots]
         entries += [manifest.entry(r["path"], "fit", role="calibration") for r in reference["images"]]
+        entries += getattr(result, "selection_entries", [])  # a tune's reviewed evidence (role selection)
     doc = manifest.document(opts.category, entries, run_id)
     mlflow.log_dict(doc, manifest.MANIFEST_ARTIFACT)
     added = sum(1 for e in manifest.training(doc["images"]) if e["run_id"] == run_id)

@@ -41,7 +41,8 @@ def find_images(folders: Sequence[str | Path], what: str = "folder") -> list[Pat
 def entry(path: str | Path, added_by: str, run_id: str | None = None, sha256: str | None = None,
           role: str = "train") -> dict:
     """One manifest record; ``sha256`` is computed when not given (None when the file is not here).
-    ``role``: ``train`` (learned from) or ``calibration`` (held out to set the threshold)."""
+    ``role``: ``train`` (learned from), ``calibration`` (held out to set the threshold) or ``selection``
+    (ranked the settings of a tune)."""
     if sha256 is None and Path(path).is_file():
         sha256 = sha256_file(path)
     return {"path": str(path), "sha256": sha256, "role": role, "added_by": added_by, "run_id": run_id}
@@ -50,6 +51,12 @@ def entry(path: str | Path, added_by: str, run_id: str | None = None, sha256: st
 def training(entries: Iterable[dict]) -> list[dict]:
     """The records of images learned from (manifests older than roles hold only those)."""
     return [e for e in entries if e.get("role", "train") == "train"]
+
+
+def seen(entries: Iterable[dict]) -> list[dict]:
+    """The records of images a model learned from or was chosen on (``selection``: the reviewed defects an
+    ``adreg tune`` ranked its candidates with): the gate leaves both out of the production set it judges on."""
+    return [e for e in entries if e.get("role", "train") in ("train", "selection")]
 
 
 def digest(entries: Iterable[dict]) -> str:

@@ -3,9 +3,12 @@
 Goods are training images that are neither shots nor threshold-calibration images (drawn with the fit's own
 seed, exactly as ``adreg.fitting.fit_category`` draws them). Defects, in order of preference:
 
-1. labelled defects given for the choice (``--evidence-dir``: a folder of ``good/`` and defect sub-folders,
+1. reviewed production defects (``adreg review`` / ``adreg label``): the tune side of a seeded split of
+   their hashes (``adreg.tuning.reviewed_for_tuning``); the tuned version records them in its manifest
+   (role ``selection``), so the gate leaves them out of the production set it judges that version on;
+2. labelled defects given for the choice (``--evidence-dir``: a folder of ``good/`` and defect sub-folders,
    never the test folder) and the validation folder's defects;
-2. else **synthetic defects** made on the selection goods (``adreg.synthetic``: CutPaste, a Perlin-masked
+3. else **synthetic defects** made on the selection goods (``adreg.synthetic``: CutPaste, a Perlin-masked
    blend of another good's texture, a local intensity or structure change), each with its mask, so pixel
    metrics can rank too.
 
@@ -116,14 +119,20 @@ def selection_goods(data: CategoryData, k_shot: int, seed: int, holdout: int,
 
 
 def build_evidence(data: CategoryData, k_shot: int, seed: int, holdout: int, *, n_goods: int = DEFAULT_GOODS,
-                   labelled: list[Sample] = (), synthetic: bool = True) -> Evidence:
-    """The selection set of a tune (see the module doc). ``labelled``: defects (and goods) given for the
-    choice; the validation folder's defects join them. Never reads ``data.test``."""
+                   labelled: list[Sample] = (), reviewed: list[Sample] = (), synthetic: bool = True) -> Evidence:
+    """The selection set of a tune (see the module doc). ``reviewed``: reviewed production defects (the
+    tune side of their split); ``labelled``: defects (and goods) given for the choice; the validation
+    folder's defects join them. Never reads ``data.test``."""
     shots, calibration, goods = selection_goods(data, k_shot, seed, holdout, n_goods)
     images: list = list(goods)
     labels = [0] * len(goods)
     masks: list = [None] * len(goods)
     sources = ["held-out good"] * len(goods)
+    for s in reviewed:
+        images.append(s.path)
+        labels.append(1)
+        masks.append(s.mask_path)
+        sources.append("reviewed defect")
     real = [s for s in labelled if s.label == 1] + [s for s in data.val if s.label == 1]
     for s in labelled:
         if s.label == 0:
@@ -136,7 +145,7 @@ def build_evidence(data: CategoryData, k_shot: int, seed: int, holdout: int, *, 
         labels.append(1)
         masks.append(s.mask_path)
         sources.append("labelled defect")
-    if synthetic and len(real) < MIN_REAL_DEFECTS and goods:
+    if synthetic and len(real) + len(reviewed) < MIN_REAL_DEFECTS and goods:
         from adreg.synthetic import synthetic_defects
 
         for img, mask, kind in synthetic_defects([load_image(p) for p in goods], seed=seed):
@@ -145,3 +154,21 @@ def build_evidence(data: CategoryData, k_shot: int, seed: int, holdout: int, *, 
             masks.append(mask)
             sources.append(f"synthetic {kind}")
     return Evidence(images, labels, masks, sources, list(shots), list(calibration))
+
+
+#: share of the reviewed defects that rank a tune's candidates; the rest stay for the gate alone
+TUNE_FRACTION = 0.5
+
+
+def reviewed_for_tuning(category: str, seed: int = 0) -> tuple[list[Sample], list[str]]:
+    """(samples, sha256) of the reviewed production defects on the tune side of a seeded split of their
+    hashes (``TUNE_FRACTION``), empty without reviews. The split is by content, so every reader and every
+    later tune splits the same way; the other side is what the gate judges a tuned version on."""
+    from adreg.registry.labels import evaluation_side, production_set, read_labels
+
+    if not read_labels(category):
+        return [], []
+    ps = production_set(category, seed=seed)
+    picked = [(s, sha) for s, sha in zip(ps.samples, ps.sample_sha256)
+              if s.label == 1 and evaluation_side(sha, seed=seed + 1_000_003, fraction=TUNE_FRACTION)]
+    return [s for s, _ in picked], [sha for _, sha in picked]
