@@ -34,11 +34,11 @@ __all__ = ["FitOutcome", "PromoteOutcome", "PredictOutcome", "fit", "promote", "
 
 def __getattr__(name):  # the option classes, without importing torch at ``import adreg.api``
     if name == "FitOptions":
-        from adreg.fitting import FitOptions
+        from adreg.options import FitOptions
 
         return FitOptions
     if name == "GatePolicy":
-        from adreg.registry.lifecycle import GatePolicy
+        from adreg.options import GatePolicy
 
         return GatePolicy
     raise AttributeError(name)
@@ -50,12 +50,12 @@ def _store(tracking_uri: str | None) -> str:
     return tracking.ensure(tracking_uri)
 
 
-def _policy(policy=None, min_image_auroc: float = 0.90, min_pixel_auroc: float = 0.90, level: float = 0.95,
-            n_resamples: int = 1000, min_per_class: int = 5, seed: int = 0, margin: float = 0.01):
-    from adreg.registry.lifecycle import GatePolicy
+def _policy(policy=None, **keywords):
+    """``policy`` with the gate keywords given (None: keep), or a ``GatePolicy`` of them; defaults live in
+    ``adreg.options.GatePolicy``."""
+    from adreg.options import GatePolicy
 
-    return policy or GatePolicy(min_image_auroc, min_pixel_auroc, level=level, n_resamples=n_resamples, seed=seed,
-                                min_per_class=min_per_class, margin=margin)
+    return GatePolicy.from_keywords(policy, **keywords)
 
 
 # -- fit ----------------------------------------------------------------------------------------------------
@@ -190,9 +190,10 @@ class PromoteOutcome:
 
 
 def promote(category: str, version, alias: str = "production", *, force: bool = False, reason: str = "",
-            eval_dir: str | None = None, policy=None, min_image_auroc: float = 0.90, min_pixel_auroc: float = 0.90,
-            level: float = 0.95, n_resamples: int = 1000, min_per_class: int = 5, seed: int = 0,
-            margin: float = 0.01, production: bool | None = None, device: str = "auto",
+            eval_dir: str | None = None, policy=None, min_image_auroc: float | None = None,
+            min_pixel_auroc: float | None = None, level: float | None = None, n_resamples: int | None = None,
+            min_per_class: int | None = None, seed: int | None = None, margin: float | None = None,
+            production: bool | None = None, device: str = "auto",
             tracking_uri: str | None = None) -> PromoteOutcome:
     """Move ``alias`` to ``version`` of ``adreg-<category>`` if it passes the quality gate.
 
@@ -202,7 +203,8 @@ def promote(category: str, version, alias: str = "production", *, force: bool = 
     good or defective images), ``below floor`` (the whole interval under ``min_image_auroc`` /
     ``min_pixel_auroc``) or ``worse`` (significantly worse than the current version, by more than ``margin``);
     or give a ``GatePolicy``
-    (rules: ``adreg.statistics``). ``force`` promotes past a failed gate (needs MANAGE; recorded). Every outcome
+    (rules: ``adreg.statistics``); a keyword left None keeps the policy's value (its default:
+    ``adreg.options.GatePolicy``). ``force`` promotes past a failed gate (needs MANAGE; recorded). Every outcome
     is recorded in the category's history.
 
     ``production``: also judge on the reviewed production set (``adreg.registry.labels.production_set``):
@@ -220,7 +222,8 @@ def promote(category: str, version, alias: str = "production", *, force: bool = 
     from adreg.registry import lifecycle
 
     _store(tracking_uri)
-    policy = _policy(policy, min_image_auroc, min_pixel_auroc, level, n_resamples, min_per_class, seed, margin)
+    policy = _policy(policy, min_image_auroc=min_image_auroc, min_pixel_auroc=min_pixel_auroc, level=level,
+                     n_resamples=n_resamples, min_per_class=min_per_class, seed=seed, margin=margin)
     promo, report = lifecycle.promote_gated(category, version, alias, policy, force=force, reason=reason,
                                             eval_dir=eval_dir, device=device, production=production)
     return PromoteOutcome(category, alias, str(version), promo is not None, report, promo, policy)
@@ -641,7 +644,7 @@ class TuneOutcome:
 
 def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = None, test_dir: str | None = None,
          evidence_dir: str | None = None, k_shot: int = 1, seed: int = 0, space=None, trials: int | None = None,
-         time_budget: float | None = None, storage: str | None = None, study: str | None = None,
+         time_budget: float | str | None = "auto", storage: str | None = None, study: str | None = None,
          selection_goods: int = 30, pruning: bool = True, register: bool = False, promote: str | None = None,
          export: str | None = None, tracking_uri: str | None = None, show_progress: bool = True,
          on_candidate=None, labelled_defects: Sequence = (), feature_cache: str | None = None,
@@ -657,7 +660,8 @@ def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = N
             folder; without it (and without validation defects) the defects are synthetic.
         k_shot, seed: the shots, drawn as ``fit`` draws them.
         space: an ``adreg.tuning.SearchSpace``, its dict form or a YAML / JSON file (default ``DEFAULT_SPACE``).
-        trials: fits at most in all; time_budget: minutes per worker (a running candidate finishes).
+        trials: fits at most in all; time_budget: minutes per worker (a running candidate finishes; ``"auto"``:
+            8x the first candidate's time, about 10x one default fit with the winner's; None: no limit).
         storage, study: an Optuna storage URL (``postgresql://...``) and study name shared by several workers.
         selection_goods: held-out goods in the selection set.
         pruning: stop a hopeless candidate after half the selection set.
@@ -697,8 +701,11 @@ def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = N
         raise ConfigError(f"unknown fit setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     if trials is not None and trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
-    if time_budget is not None and time_budget <= 0:
-        raise ConfigError(f"--time-budget must be positive minutes, got {time_budget}")
+    if time_budget != "auto" and time_budget is not None and (
+            not isinstance(time_budget, (int, float)) or time_budget < 0):
+        raise ConfigError(f"--time-budget must be minutes >= 0 (0: no limit) or 'auto', got {time_budget!r}")
+    if time_budget == 0:
+        time_budget = None
     base = FitOptions(category=category, train_dir=train_dir, val_dir=val_dir, test_dir=test_dir, k_shot=k_shot,
                       seed=seed, **settings)
     if isinstance(space, SearchSpace):

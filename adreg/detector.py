@@ -26,6 +26,7 @@ from adreg import integrity
 from adreg.errors import ConfigError
 from adreg.images import load_image
 from adreg.methods import AnomalyMethod, build_method
+from adreg.options import AUG_VIEWS
 from adreg.postprocess import anomaly_maps, image_scores
 from adreg.progress import Bar
 from adreg.thresholds import Threshold
@@ -35,9 +36,6 @@ CONFIG_FILE, STATE_FILE, BUNDLED_BACKBONE_DIR = "config.json", "state.safetensor
 #: views augmented, extracted and merged into the method per chunk in ``fit`` / ``update``: peak memory is
 #: the method's state (bank budget) + one chunk of views and features, whatever the number of goods
 CHUNK_VIEWS = 64
-#: default view target of the adaptive augmentation (``adreg.augment.adaptive_copies``): up to 8 shots keep
-#: every copy of the usual settings (bottle rotate x30: 8 x 31 = 248 views), many real goods get few or none
-AUG_VIEWS = 256
 
 
 def decode(item) -> Image.Image:

@@ -12,54 +12,22 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from adreg.backbones import DEFAULT_BACKBONE, build_backbone
+from adreg.backbones import build_backbone
 from adreg.data import CategoryData, default_category_dir, resolve_dataset, split_shots
-from adreg.detector import AUG_VIEWS, AnomalyDetector, resolve_device
+from adreg.detector import AnomalyDetector, resolve_device
 from adreg.errors import ConfigError, DataError
 from adreg.evaluation import EvalResult, evaluate, score_samples
 from adreg.methods import build_method
 from adreg.names import ROUTER, check_category
+from adreg.options import FitOptions  # noqa: F401 - re-exported: adreg.fitting.FitOptions
 from adreg.thresholds import calibrate
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FitOptions:
-    """Everything that defines a fit; logged verbatim as run parameters."""
-
-    category: str
-    method: str = "subspace"
-    train_dir: str | None = None
-    val_dir: str | None = None
-    test_dir: str | None = None
-    k_shot: int = 1
-    seed: int = 0
-    backbone: str = DEFAULT_BACKBONE
-    layers: list[int] | None = None
-    image_size: int | None = None
-    precision: str = "fp32"
-    augment: str = "rotate"
-    aug_count: int = 30
-    aug_views: int = AUG_VIEWS  # adaptive augmentation: copies per good = min(aug_count, ceil(aug_views / goods) - 1)
-    sigma: float = 4.0
-    top_fraction: float | None = None  # None: the method's default (mean of top 1%, or max for SPG)
-    threshold_quantile: float = 0.99
-    holdout: int = 20
-    batch_size: int = 8
-    device: str = "auto"
-    method_params: dict = field(default_factory=dict)
-
-    def params(self) -> dict:
-        flat = {k: v for k, v in asdict(self).items() if k not in ("method_params", "device")}
-        flat["fit_device"] = self.device  # "device" is the served model's model_config key
-        flat.update({f"method.{k}": v for k, v in self.method_params.items()})
-        return flat
 
 
 @dataclass

@@ -70,6 +70,8 @@ from scipy import ndimage
 from scipy.stats import norm, rankdata
 
 from adreg import metrics as _metrics
+from adreg.options import (DEFAULT_MARGIN, DEFAULT_MIN_PER_CLASS, DEFAULT_PIXEL_RESAMPLES,  # noqa: F401 - the gate's
+                           DEFAULT_PIXEL_SIZE, DEFAULT_RESAMPLES)                           # defaults, read here
 
 IMAGE_METRICS = ("image_auroc",)
 PIXEL_METRICS = ("pixel_auroc", "aupro")
@@ -78,11 +80,6 @@ GATED = IMAGE_METRICS + PIXEL_METRICS
 PROMOTE, WORSE, BELOW_FLOOR, NOT_ENOUGH = "promote", "worse", "below floor", "not enough evidence"
 VERDICTS = (PROMOTE, WORSE, BELOW_FLOOR, NOT_ENOUGH)
 
-DEFAULT_RESAMPLES = 1000
-DEFAULT_PIXEL_RESAMPLES = 200
-DEFAULT_PIXEL_SIZE = 64
-DEFAULT_MIN_PER_CLASS = 5
-DEFAULT_MARGIN = 0.01  # a significant drop smaller than this is not material (the point rule's old tolerance)
 AUPRO_MAX_FPR = 0.3
 
 

@@ -148,3 +148,28 @@ def test_every_argument_of_every_command_has_help_and_the_description_names_ever
                if not isinstance(a, argparse._HelpAction) and not a.help]
     assert missing == []
     assert all(name in parser.description for name in sub.choices)
+
+
+def test_a_fit_setting_is_one_field_of_fit_options():
+    """A new field (default, help) in a FitOptions subclass is a flag of the parser with that default and
+    help, reaches the options through the parsed arguments, and is logged with the run parameters."""
+    import argparse
+    import dataclasses
+
+    from adreg.cli.commands import _fit_settings
+    from adreg.cli.parser import add_fit_arguments
+    from adreg.options import FitOptions, option
+
+    @dataclasses.dataclass
+    class Wider(FitOptions):
+        blur_radius: float = option(1.5, "blur before scoring, pixels (default {default})")
+
+    parser = argparse.ArgumentParser()
+    add_fit_arguments(parser, Wider)
+    assert "blur before scoring, pixels (default 1.5)" in " ".join(parser.format_help().split())
+    assert parser.parse_args(["--category", "c"]).blur_radius == 1.5
+    args = parser.parse_args(["--category", "c", "--blur-radius", "2.5", "--k-shot", "3"])
+    settings = _fit_settings(args, Wider)
+    params = settings.pop("params")
+    opts = Wider(category="c", method_params=params, **settings)
+    assert opts.params()["blur_radius"] == 2.5 and opts.params()["k_shot"] == 3

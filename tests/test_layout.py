@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1] / "adreg"
 LAYERS = {
     "adreg": 0, "adreg.errors": 0, "adreg.names": 0, "adreg.metrics": 0, "adreg.postprocess": 0, "adreg.images": 0,
     "adreg.thresholds": 0, "adreg.integrity": 0, "adreg.augment": 0, "adreg.cutpaste": 0, "adreg.data": 0,
-    "adreg.reference": 0, "adreg.progress": 0, "adreg.synthetic": 0,
+    "adreg.reference": 0, "adreg.progress": 0, "adreg.synthetic": 0, "adreg.options": 0,
     "adreg.backbones": 1, "adreg.methods": 1,
     "adreg.detector": 2, "adreg.evaluation": 2, "adreg.fitting": 2, "adreg.feature_cache": 2, "adreg.reports": 2,
     "adreg.store": 3, "adreg.pyfunc": 4, "adreg.registry": 5,

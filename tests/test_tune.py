@@ -62,7 +62,7 @@ def tuned(widget, tmp_path_factory):
     uri = f"sqlite:///{tmp_path_factory.mktemp('tune-store') / 'mlflow.db'}"
     out = api.tune("widget", train_dir=str(widget / "good"), test_dir=str(widget / "test"), k_shot=2, seed=1,
                    holdout=4, selection_goods=8, space=SPACE, register=True, tracking_uri=uri, show_progress=False,
-                   device="cpu")
+                   device="cpu", time_budget=None)
     yield {"uri": uri, "out": out}
     mlflow.set_tracking_uri(None)
 
@@ -98,7 +98,7 @@ def test_tune_logs_every_candidate_as_a_nested_run_and_registers_the_winner(tune
     assert out.fit.metrics["image_auroc"] > 0.5  # evaluated on the test folder after the choice
 
 
-def test_fit_settings_from_reuses_the_tuned_choice(tuned, widget):
+def test_fit_settings_from_reuses_the_tuned_choice(tuned, widget, capsys):
     uri = tuned["uri"]
     r = _adreg("fit", "--category", "widget", "--train-dir", str(widget / "good"), "--test-dir", str(widget / "test"),
                "--k-shot", "2", "--seed", "1", "--holdout", "4", "--settings-from", tuned["out"].run_id, uri=uri)
@@ -108,9 +108,12 @@ def test_fit_settings_from_reuses_the_tuned_choice(tuned, widget):
     chosen = tuned["out"].chosen
     assert params["method"] == chosen["method"] and params["augment"] == chosen["augment"]
     assert float(params["top_fraction"]) == chosen["top_fraction"]
-    r = _adreg("fit", "--category", "widget", "--train-dir", str(widget / "good"), "--settings-from", run_id, uri=uri)
-    assert r.returncode == 2 and "not the parent run of an `adreg tune` search" in r.stderr
-    assert r.stderr.count("\n") == 1
+    from adreg.cli import main
+
+    code = main(["--tracking-uri", uri, "fit", "--category", "widget", "--train-dir", str(widget / "good"),
+                 "--settings-from", run_id])
+    err = capsys.readouterr().err
+    assert code == 2 and "not the parent run of an `adreg tune` search" in err and err.count("\n") == 1
 
 
 def test_a_poisoned_test_folder_cannot_change_the_choice(tuned, bottle_dir, tmp_path):
@@ -121,7 +124,7 @@ def test_a_poisoned_test_folder_cannot_change_the_choice(tuned, bottle_dir, tmp_
     poisoned = _widget(bottle_dir, tmp_path / "poisoned", poisoned=True)
     out = api.tune("widget", train_dir=str(poisoned / "good"), test_dir=str(poisoned / "test"), k_shot=2, seed=1,
                    holdout=4, selection_goods=8, space=SPACE, tracking_uri=f"sqlite:///{tmp_path / 'p.db'}",
-                   show_progress=False, device="cpu")
+                   show_progress=False, device="cpu", time_budget=None)
     clean = tuned["out"]
     assert out.chosen == clean.chosen
     assert [(c.key, c.selection["selection_image_auroc"]) for c in out.search.candidates] == \
@@ -129,13 +132,18 @@ def test_a_poisoned_test_folder_cannot_change_the_choice(tuned, bottle_dir, tmp_
     assert out.fit.metrics["image_auroc"] == pytest.approx(1 - clean.fit.metrics["image_auroc"], abs=1e-6)
 
 
-def test_too_little_evidence_fits_the_defaults_and_says_so(bottle_dir, tmp_path):
+def test_too_little_evidence_fits_the_defaults_and_says_so(bottle_dir, tmp_path, capsys):
+    from adreg.cli import main
+
     product = _widget(bottle_dir, tmp_path / "tiny", n_good=8)
-    r = _adreg("tune", "tiny", "--train-dir", str(product / "good"), "--k-shot", "2", "--holdout", "4",
-               "--space", _space_file(tmp_path, SPACE), "--device", "cpu", uri=f"sqlite:///{tmp_path / 'm.db'}")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "too little evidence to choose: only 2 good image(s)" in r.stdout and "fitted the defaults" in r.stdout
-    assert "fitted subspace for 'tiny'" in r.stdout
+    code = main(["--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "tune", "tiny", "--train-dir",
+                 str(product / "good"), "--k-shot", "2", "--holdout", "4", "--space", _space_file(tmp_path, SPACE),
+                 "--device", "cpu"])
+    out = capsys.readouterr().out
+    mlflow.set_tracking_uri(None)
+    assert code == 0
+    assert "too little evidence to choose: only 2 good image(s)" in out and "fitted the defaults" in out
+    assert "fitted subspace for 'tiny'" in out
 
 
 def _space_file(tmp_path: Path, space: dict) -> str:
@@ -158,25 +166,34 @@ def test_a_space_with_no_valid_candidate_is_refused_before_any_work(space, messa
         SearchSpace.from_dict(space)
 
 
-def test_bad_input_one_line_exit_2(widget, tmp_path):
+def test_bad_input_one_line_exit_2(widget, tmp_path, capsys, monkeypatch):
+    from adreg.cli import main
+
     uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+
+    def run(*args) -> tuple[int, str]:
+        code = main(["tune", "widget", *args])
+        return code, capsys.readouterr().err
+
     (tmp_path / "empty").mkdir()
-    r = _adreg("tune", "widget", "--train-dir", str(tmp_path / "empty"), uri=uri)
-    assert r.returncode == 2 and "holds no images" in r.stderr and r.stderr.count("\n") == 1
+    code, err = run("--train-dir", str(tmp_path / "empty"))
+    assert code == 2 and "holds no images" in err and err.count("\n") == 1
     bad = tmp_path / "bad.yaml"
     bad.write_text("stages: [{grid: {method: [subspace]}}]\nbest_of: 3\n")
-    r = _adreg("tune", "widget", "--train-dir", str(widget / "good"), "--space", str(bad), uri=uri)
-    assert r.returncode == 2 and "unknown key(s) best_of" in r.stderr and r.stderr.count("\n") == 1
-    r = _adreg("tune", "widget", "--train-dir", str(widget / "good"), "--evidence-dir", str(widget / "test"),
-               "--test-dir", str(widget / "test"), uri=uri)
-    assert r.returncode == 2 and "must not see the test folder" in r.stderr
+    code, err = run("--train-dir", str(widget / "good"), "--space", str(bad))
+    assert code == 2 and "unknown key(s) best_of" in err and err.count("\n") == 1
+    code, err = run("--train-dir", str(widget / "good"), "--evidence-dir", str(widget / "test"),
+                    "--test-dir", str(widget / "test"))
+    assert code == 2 and "must not see the test folder" in err
     t0 = time.perf_counter()
-    r = _adreg("tune", "widget", "--train-dir", str(widget / "good"), "--k-shot", "2", "--holdout", "4",
-               "--selection-goods", "8", "--storage", "postgresql://postgres@127.0.0.1:9/optuna", uri=uri)
-    assert r.returncode == 2 and "search storage" in r.stderr and r.stderr.count("\n") == 1
+    code, err = run("--train-dir", str(widget / "good"), "--k-shot", "2", "--holdout", "4", "--selection-goods", "8",
+                    "--storage", "postgresql://postgres@127.0.0.1:9/optuna")
+    assert code == 2 and "search storage" in err and err.count("\n") == 1
     assert time.perf_counter() - t0 < 60
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     assert client.search_registered_models() == []
+    mlflow.set_tracking_uri(None)
 
 
 def test_storage_down_raises_store_unreachable():
@@ -199,6 +216,7 @@ def _worker(widget: Path, uri: str, storage: str, space: str, *extra) -> subproc
     return subprocess.Popen([sys.executable, "-m", "adreg.cli", "tune", "widget", "--train-dir", str(widget / "good"),
                              "--k-shot", "2", "--seed", "1", "--holdout", "4", "--selection-goods", "8",
                              "--space", space, "--storage", storage, "--study", "shared", "--no-pruning",
+                             "--time-budget", "0",
                              "--device", "cpu", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
                             start_new_session=True)
@@ -290,6 +308,10 @@ def test_trials_bound_the_search(widget, tmp_path):
                    device="cpu")
     assert len(out.search.candidates) == 1 and out.search.stopped == "--trials 1 reached"
     assert out.chosen["method"] == "subspace" and out.fit is not None
+    out = api.tune("widget", train_dir=str(widget / "good"), k_shot=2, seed=1, holdout=4, selection_goods=8,
+                   space=SPACE, time_budget=0.0001, tracking_uri=f"sqlite:///{tmp_path / 't.db'}",
+                   show_progress=False, device="cpu")
+    assert len(out.search.candidates) == 1 and out.search.stopped == "--time-budget 0.0001 min spent"
 
 
 def test_reviewed_defects_rank_the_candidates_and_the_gate_leaves_them_out(tuned, bottle_dir, tmp_path):

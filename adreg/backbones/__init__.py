@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from adreg.backbones.base import Backbone, Features
 from adreg.errors import ConfigError
-
-DEFAULT_BACKBONE = "efficientnet-lite0"
+from adreg.options import DEFAULT_BACKBONE
 
 
 def build_backbone(name: str = DEFAULT_BACKBONE, layers=None, image_size: int | None = None,

@@ -34,23 +34,24 @@ def _api():
 
 
 def _policy(args):
-    from adreg.registry.lifecycle import GatePolicy
+    """The ``GatePolicy`` of the parsed gate flags (one per field, ``adreg.options``)."""
+    from adreg.options import GatePolicy
 
-    return GatePolicy(args.min_image_auroc, args.min_pixel_auroc, level=args.level, n_resamples=args.resamples,
-                      min_per_class=args.min_per_class, margin=args.margin)
+    return GatePolicy(**{f.name: getattr(args, f.name) for f in GatePolicy.cli_fields()})
 
 
 # -- fit ---------------------------------------------------------------------------------------------
-def _fit_settings(args) -> dict:
+def _fit_settings(args, options=None) -> dict:
+    """``adreg.api.fit`` keywords from the parsed ``adreg fit`` flags: every ``FitOptions`` field the command
+    line sets (``adreg.options``) but the category, and the method's hyper-parameters."""
+    from adreg.options import FitOptions
+
     params = dict(args.param)
     if args.pca_ev is not None:
         params["pca_ev"] = args.pca_ev
-    return dict(train_dir=args.train_dir, val_dir=args.val_dir, test_dir=args.test_dir, method=args.method,
-                k_shot=args.k_shot, seed=args.seed, params=params, backbone=args.backbone, layers=args.layers,
-                image_size=args.image_size, precision=args.precision, augment=args.augment,
-                aug_count=args.aug_count, aug_views=args.aug_views, top_fraction=args.top_fraction, sigma=args.sigma,
-                threshold_quantile=args.threshold_quantile, holdout=args.holdout, batch_size=args.batch_size,
-                device=args.device)
+    out = {f.name: getattr(args, f.name) for f in (options or FitOptions).cli_fields() if f.name != "category"}
+    out["params"] = params
+    return out
 
 
 def _print_fit(out, alias: str | None) -> None:
@@ -90,7 +91,8 @@ def cmd_tune(args) -> int:
                       evidence_dir=args.evidence_dir, k_shot=args.k_shot, seed=args.seed, space=args.space,
                       trials=args.trials, time_budget=args.time_budget, storage=args.storage, study=args.study,
                       selection_goods=args.selection_goods, pruning=args.pruning, holdout=args.holdout,
-                      review_seed=args.review_seed,
+                      review_seed=args.review_seed, aug_views=args.aug_views,
+                      threshold_quantile=args.threshold_quantile,
                       device=args.device, batch_size=args.batch_size, register=args.register,
                       promote=args.promote, export=args.export, tracking_uri=args.tracking_uri)
     s = out.search

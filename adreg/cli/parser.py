@@ -4,6 +4,7 @@ generated from ``build_parser``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from adreg.cli.commands import (cmd_compare, cmd_drift, cmd_export, cmd_fit, cmd_grant, cmd_history, cmd_label,
@@ -43,6 +44,15 @@ def _fill_help(parser: argparse.ArgumentParser) -> None:
             action.help = COMMON_HELP[action.dest]
 
 
+def _budget(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected minutes or 'auto', got {text!r}") from None
+
+
 def _parse_param(text: str):
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -54,52 +64,40 @@ def _parse_param(text: str):
 
 
 def _gate_args(p) -> None:
-    p.add_argument("--min-image-auroc", type=float, default=0.90, help="gate floor (default 0.90)")
-    p.add_argument("--min-pixel-auroc", type=float, default=0.90, help="gate floor (default 0.90)")
-    p.add_argument("--level", type=float, default=0.95,
-                   help="confidence of the gate's intervals and paired tests: refused as worse when significantly "
-                        "worse than the alias's current version on the same images, p < 1 - level (default 0.95)")
-    p.add_argument("--resamples", type=int, default=1000,
-                   help="bootstrap resamples of image AUROC (default 1000; pixel metrics: 200 at 64x64)")
-    p.add_argument("--margin", type=float, default=0.01,
-                   help="refused as worse only when significantly worse by more than this (default 0.01)")
-    p.add_argument("--min-per-class", type=int, default=5,
-                   help="fewer good or defective evaluation images is 'not enough evidence' (default 5)")
+    """The gate's flags, one per ``GatePolicy`` field the command line sets (``adreg.options``)."""
+    from adreg.options import GatePolicy
+
+    add_option_arguments(p, options=GatePolicy)
 
 
-def add_fit_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--category", required=True, help="product category, e.g. bottle (model name adreg-<category>)")
-    p.add_argument("--method", default="subspace", help="anomaly method (default: subspace)")
-    p.add_argument("--train-dir", help="MVTec category folder or folder of good images "
-                                       "(default: the bundled data for --category)")
-    p.add_argument("--val-dir", help="validation folder: good/ and optional defect sub-folders")
-    p.add_argument("--test-dir", help="test folder: good/ and defect sub-folders (MVTec layout)")
-    p.add_argument("--k-shot", type=int, default=1, help="number of good images to fit on (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shot selection and augmentation")
-    p.add_argument("--backbone", default="efficientnet-lite0",
-                   help="efficientnet-lite0 (offline default), efficientnet-lite2, or hf:<hub id or local dir>")
-    p.add_argument("--layers", type=int, nargs="+", help="backbone layers (Lite0 blocks, default 4 10; "
-                                                          "HF hidden_states indices, default -4 -5)")
-    p.add_argument("--image-size", type=int, help="square input size (default 320 for CNNs, 448 for ViTs)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="backbone precision on CUDA")
-    p.add_argument("--augment", default="rotate", help="comma list of none,rotate,hflip,vflip,affine,color")
-    p.add_argument("--aug-count", type=int, default=30, help="augmented copies per shot at most (default 30)")
-    p.add_argument("--aug-views", type=int, default=256,
-                   help="adaptive augmentation: copies per good = min(aug-count, ceil(aug-views / goods) - 1), so "
-                        "many real goods get few synthetic copies, in fits and updates (default 256)")
-    p.add_argument("--top-fraction", type=float,
-                   help="image score = mean of this top fraction of map pixels (default 0.01; 0 = maximum; "
-                        "small defects on large parts want less, e.g. 0.001 on magnetic tiles)")
-    p.add_argument("--sigma", type=float, default=4.0, help="Gaussian smoothing of anomaly maps, pixels (default 4)")
+def add_option_arguments(p: argparse.ArgumentParser, names=None, options=None, helps: dict | None = None) -> None:
+    """One flag per field of ``options`` (``FitOptions`` by default, or ``GatePolicy``; all of them, or
+    ``names``): name, default, help and type from the field (``adreg.options``); ``helps`` replaces a
+    field's help where a command means more by it."""
+    from adreg.options import FitOptions
+
+    fields = {f.name: f for f in (options or FitOptions).cli_fields()}
+    for name in names or list(fields):
+        f = fields[name]
+        flag = f.metadata.get("flag") or f.name
+        kw = dict(f.metadata["cli"])
+        default = None if f.default is dataclasses.MISSING else f.default
+        if not kw.get("required"):
+            kw["default"] = default
+        if "type" not in kw and isinstance(default, (int, float)) and not isinstance(default, bool):
+            kw["type"] = type(default)
+        kw["help"] = (helps or {}).get(name, f.metadata["help"]).format(default=default)
+        p.add_argument("--" + flag.replace("_", "-"), dest=f.name, **kw)
+
+
+def add_fit_arguments(p: argparse.ArgumentParser, options=None) -> None:
+    """The ``adreg fit`` flags: one per ``FitOptions`` field (name, default, help and type from the field,
+    ``adreg.options``), then the method's hyper-parameters and what to do with the fit. ``options``: a
+    ``FitOptions`` subclass with fields of its own."""
+    add_option_arguments(p, options=options)
     p.add_argument("--pca-ev", type=float, help="SubspaceAD explained-variance ratio to keep (default 0.99)")
     p.add_argument("--param", type=_parse_param, action="append", default=[], metavar="KEY=VALUE",
                    help="other method hyper-parameter, repeatable")
-    p.add_argument("--threshold-quantile", type=float, default=0.99,
-                   help="quantile of good validation scores used as threshold (default 0.99)")
-    p.add_argument("--holdout", type=int, default=20,
-                   help="good training images held out to calibrate the threshold when there is no --val-dir")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=8, help="images per backbone batch on a GPU (default 8)")
     p.add_argument("--register", action="store_true", help="register the model as a new version of adreg-<category>")
     p.add_argument("--promote", metavar="ALIAS", help="after registering, point ALIAS (e.g. staging) at it")
     p.add_argument("--export", choices=["onnx", "onnxruntime", "openvino"],
@@ -113,19 +111,19 @@ def _add_tune_command(sub) -> None:
     p = sub.add_parser("tune", help="search methods and settings on held-out evidence, log every candidate, "
                                     "fit the winner")
     p.add_argument("category", help="product category (model name adreg-<category>)")
-    p.add_argument("--train-dir", help="the product's good images, or an MVTec / MTD / ELPV folder "
-                                       "(default: the bundled data for the category)")
-    p.add_argument("--val-dir", help="validation folder: good/ and optional defect sub-folders (its defects rank too)")
-    p.add_argument("--test-dir", help="test folder: used only after the choice, for the evaluation and the gate")
+    add_option_arguments(p, ["train_dir", "val_dir", "test_dir"], helps={
+        "train_dir": "the product's good images, or an MVTec / MTD / ELPV folder (default: the bundled data)",
+        "val_dir": "validation folder: good/ and optional defect sub-folders (its defects rank too)",
+        "test_dir": "test folder: used only after the choice, for the evaluation and the gate"})
     p.add_argument("--evidence-dir", help="labelled images for the choice only (good/ and defect sub-folders), "
                                           "never the test folder; default: synthetic defects on held-out goods")
-    p.add_argument("--k-shot", type=int, default=1, help="number of good images to fit on (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shots, augmentation and evidence")
+    add_option_arguments(p, ["k_shot", "seed"], helps={"seed": "seed of the shots, augmentation and evidence"})
     p.add_argument("--space", metavar="FILE", help="search space, YAML or JSON (default: adreg.tuning.DEFAULT_SPACE; "
-                                                   "python -m adreg.tuning.space prints it)")
+                                                   "python -m adreg.tuning prints it)")
     p.add_argument("--trials", type=int, help="fits at most, all workers together (default: the whole space)")
-    p.add_argument("--time-budget", type=float, metavar="MIN",
-                   help="minutes this worker searches; a running candidate finishes (default: no limit)")
+    p.add_argument("--time-budget", type=_budget, metavar="MIN", default="auto",
+                   help="minutes this worker searches, 0 = no limit; a running candidate finishes (default auto: "
+                        "8x the first candidate's time, about 10x one default fit with the winner's)")
     p.add_argument("--storage", help="Optuna storage shared by several workers, e.g. postgresql://host/db "
                                      "(default: in memory, one worker)")
     p.add_argument("--study", help="study name the workers share (default: derived from category, shots, seed, "
@@ -137,10 +135,7 @@ def _add_tune_command(sub) -> None:
                    help="held-out good images in the selection set (default 30)")
     p.add_argument("--no-pruning", dest="pruning", action="store_false",
                    help="score every candidate on the whole selection set")
-    p.add_argument("--holdout", type=int, default=20,
-                   help="good training images held out to calibrate the threshold when there is no --val-dir")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=8, help="images per backbone batch on a GPU (default 8)")
+    add_option_arguments(p, ["holdout", "aug_views", "threshold_quantile", "device", "batch_size"])
     p.add_argument("--register", action="store_true", help="register the winner as a new version of adreg-<category>")
     p.add_argument("--promote", metavar="ALIAS", help="after registering, point ALIAS (e.g. staging) at it")
     p.add_argument("--export", choices=["onnx", "onnxruntime", "openvino"],

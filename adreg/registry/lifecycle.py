@@ -22,39 +22,13 @@ import mlflow
 from adreg import statistics, store
 from adreg.data import Sample, read_labelled_folder
 from adreg.detector import AnomalyDetector
-from adreg.errors import ConfigError, DataError, RegistryError
+from adreg.errors import DataError, RegistryError
 from adreg.evaluation import EvalResult, evaluate
+from adreg.options import GatePolicy  # noqa: F401 - re-exported: adreg.registry.lifecycle.GatePolicy
 from adreg.registry import events, governance, versions
 from adreg.registry.resolve import check_version, existing_versions, get_model, load_detector, model_version, resolve
 
 COMPARED = ("image_auroc", "pixel_auroc", "aupro")
-
-
-@dataclass
-class GatePolicy:
-    """Floors (image and pixel AUROC), the confidence ``level`` of intervals and tests (a candidate is
-    ``worse`` when paired p < 1 - level and the difference < -``margin``), bootstrap resamples (``n_resamples`` for image
-    AUROC, ``pixel_resamples`` at ``pixel_size`` for the pixel metrics), their ``seed``, and ``min_per_class``
-    good and defective images below which the set is ``not enough evidence``. Rules: ``adreg.statistics``."""
-
-    min_image_auroc: float = 0.90
-    min_pixel_auroc: float = 0.90
-    level: float = 0.95
-    n_resamples: int = statistics.DEFAULT_RESAMPLES
-    seed: int = 0
-    min_per_class: int = statistics.DEFAULT_MIN_PER_CLASS
-    pixel_resamples: int = statistics.DEFAULT_PIXEL_RESAMPLES
-    pixel_size: int = statistics.DEFAULT_PIXEL_SIZE
-    margin: float = statistics.DEFAULT_MARGIN
-
-    def __post_init__(self):
-        if not 0.5 <= self.level < 1:
-            raise ConfigError(f"the gate's --level must be in [0.5, 1), got {self.level}")
-        if self.n_resamples < 1 or self.pixel_resamples < 1:
-            raise ConfigError("the gate needs at least one bootstrap resample (--resamples)")
-
-    def floors(self) -> dict[str, float]:
-        return {"image_auroc": self.min_image_auroc, "pixel_auroc": self.min_pixel_auroc}
 
 
 @dataclass

@@ -44,16 +44,21 @@ PARENT_ATTR = "mlflow_parent_run_id"
 POLL_S = 0.5
 #: the longest a leader waits for another worker's running candidate before it gives up on it
 STALE_AFTER_S = 900.0
+#: the automatic time budget, in multiples of the first candidate's time from the start of the search (set-up
+#: included). The first candidate is the default settings (the space's base), whose fit is about one default
+#: ``adreg fit`` less its test evaluation: 8x leaves room for the winner's fit within 10x one fit.
+AUTO_BUDGET = 8.0
 
 
 @dataclass
 class SearchConfig:
     """How to search: ``trials`` fits at most in all (None: the whole space), ``time_budget`` minutes per worker
-    (None: no limit), Optuna ``storage`` URL (None: in memory, one worker) and ``study`` name, pruning of
+    (None: no limit; ``"auto"``: ``AUTO_BUDGET`` times this worker's first candidate, counted from the start,
+    so the search and the winner's fit stay within about 10x one default fit of the product), Optuna ``storage`` URL (None: in memory, one worker) and ``study`` name, pruning of
     hopeless candidates after half the selection set, bootstrap resamples of the selection intervals."""
 
     trials: int | None = None
-    time_budget: float | None = None
+    time_budget: float | str | None = "auto"
     storage: str | None = None
     study: str | None = None
     pruning: bool = True
@@ -329,7 +334,9 @@ class Search:
         self.on_candidate = on_candidate  # called with (CandidateOutcome, fitted detector) after each candidate
         self.worker = _worker_name()
         self.t0 = time.perf_counter()
-        self.deadline = None if config.time_budget is None else self.t0 + 60.0 * float(config.time_budget)
+        self.auto_budget = config.time_budget == "auto"
+        self.deadline = (None if config.time_budget is None or self.auto_budget
+                         else self.t0 + 60.0 * float(config.time_budget))
         self.base_settings = normalise({k: getattr(base, k) for k in ("method", "backbone", "layers", "image_size",
                                                                       "augment", "aug_count")}
                                        | {"params": dict(base.method_params)})
@@ -405,8 +412,12 @@ class Search:
 
     # -- the loop ------------------------------------------------------------------------------------------
     def _out_of_time(self) -> bool:
-        if self.deadline is not None and time.perf_counter() > self.deadline:
-            self.stopped = self.stopped or f"--time-budget {self.config.time_budget:g} min spent"
+        """Past this worker's budget (never before its first candidate: a leader always has one to choose)."""
+        if self.n_here and self.deadline is not None and time.perf_counter() > self.deadline:
+            budget = (f"the automatic time budget ({AUTO_BUDGET:g}x the first candidate: "
+                      f"{(self.deadline - self.t0) / 60:.1f} min) spent" if self.auto_budget
+                      else f"--time-budget {self.config.time_budget:g} min spent")
+            self.stopped = self.stopped or budget
             return True
         return False
 
@@ -527,6 +538,8 @@ class Search:
             cand.error, scores = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", None
         self._record(trial, cand, scores)
         self.n_here += 1
+        if self.auto_budget and self.deadline is None:
+            self.deadline = self.t0 + AUTO_BUDGET * (time.perf_counter() - self.t0)
         self.bar(1, best=cand.value if cand.state == "complete" else float("nan"))
         if self.on_candidate is not None:
             self.on_candidate(cand, det)
