@@ -644,7 +644,7 @@ class TuneOutcome:
 
 def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = None, test_dir: str | None = None,
          evidence_dir: str | None = None, k_shot: int = 1, seed: int = 0, space=None, trials: int | None = None,
-         time_budget: float | str | None = "auto", storage: str | None = None, study: str | None = None,
+         time_budget: float | str | None = None, storage: str | None = None, study: str | None = None,
          selection_goods: int = 30, pruning: bool = True, register: bool = False, promote: str | None = None,
          export: str | None = None, tracking_uri: str | None = None, show_progress: bool = True,
          on_candidate=None, labelled_defects: Sequence = (), feature_cache: str | None = None,
@@ -661,7 +661,7 @@ def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = N
         k_shot, seed: the shots, drawn as ``fit`` draws them.
         space: an ``adreg.tuning.SearchSpace``, its dict form or a YAML / JSON file (default ``DEFAULT_SPACE``).
         trials: fits at most in all; time_budget: minutes per worker (a running candidate finishes; ``"auto"``:
-            8x the first candidate's time, about 10x one default fit with the winner's; None: no limit).
+            8x the first candidate's time; None or 0: the whole space).
         storage, study: an Optuna storage URL (``postgresql://...``) and study name shared by several workers.
         selection_goods: held-out goods in the selection set.
         pruning: stop a hopeless candidate after half the selection set.

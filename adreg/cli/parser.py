@@ -121,9 +121,9 @@ def _add_tune_command(sub) -> None:
     p.add_argument("--space", metavar="FILE", help="search space, YAML or JSON (default: adreg.tuning.DEFAULT_SPACE; "
                                                    "python -m adreg.tuning prints it)")
     p.add_argument("--trials", type=int, help="fits at most, all workers together (default: the whole space)")
-    p.add_argument("--time-budget", type=_budget, metavar="MIN", default="auto",
-                   help="minutes this worker searches, 0 = no limit; a running candidate finishes (default auto: "
-                        "8x the first candidate's time, about 10x one default fit with the winner's)")
+    p.add_argument("--time-budget", type=_budget, metavar="MIN",
+                   help="minutes this worker searches; a running candidate finishes; auto = 8x the first "
+                        "candidate's time (default: the whole space)")
     p.add_argument("--storage", help="Optuna storage shared by several workers, e.g. postgresql://host/db "
                                      "(default: in memory, one worker)")
     p.add_argument("--study", help="study name the workers share (default: derived from category, shots, seed, "

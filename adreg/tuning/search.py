@@ -58,7 +58,7 @@ class SearchConfig:
     hopeless candidates after half the selection set, bootstrap resamples of the selection intervals."""
 
     trials: int | None = None
-    time_budget: float | str | None = "auto"
+    time_budget: float | str | None = None
     storage: str | None = None
     study: str | None = None
     pruning: bool = True
