@@ -121,10 +121,7 @@ def fit(category: str, *, train_dir: str | None = None, val_dir: str | None = No
     from adreg.registry import tracking
 
     if options is None:
-        known = set(FitOptions.__dataclass_fields__)
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise ConfigError(f"unknown fit setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        _check_settings(settings)
         options = FitOptions(category=category, method=method, train_dir=train_dir, val_dir=val_dir,
                              test_dir=test_dir, k_shot=k_shot, seed=seed, method_params=dict(params or {}),
                              **settings)
@@ -139,6 +136,16 @@ def fit(category: str, *, train_dir: str | None = None, val_dir: str | None = No
     logged = tracking.log_fit(result, export=export)
     return _register_and_promote(FitOutcome(result, logged.run_id, logged.model_uri, uri), register, promote,
                                  "fit --promote")
+
+
+def _check_settings(settings: dict) -> None:
+    """``ConfigError`` for a keyword that is no ``FitOptions`` field."""
+    from adreg.options import FitOptions
+
+    known = set(FitOptions.__dataclass_fields__)
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ConfigError(f"unknown fit setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
 def _check_promotable(options, promote: str | None) -> None:
@@ -695,10 +702,7 @@ def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = N
     from adreg.tuning.search import options_for
 
     check_category(category)
-    known = set(FitOptions.__dataclass_fields__)
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ConfigError(f"unknown fit setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    _check_settings(settings)
     if trials is not None and trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     if time_budget != "auto" and time_budget is not None and (
@@ -746,9 +750,7 @@ def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = N
         from adreg.tuning.search import TUNE_TAG
 
         parent = client.create_run(experiment, run_name=name, tags={TUNE_TAG: "parent", "adreg.category": category})
-        search = SearchResult(parent.info.run_id, "", True, [], None,
-                              {"kind": evidence.kind(), "counts": evidence.counts(), "n_good": evidence.n_good,
-                               "n_defective": evidence.n_defective}, fallback=fallback)
+        search = SearchResult(parent.info.run_id, "", True, [], None, evidence.summary(), fallback=fallback)
     else:
         try:
             search = run_search(base, evidence, search_space, config, experiment, name, show_progress, on_candidate)

@@ -73,6 +73,10 @@ class Evidence:
         parts = [f"{n} {what}" for what, n in sorted(self.counts().items(), key=lambda kv: -kv[1])]
         return ", ".join(parts)
 
+    def summary(self) -> dict:
+        """What the parent run and the CLI report: kind, counts per source, goods and defects."""
+        return {"kind": self.kind(), "counts": self.counts(), "n_good": self.n_good, "n_defective": self.n_defective}
+
     def kind(self) -> str:
         """``labelled`` (real defects only), ``synthetic`` or ``mixed``."""
         synth = any(s.startswith("synthetic") for s in self.sources)

@@ -114,8 +114,14 @@ class SearchResult:
 
     def ranked(self) -> list[CandidateOutcome]:
         """Complete candidates, best first (the choice rule)."""
-        done = [c for c in self.candidates if c.state == "complete" and math.isfinite(c.value)]
-        return sorted(done, key=lambda c: (-c.value, -c.selection.get("selection_pixel_auroc", 0.0), c.number))
+        return rank(self.candidates)
+
+
+def rank(candidates) -> list[CandidateOutcome]:
+    """The choice rule: complete candidates by selection image AUROC, then selection pixel AUROC, then the
+    order they were enqueued."""
+    done = [c for c in candidates if c.state == "complete" and math.isfinite(c.value)]
+    return sorted(done, key=lambda c: (-c.value, -c.selection.get("selection_pixel_auroc", 0.0), c.number))
 
 
 # -- scoring one candidate --------------------------------------------------------------------------------
@@ -350,12 +356,12 @@ class Search:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.storage = _storage(self.config.storage)
-        name = self.config.study or f"adreg-tune-{self.base.category}-{fingerprint(self.base, self.evidence, self.space)}"
+        self.fp = fingerprint(self.base, self.evidence, self.space)
+        name = self.config.study or f"adreg-tune-{self.base.category}-{self.fp}"
         # keeps the top 75% at the half-way report: a candidate in the bottom quarter so far stops there
         pruner = (optuna.pruners.PercentilePruner(75.0, n_startup_trials=4) if self.config.pruning
                   else optuna.pruners.NopPruner())
         self.client = mlflow.MlflowClient()
-        self.fp = fingerprint(self.base, self.evidence, self.space)
         try:
             self.study = optuna.create_study(study_name=name, storage=self.storage, direction="maximize",
                                              pruner=pruner)
@@ -458,8 +464,7 @@ class Search:
         candidates = [_outcome(t) for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("key")]
         candidates = [c for c in candidates if c.state not in ("waiting", "running")]
         result = SearchResult(self.parent, self.study.study_name, self.leader, candidates, None,
-                              {"kind": self.evidence.kind(), "counts": self.evidence.counts(),
-                               "n_good": self.evidence.n_good, "n_defective": self.evidence.n_defective},
+                              self.evidence.summary(),
                               seconds=time.perf_counter() - self.t0, n_here=self.n_here, stopped=self.stopped)
         if self.leader:
             self._choose(result)
@@ -499,10 +504,7 @@ class Search:
         return False
 
     def _ranked_settings(self) -> list[dict]:
-        done = [c for c in (_outcome(t) for t in self.study.get_trials(deepcopy=False))
-                if c.state == "complete" and math.isfinite(c.value)]
-        done.sort(key=lambda c: (-c.value, -c.selection.get("selection_pixel_auroc", 0.0), c.number))
-        return [{k: v for k, v in c.settings.items()} for c in done]
+        return [dict(c.settings) for c in rank(_outcome(t) for t in self.study.get_trials(deepcopy=False))]
 
     def _run_trial(self, trial) -> None:
         from optuna.trial import TrialState
