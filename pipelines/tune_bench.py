@@ -9,7 +9,11 @@ Per dataset and seed, all through the product's API on a throwaway sqlite store:
 * ``tuned (25 labelled)``: ``adreg.api.tune`` with 25 defects drawn (seeded) from the test split as
   ``--evidence-dir``: those 25 are removed from the test split that every row is evaluated on;
 * ``oracle``: the candidate of the synthetic search with the best test image AUROC (every fit at every
-  aggregation, scored on the test split after the search: the benchmark's own evaluation, outside the timing).
+  aggregation, scored on the test split after the search: the benchmark's own evaluation, outside the timing);
+* ``ensemble (synthetic)``: whether an ensemble candidate would pay. The best candidate of each method on the
+  synthetic selection set, each score put on its candidate's normal scale (``(s - median) / IQR`` of the
+  selection goods' scores), averaged over every pair and the triple; the ensemble with the best selection AUROC
+  is scored on the test split. Computed from the candidates' own scores, no extra fit.
 
 Reported: image / pixel AUROC of each, the tuned choice's regret to the oracle, Spearman's rank correlation
 between selection and test image AUROC over all candidates, and the tune's wall time over one default fit's
@@ -67,8 +71,9 @@ def _link_folder(samples, root: Path) -> Path:
     return root
 
 
-def _test_metrics(det, samples, aggregation) -> dict:
-    """Test image AUROC of a fitted candidate at each aggregation (and pixel AUROC, one map per image)."""
+def _test_metrics(det, samples, aggregation, top_fraction: float) -> dict:
+    """Test image AUROC of a fitted candidate at each aggregation (and pixel AUROC, one map per image); its
+    test image scores at ``top_fraction`` (``scores``)."""
     import torch
 
     from adreg.evaluation import evaluate
@@ -79,6 +84,7 @@ def _test_metrics(det, samples, aggregation) -> dict:
     labels = np.array([s.label for s in samples])
     t = torch.from_numpy(ev.maps)
     out = {f"image_auroc@{tf}": float(auroc(labels, image_scores(t, tf).numpy())) for tf in aggregation}
+    out["scores"] = image_scores(t, top_fraction).numpy()
     if "pixel_auroc" in ev.metrics:
         out["pixel_auroc"] = float(ev.metrics["pixel_auroc"])
     return out
@@ -111,13 +117,17 @@ def run_one(dataset: str, seed: int, shots: int, work: Path, n_labelled: int) ->
 
     aggregation = DEFAULT_SPACE["aggregation"]
     cands: list[dict] = []
+    scored_fits: list[dict] = []  # complete candidates: selection and test image scores at their aggregation
     oracle_s = [0.0]
 
     def on_candidate(cand, det):
         if det is None or cand.state == "failed":
             return
         t = time.perf_counter()
-        m = _test_metrics(det, test, aggregation)
+        m = _test_metrics(det, test, aggregation, cand.settings.get("top_fraction", det.top_fraction))
+        if cand.state == "complete" and cand.scores is not None:
+            scored_fits.append({"method": cand.settings.get("method"), "label": cand.label, "value": cand.value,
+                                "selection": np.asarray(cand.scores), "test": m["scores"]})
         oracle_s[0] += time.perf_counter() - t
         for tf in aggregation:
             cands.append({"dataset": dataset, "seed": seed, "number": cand.number, "candidate": cand.label,
@@ -125,6 +135,7 @@ def run_one(dataset: str, seed: int, shots: int, work: Path, n_labelled: int) ->
                           "selection_image_auroc": cand.by_aggregation.get(str(tf)),
                           "test_image_auroc": m[f"image_auroc@{tf}"], "test_pixel_auroc": m.get("pixel_auroc")})
 
+    ensemble = None
     cache = str(case / "features")  # the labelled search fits the same candidates: their features on disk
     for variant, extra in (("tuned (synthetic)", {"on_candidate": on_candidate, "feature_cache": cache}),
                            ("tuned (25 labelled)", {"evidence_dir": str(evidence_dir), "feature_cache": cache})):
@@ -132,12 +143,16 @@ def run_one(dataset: str, seed: int, shots: int, work: Path, n_labelled: int) ->
         t0 = time.perf_counter()
         out = api.tune(dataset, **common, **extra)
         seconds = time.perf_counter() - t0 - oracle_s[0]
+        if variant == "tuned (synthetic)":
+            ensemble = _ensemble(scored_fits, out.search.evidence["labels"], [s.label for s in test])
         m = out.fit.metrics
         rows.append({"dataset": dataset, "seed": seed, "variant": variant, "seconds": seconds,
                      "image_auroc": m.get("image_auroc"), "pixel_auroc": m.get("pixel_auroc"),
                      "choice": f"{out.search.chosen.label} / top {out.chosen.get('top_fraction')}"
                      if out.search.chosen else f"defaults ({out.fallback})",
                      "evidence": out.search.evidence["kind"], "n_candidates": len(out.search.candidates)})
+    if ensemble is not None:
+        rows.append({"dataset": dataset, "seed": seed, "variant": "ensemble (synthetic)", **ensemble})
     scored = [c for c in cands if c["selection_image_auroc"] is not None]
     best = max(cands, key=lambda c: c["test_image_auroc"])
     rows.append({"dataset": dataset, "seed": seed, "variant": "oracle", "image_auroc": best["test_image_auroc"],
@@ -150,6 +165,44 @@ def run_one(dataset: str, seed: int, shots: int, work: Path, n_labelled: int) ->
     return rows, cands
 
 
+def _normal_scale(scores: np.ndarray, goods: np.ndarray) -> np.ndarray:
+    """Scores on one candidate's normal scale: (s - median) / IQR of its selection goods' scores."""
+    q25, q50, q75 = np.percentile(goods, [25, 50, 75])
+    return (scores - q50) / max(q75 - q25, 1e-12)
+
+
+def _ensemble(fits: list[dict], selection_labels: list[int], test_labels: list[int]) -> dict | None:
+    """The best candidate of each method, combined (mean on each one's normal scale) in every pair and the
+    triple; the combination with the best selection AUROC, its test AUROC, and whether the selection set would
+    prefer it to the best single candidate."""
+    from itertools import combinations
+
+    from adreg.metrics import auroc
+
+    y_sel, y_test = np.asarray(selection_labels), np.asarray(test_labels)
+    best: dict[str, dict] = {}
+    for f in fits:
+        if f["method"] not in best or f["value"] > best[f["method"]]["value"]:
+            best[f["method"]] = f
+    if len(best) < 2:
+        return None
+    single = max(best.values(), key=lambda f: f["value"])
+    combos = []
+    for k in range(2, len(best) + 1):
+        for group in combinations(sorted(best), k):
+            parts = [best[m] for m in group]
+            goods = [p["selection"][y_sel == 0] for p in parts]
+            sel = np.mean([_normal_scale(p["selection"], g) for p, g in zip(parts, goods)], axis=0)
+            tst = np.mean([_normal_scale(p["test"], g) for p, g in zip(parts, goods)], axis=0)
+            combos.append({"group": "+".join(group), "selection": float(auroc(y_sel, sel)),
+                           "test": float(auroc(y_test, tst))})
+    top = max(combos, key=lambda c: c["selection"])
+    return {"image_auroc": top["test"], "choice": f"{top['group']} (selection {top['selection']:.3f} vs best "
+            f"single {single['value']:.3f}: {'ensemble' if top['selection'] > single['value'] else 'single'} chosen)",
+            "selection_auroc": top["selection"], "single_selection_auroc": single["value"],
+            "single_test_auroc": float(auroc(y_test, single["test"]))}
+
+
 def _mean(values) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -157,9 +210,9 @@ def _mean(values) -> str:
     return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 
 
-def summarise(rows: list[dict]) -> str:
+def summarise(rows: list[dict], timing: bool = True) -> str:
     out = []
-    variants = ["default", "tuned (synthetic)", "tuned (25 labelled)", "oracle"]
+    variants = ["default", "tuned (synthetic)", "tuned (25 labelled)", "oracle", "ensemble (synthetic)"]
     for ds in dict.fromkeys(r["dataset"] for r in rows):
         rs = [r for r in rows if r["dataset"] == ds]
         seeds = sorted({r["seed"] for r in rs})
@@ -171,7 +224,7 @@ def summarise(rows: list[dict]) -> str:
         for v in variants:
             vr = [r for r in rs if r["variant"] == v]
             regret = [oracle[r["seed"]] - r["image_auroc"] for r in vr] if v.startswith("tuned") else []
-            ratio = [r["seconds"] / fit_s[r["seed"]] for r in vr] if v == "tuned (synthetic)" else []
+            ratio = [r["seconds"] / fit_s[r["seed"]] for r in vr] if v == "tuned (synthetic)" and timing else []
             out.append(f"| {v} | {_mean([r['image_auroc'] for r in vr])} | {_mean([r.get('pixel_auroc') for r in vr])} "
                        f"| {_mean(regret)} | {(_mean(ratio) + 'x') if ratio else ''} "
                        f"| {'; '.join(str(r.get('choice', '')) for r in vr)} |")
@@ -180,7 +233,7 @@ def summarise(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def judge(rows: list[dict]) -> str:
+def judge(rows: list[dict], timing: bool = True) -> str:
     lines = ["\n## Targets\n", "| target | figure | |", "|---|---|---|"]
 
     def mean(ds, v, key="image_auroc"):
@@ -205,11 +258,16 @@ def judge(rows: list[dict]) -> str:
         for r in rows:
             if r["dataset"] == ds and r["variant"].startswith("tuned"):
                 regrets.append(oracle[r["seed"]] - r["image_auroc"])
-                if r["variant"] == "tuned (synthetic)":
+                if r["variant"] == "tuned (synthetic)" and timing:
                     ratios.append(r["seconds"] / fit_s[r["seed"]])
     if regrets:
         m = statistics.mean(regrets)
         lines.append(f"| mean regret to the oracle <= 0.02 | {m:.3f} | {'met' if m <= 0.02 else f'missed by {m - 0.02:.3f}'} |")
+    for ds in dict.fromkeys(r["dataset"] for r in rows):
+        e, t = mean(ds, "ensemble (synthetic)"), mean(ds, "tuned (synthetic)")
+        if e is not None and t is not None:
+            lines.append(f"| {ds}: an ensemble candidate pays (ensemble > tuned single, synthetic evidence) "
+                         f"| {e:.3f} vs {t:.3f} | {'yes' if e > t + 0.005 else 'no'} |")
     if ratios:
         worst = max(ratios)
         lines.append(f"| tune <= 10x one fit (worst case) | {worst:.1f}x | {'met' if worst <= 10 else 'missed'} |")
@@ -225,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmark-results/tune")
     p.add_argument("--merge", action="append", default=[], help="rows of an earlier run (results.csv) to add")
     p.add_argument("--update-docs", action="store_true")
+    p.add_argument("--no-timing", action="store_true",
+                   help="leave the time column and target out (rows measured while the machine ran other work)")
     args = p.parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("ADREG_PROGRESS", "0")
@@ -246,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_csv(out / "results.csv", rows)
                 write_csv(out / f"candidates-{ds}-{seed}.csv", c)
                 print(json.dumps(r, default=str), flush=True)
-    body = summarise(rows) + "\n" + judge(rows)
+    body = summarise(rows, not args.no_timing) + "\n" + judge(rows, not args.no_timing)
     print(body)
     if args.update_docs:
         path = write_page("tune", "Tuning: the chosen detector against the default and the oracle", ABOUT, body,

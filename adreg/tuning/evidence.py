@@ -74,8 +74,10 @@ class Evidence:
         return ", ".join(parts)
 
     def summary(self) -> dict:
-        """What the parent run and the CLI report: kind, counts per source, goods and defects."""
-        return {"kind": self.kind(), "counts": self.counts(), "n_good": self.n_good, "n_defective": self.n_defective}
+        """What the parent run and the CLI report: kind, counts per source, goods and defects, and each selection
+        image's label and source in the order candidates score them."""
+        return {"kind": self.kind(), "counts": self.counts(), "n_good": self.n_good, "n_defective": self.n_defective,
+                "labels": [int(y) for y in self.labels], "sources": list(self.sources)}
 
     def kind(self) -> str:
         """``labelled`` (real defects only), ``synthetic`` or ``mixed``."""

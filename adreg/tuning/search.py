@@ -83,6 +83,8 @@ class CandidateOutcome:
     run_id: str | None = None
     error: str | None = None
     worker: str = ""
+    scores: list | None = field(default=None, repr=False)  # selection image scores at its best aggregation,
+    #                                                        in the selection set's order (this worker's only)
 
     @property
     def value(self) -> float:
@@ -526,7 +528,7 @@ class Search:
             cand.selection = {k: v for k, v in selection.items() if k != "scores"}
             cand.by_aggregation = per
             cand.state = "complete"
-            scores = selection["scores"]
+            scores = cand.scores = selection["scores"]
         except Pruned as exc:
             cand.state, cand.error, scores, det = "pruned", str(exc), None, exc.detector
         except (KeyboardInterrupt, SystemExit):
