@@ -1,6 +1,7 @@
 """The browser review queue (adreg.review) driven in a real headless Chromium: MVTec bottle captures written by the
 real Capture class and judged by a real registered version; labels, a drawn defect region, a second reviewer,
-path traversal, a changed file, a corrupt capture, the store going down and coming back."""
+path traversal, a changed file, a corrupt capture, the store going down and coming back, an overlay failure
+that goes away."""
 
 from __future__ import annotations
 
@@ -334,3 +335,31 @@ def test_store_down_journals_labels_and_replays_them_when_it_is_back(review, bro
     page.wait_for_function("(rel) => document.querySelector(`.entry[data-rel='${rel}'] .labelled`).textContent"
                            " === 'good'", arg=rels["g2"])
     page.context.close()
+
+
+def test_an_overlay_that_failed_is_drawn_once_its_version_is_there(review_store, registered_bottle, bottle_dir,
+                                                                   tmp_path):
+    """A capture judged by a version this store does not hold yet: the overlay is a 404 saying so (not a 422),
+    and the failure does not stick: once the version is registered, the same request draws its map."""
+    from PIL import Image
+
+    from adreg.registry import versions
+
+    coming = str(int(review_store["version"]) + 1)
+    day = tmp_path / "bottle" / "flagged" / "20261201"
+    day.mkdir(parents=True)
+    img = day / f"120000-000000-v{coming}-0001.png"
+    img.write_bytes((bottle_dir / "test" / "broken_large" / "002.png").read_bytes())
+    img.with_suffix(".json").write_text(json.dumps({"score": 1.0, "threshold": 0.5, "is_anomaly": True,
+                                                    "model": "adreg-bottle", "version": coming}))
+    params = {"category": "bottle", "rel": img.relative_to(tmp_path / "bottle").as_posix()}
+    with serve(build_app(["bottle"], tmp_path, tracking_uri=review_store["uri"])) as url:
+        r = requests.get(f"{url}/api/overlay", params=params, timeout=120)
+        assert r.status_code == 404 and f"version {coming} cannot be loaded" in r.json()["detail"]
+        assert f"has no version '{coming}'" in r.json()["detail"]
+        tracking.configure(review_store["uri"])
+        logged = registered_bottle["logged"]
+        assert versions.register(logged.model_uri, logged.run_id, "bottle") == coming
+        r = requests.get(f"{url}/api/overlay", params=params, timeout=120)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+        assert Image.open(io.BytesIO(r.content)).size == (768, 768)  # the 900 px capture, at the overlay's side

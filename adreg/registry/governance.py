@@ -11,12 +11,17 @@ any change of the ``production`` alias without MANAGE, and gives the creator of 
 MANAGE. adreg checks the rest (``--force``, the role of an action) with ``require`` BEFORE changing
 anything. Without an authenticated server there are no users: ``$ADREG_USER`` (else the login) is only
 a label, and the history says so.
+
+A login is checked in one place, ``login``: by asking the server who the credentials are (the acting user's
+from ``MLFLOW_TRACKING_USERNAME/PASSWORD``, or a review page request's).
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
+import time
 from dataclasses import dataclass
 
 import mlflow
@@ -26,14 +31,16 @@ from adreg import store
 from adreg.errors import AdregError, ConfigError, NotFoundError, PermissionDenied, StoreUnreachable
 from adreg.names import fit_experiment_name, lifecycle_experiment_name, model_name, reviews_experiment_name
 
-__all__ = ["PermissionDenied", "Identity", "identity", "permission", "needed_for_alias", "require", "grant",
-           "is_refusal", "refusal", "model_name", "lifecycle_experiment_name", "fit_experiment_name"]
+__all__ = ["PermissionDenied", "Identity", "identity", "login", "authenticates", "permission", "needed_for_alias",
+           "require", "grant", "is_refusal", "refusal", "model_name", "lifecycle_experiment_name",
+           "fit_experiment_name"]
 
 LEVELS = ("READ", "EDIT", "MANAGE")
 RANK = {"NO_PERMISSIONS": 0, "DENY": 0, "READ": 1, "USE": 1, "EDIT": 2, "MANAGE": 3}
 PROTECTED_ALIASES = ("production",)
 AUTHENTICATED, LABEL_ENV, LABEL_LOGIN = "authenticated", "label ($ADREG_USER)", "label (login)"
 TIMEOUT_S = 30  # read timeout; a server that is down fails at connect, at once
+CURRENT_USER = "/api/2.0/mlflow/users/current"
 
 
 @dataclass(frozen=True)
@@ -58,37 +65,63 @@ def _credentials() -> tuple[str, str] | None:
     return (user, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if user else None
 
 
-def _get(url: str, path: str, params: dict | None = None) -> requests.Response:
+def _get(url: str, path: str, params: dict | None = None,
+         creds: tuple[str, str] | None = None) -> requests.Response:
     try:
-        return requests.get(url + path, params=params, auth=_credentials(), timeout=TIMEOUT_S)
+        return requests.get(url + path, params=params, auth=creds, timeout=TIMEOUT_S)
     except requests.RequestException as exc:
         raise StoreUnreachable(f"cannot reach the MLflow server at {url} ({type(exc).__name__}); "
                                "check --tracking-uri / MLFLOW_TRACKING_URI") from exc
 
 
-_identities: dict[tuple, Identity] = {}
+def authenticates(url: str) -> bool:
+    """Whether the MLflow server at ``url`` has users: it asks a request without a login for one (401).
+    ``StoreUnreachable`` when it does not answer."""
+    return _get(url.rstrip("/"), CURRENT_USER).status_code == 401
+
+
+_logins: dict[tuple[str, str, str], tuple[Identity, float]] = {}  # (url, user, sha256(password)) -> (who, when)
+
+
+def login(url: str, creds: tuple[str, str] | None, max_age: float | None = None) -> Identity | None:
+    """The user the MLflow server at ``url`` accepts with ``creds`` (user, password), asked from the server
+    itself: an authenticated ``Identity``; None where the server has no users (no authentication app).
+
+    ``PermissionDenied`` when it refuses the login (or wants one and ``creds`` is None); ``StoreUnreachable``
+    when it does not answer. An accepted login is remembered and asked again after ``max_age`` seconds (None:
+    never); while the server does not answer, a login it accepted before still counts."""
+    url = url.rstrip("/")
+    key = None if creds is None else (url, creds[0], hashlib.sha256(creds[1].encode()).hexdigest())
+    known = _logins.get(key) if key else None
+    if known and (max_age is None or time.monotonic() - known[1] < max_age):
+        return known[0]
+    try:
+        resp = _get(url, CURRENT_USER, creds=creds)
+    except StoreUnreachable:
+        if known:
+            return known[0]
+        raise
+    if resp.status_code == 200:
+        user = resp.json()["user"]
+        ident = Identity(user["username"], AUTHENTICATED, bool(user.get("is_admin")), url)
+        if key:
+            _logins[key] = (ident, time.monotonic())
+        return ident
+    if resp.status_code == 401:
+        raise PermissionDenied(
+            f"the MLflow server at {url} refused the login of user {creds[0]!r} (wrong password?)" if creds else
+            f"the MLflow server at {url} requires a login: set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD")
+    return None  # any other answer (404: no authentication app): a server without users
 
 
 def identity() -> Identity:
-    """The acting user: the user an authenticated server accepted (asked from the server itself), else a label."""
+    """The acting user: the user an authenticated server accepted (``login`` with the credentials in
+    ``MLFLOW_TRACKING_USERNAME/PASSWORD``), else a label."""
     url = server_url()
-    if url is not None:
-        key = (url, _credentials())
-        if key in _identities:
-            return _identities[key]
-        resp = _get(url, "/api/2.0/mlflow/users/current")
-        if resp.status_code == 200:
-            user = resp.json()["user"]
-            ident = Identity(user["username"], AUTHENTICATED, bool(user.get("is_admin")), url)
-            _identities[key] = ident
-            return ident
-        if resp.status_code == 401:
-            creds = _credentials()
-            raise PermissionDenied(
-                f"the MLflow server at {url} refused the login of user {creds[0]!r} (wrong password?)" if creds else
-                f"the MLflow server at {url} requires a login: set MLFLOW_TRACKING_USERNAME and "
-                "MLFLOW_TRACKING_PASSWORD")
-        # any other answer (404: no authentication app): a server without users
+    ident = None if url is None else login(url, _credentials())
+    if ident is not None:
+        return ident
     label = os.environ.get("ADREG_USER")
     return Identity(label, LABEL_ENV) if label else Identity(getpass.getuser(), LABEL_LOGIN)
 
@@ -102,7 +135,8 @@ def permission(resource_type: str, resource_id: str) -> str | None:
     if ident.is_admin:
         return "MANAGE"
     resp = _get(ident.server, "/api/3.0/mlflow/users/permissions/get",
-                {"username": ident.user, "resource_type": resource_type, "resource_id": resource_id})
+                {"username": ident.user, "resource_type": resource_type, "resource_id": resource_id},
+                _credentials())
     if resp.status_code != 200:
         raise PermissionDenied(f"cannot read the permission of {ident.user!r} on {resource_type} {resource_id} "
                                f"(server answered {resp.status_code})")

@@ -122,20 +122,19 @@ def mask_png(mask, size: tuple[int, int]) -> bytes:
     return buf.getvalue()
 
 
-def record_label(category: str, path: str | Path, verdict: str, *, mask=None, expected_sha256: str | None = None,
-                 judged: dict | None = None, source: str = "cli", at: str | None = None,
-                 reviewer: str | None = None) -> Label:
-    """Record one label of the image at ``path`` (``verdict``: good, defect or skip).
-
-    ``expected_sha256``: the bytes the reviewer saw; a file that changed since is refused (``ConflictError``).
-    ``judged``: what the line's model said (a capture sidecar); read from ``<image>.json`` when not given.
-    ``mask``: the defect region (array, PNG bytes or a file), defects only. ``at``: when the reviewer labelled
-    (a label queued while the store was down keeps its time). ``reviewer``: a name the reviewer gave (the
-    review page asks for one) where the store has no users; where it authenticates, the label is always the
-    authenticated user's (the credentials in ``MLFLOW_TRACKING_USERNAME/PASSWORD``), and labelling needs EDIT
-    on the category (``PermissionDenied``)."""
+def check_verdict(verdict: str) -> None:
+    """``DataError`` unless ``verdict`` is one of ``VERDICTS``."""
     if verdict not in VERDICTS:
         raise DataError(f"a label is one of {', '.join(VERDICTS)}, got {verdict!r}")
+
+
+def check_label(path: str | Path, verdict: str, *, mask=None,
+                expected_sha256: str | None = None) -> tuple[str, bytes | None]:
+    """Everything a label must be before it is written (``record_label``, and the review page for a label it
+    journals while the store is down): a known verdict; an image file, whose bytes are ``expected_sha256``
+    when given (``ConflictError``: it changed since it was shown); a readable image unless skipped; a mask
+    only on a defect. Returns the file's sha256 and the mask as a PNG of the image's size (None without one)."""
+    check_verdict(verdict)
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such image")
@@ -151,7 +150,23 @@ def record_label(category: str, path: str | Path, verdict: str, *, mask=None, ex
         size = None
     if mask is not None and verdict != "defect":
         raise DataError("a defect region is only drawn on a defect")
-    png = mask_png(mask, size) if mask is not None else None
+    return digest, mask_png(mask, size) if mask is not None else None
+
+
+def record_label(category: str, path: str | Path, verdict: str, *, mask=None, expected_sha256: str | None = None,
+                 judged: dict | None = None, source: str = "cli", at: str | None = None,
+                 reviewer: str | None = None) -> Label:
+    """Record one label of the image at ``path`` (``verdict``: good, defect or skip), checked by ``check_label``.
+
+    ``expected_sha256``: the bytes the reviewer saw; a file that changed since is refused (``ConflictError``).
+    ``judged``: what the line's model said (a capture sidecar); read from ``<image>.json`` when not given.
+    ``mask``: the defect region (array, PNG bytes or a file), defects only. ``at``: when the reviewer labelled
+    (a label queued while the store was down keeps its time). ``reviewer``: a name the reviewer gave (the
+    review page asks for one) where the store has no users; where it authenticates, the label is always the
+    authenticated user's (the credentials in ``MLFLOW_TRACKING_USERNAME/PASSWORD``), and labelling needs EDIT
+    on the category (``PermissionDenied``)."""
+    digest, png = check_label(path, verdict, mask=mask, expected_sha256=expected_sha256)
+    path = Path(path)
     ident = governance.require(category, "EDIT", f"labelling images of {model_name(category)}")
     judged = read_sidecar(path) if judged is None else judged
     now_ns = time.time_ns()

@@ -1,4 +1,7 @@
-"""Reviewing what the line's served model scored: the capture queue (``queue``) and its browser page (``app``).
+"""Reviewing what the line's served model scored: the capture queue (``queue``), its browser page (``app``:
+routes only), the page's store connection, logins and labels (``state``), the labels kept while the store is
+down (``journal``), the overlays (``overlays``), the threshold from the line (``threshold``) and production
+quality per version (``quality``).
 
 ``build_app`` and ``run`` are imported on first use, so that importing a module of this package does not load
 the web stack.
