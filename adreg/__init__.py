@@ -9,15 +9,17 @@ The public API (``adreg.api``, loaded on first use so ``import adreg`` stays lig
 
 Functions: fit, tune, promote, rollback, update, load, predict, score, serve, resolve, models, history, compare,
 export, bundle, drift, status, grant, whoami; reviews: label, labels, production_set, quality, threshold,
-review; errors in ``adreg.errors``. ``help(adreg.fit)`` documents each.
+review; errors in ``adreg.errors``. ``help(adreg.fit)`` documents each. What they return: ``VersionOutcome``
+(every function that makes a version: version, run_id, model_uri, promoted, gate) and its subclasses
+``FitOutcome``, ``TuneOutcome``, ``UpdateOutcome``, ``ThresholdOutcome``; ``PromoteOutcome``, ``PredictOutcome``.
 """
 
 __version__ = "0.1.0"
 
 _API = ("fit", "tune", "promote", "rollback", "update", "load", "predict", "score", "serve", "resolve", "models", "history",
         "compare", "export", "bundle", "drift", "status", "grant", "whoami", "label", "labels", "production_set",
-        "quality", "threshold", "review", "FitOutcome", "TuneOutcome", "PromoteOutcome",
-        "PredictOutcome", "FitOptions", "GatePolicy")
+        "quality", "threshold", "review", "VersionOutcome", "FitOutcome", "TuneOutcome", "UpdateOutcome",
+        "ThresholdOutcome", "PromoteOutcome", "PredictOutcome", "FitOptions", "GatePolicy")
 __all__ = ["__version__", "errors", *_API]
 
 

@@ -11,11 +11,17 @@ with adreg.serve("bottle", port=5001) as server:          # mlflow models serve,
     server.wait_ready()
 ```
 
-Every function works on the MLflow store given by ``tracking_uri``, else the one already set
+Every function works on the MLflow store given by the keyword ``tracking_uri``, else the one already set
 (``mlflow.set_tracking_uri``, ``$MLFLOW_TRACKING_URI``), else the embedded sqlite store in ``$ADREG_HOME``
-(``./adreg-store``). Errors are ``adreg.errors`` classes (``NotFoundError``, ``DataError``, ``ConfigError``,
-``PermissionDenied``, ``StoreUnreachable``, ``IntegrityError``, ...); a gate that refuses a promotion is not an
-error but a result (``promoted`` is False). Nothing here prints; the CLI (``adreg.cli``) prints what these return.
+(``./adreg-store``). A function that reads a registered version takes ``alias="production"`` unless told
+otherwise; ``version=N`` wins over the alias. Every function that makes a version (``fit``, ``tune``,
+``update``, ``threshold``, ``export``, ``bundle``) returns a ``VersionOutcome`` (``version``, ``run_id``,
+``model_uri``, ``promoted``, ``gate``, ``registered_name``, ``tracking_uri``), with its own extras on a
+subclass (``FitOutcome``, ``TuneOutcome``, ``UpdateOutcome``, ``ThresholdOutcome``).
+
+Errors are ``adreg.errors`` classes (``NotFoundError``, ``DataError``, ``ConfigError``, ``PermissionDenied``,
+``StoreUnreachable``, ``IntegrityError``, ...); a gate that refuses a promotion is not an error but a result
+(``promoted`` is False). Nothing here prints; the CLI (``adreg.cli``) prints what these return.
 """
 
 from __future__ import annotations
@@ -25,14 +31,15 @@ from pathlib import Path
 from typing import Sequence
 
 from adreg.errors import ConfigError, DataError
+from adreg.registry.derive import VersionOutcome
 
-__all__ = ["FitOutcome", "PromoteOutcome", "PredictOutcome", "fit", "promote", "rollback", "update", "load",
-           "predict", "score", "serve", "resolve", "models", "history", "compare", "export", "bundle", "drift",
-           "status", "grant", "whoami", "label", "labels", "production_set", "quality", "threshold", "review",
-           "GatePolicy", "FitOptions", "tune", "TuneOutcome"]
+__all__ = ["VersionOutcome", "FitOutcome", "TuneOutcome", "UpdateOutcome", "ThresholdOutcome", "PromoteOutcome",
+           "PredictOutcome", "fit", "promote", "rollback", "update", "load", "predict", "score", "serve", "resolve",
+           "models", "history", "compare", "export", "bundle", "drift", "status", "grant", "whoami", "label",
+           "labels", "production_set", "quality", "threshold", "review", "GatePolicy", "FitOptions", "tune"]
 
 
-def __getattr__(name):  # the option classes, without importing torch at ``import adreg.api``
+def __getattr__(name):  # classes defined beside torch and mlflow, without importing them at ``import adreg.api``
     if name == "FitOptions":
         from adreg.options import FitOptions
 
@@ -41,6 +48,14 @@ def __getattr__(name):  # the option classes, without importing torch at ``impor
         from adreg.options import GatePolicy
 
         return GatePolicy
+    if name == "UpdateOutcome":
+        from adreg.registry.update import UpdateOutcome
+
+        return UpdateOutcome
+    if name == "ThresholdOutcome":
+        from adreg.review.threshold import ThresholdOutcome
+
+        return ThresholdOutcome
     raise AttributeError(name)
 
 
@@ -59,21 +74,21 @@ def _policy(policy=None, **keywords):
 
 
 # -- fit ----------------------------------------------------------------------------------------------------
-@dataclass
-class FitOutcome:
-    """What ``fit`` did: the fit itself (``result``: detector, data, shots, evaluation), the logged run, the
-    registered version (None unless registered) and the promotion (None unless asked; then ``promoted`` says
-    whether the gate let it through and ``gate`` holds the gate's report)."""
+@dataclass(kw_only=True)
+class FitOutcome(VersionOutcome):
+    """What ``fit`` did: the logged run, the registered version (None unless registered) and the promotion
+    (``VersionOutcome``), and the fit itself (``result``: detector, data, shots, evaluation; ``metrics``,
+    ``detector``).
+
+    Examples:
+        ```python
+        out = adreg.fit("bottle", k_shot=1, register=True, promote="staging")
+        print(out.run_id, out.version, out.promoted, out.metrics["image_auroc"])
+        scores = out.detector.predict(images).scores      # the fitted detector, in memory
+        ```
+    """
 
     result: object                      # adreg.fitting.FitResult
-    run_id: str
-    model_uri: str
-    tracking_uri: str
-    version: str | None = None
-    registered_name: str | None = None
-    promoted: bool | None = None
-    promotion: object | None = None     # adreg.registry.versions.Promotion
-    gate: object | None = None          # adreg.registry.lifecycle.GateReport
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -109,7 +124,8 @@ def fit(category: str, *, train_dir: str | None = None, val_dir: str | None = No
             ``aug_count``, ``top_fraction``, ``sigma``, ``threshold_quantile``, ``holdout``, ``device``, ...).
 
     Returns:
-        ``FitOutcome`` with ``run_id``, ``version``, ``metrics``, ``detector``, ``promoted`` and ``gate``.
+        ``FitOutcome``: ``version``, ``run_id``, ``model_uri``, ``promoted``, ``gate`` and ``metrics``,
+        ``detector``.
 
     Raises:
         DataError: missing or empty folders, unreadable images, ``k_shot`` larger than the folder.
@@ -118,14 +134,14 @@ def fit(category: str, *, train_dir: str | None = None, val_dir: str | None = No
         PermissionDenied: the store refuses the user.
     """
     from adreg.fitting import FitOptions, fit_category
-    from adreg.registry import tracking
+    from adreg.registry import derive
 
     if options is None:
         _check_settings(settings)
         options = FitOptions(category=category, method=method, train_dir=train_dir, val_dir=val_dir,
                              test_dir=test_dir, k_shot=k_shot, seed=seed, method_params=dict(params or {}),
                              **settings)
-    uri = _store(tracking_uri)
+    _store(tracking_uri)
     if settings_from:
         from adreg.tuning.search import options_for
         from adreg.tuning.record import read_choice
@@ -133,9 +149,8 @@ def fit(category: str, *, train_dir: str | None = None, val_dir: str | None = No
         options = options_for(options, read_choice(settings_from))
     _check_promotable(options, promote)
     result = fit_category(options, show_progress=show_progress)
-    logged = tracking.log_fit(result, export=export)
-    return _register_and_promote(FitOutcome(result, logged.run_id, logged.model_uri, uri), register, promote,
-                                 "fit --promote")
+    out = FitOutcome.of(derive.log_fit(result, export=export), result=result)
+    return _register_fit(out, register, promote, "fit --promote")
 
 
 def _check_settings(settings: dict) -> None:
@@ -161,27 +176,32 @@ def _check_promotable(options, promote: str | None) -> None:
                           "(adreg review) and promote then; nothing was fitted")
 
 
-def _register_and_promote(out: FitOutcome, register: bool, promote: str | None, reason: str) -> FitOutcome:
+def _register_fit(out: FitOutcome, register: bool, promote: str | None, reason: str) -> FitOutcome:
     """Register a logged fit (``register`` or ``promote``) and move ``promote`` to it through the gate."""
-    from adreg.registry import lifecycle, versions
+    from adreg.registry import derive
 
-    result, options = out.result, out.result.options
-    if register or promote:
-        out.version = versions.register(out.model_uri, out.run_id, options.category, result.metrics())
-        out.registered_name = versions.model_name(options.category)
-    if promote:
-        out.promotion, out.gate = lifecycle.promote_gated(options.category, out.version, promote, reason=reason,
-                                                          device=options.device, candidate_eval=result.evaluation)
-        out.promoted = out.promotion is not None
-    return out
+    result = out.result
+    return derive.register_version(out, result.options.category, result.metrics(), register=register,
+                                   promote=promote, reason=reason, device=result.options.device,
+                                   candidate_eval=result.evaluation)
 
 
 # -- lifecycle ----------------------------------------------------------------------------------------------
 @dataclass
 class PromoteOutcome:
-    """A gated promotion: ``promoted`` (False: refused by the gate, recorded), the ``gate`` report (candidate
-    and baseline metrics, failures), the ``promotion`` (alias, version, previous, who) when it happened, and
-    ``forced`` when it went past a failed gate."""
+    """A move of an alias: ``promoted`` (False: refused by the gate, recorded), the ``gate`` report (candidate
+    and baseline metrics, failures; None for a rollback, which no gate judges), the ``promotion`` (alias,
+    version, previous, model URI, who) when it happened, and ``forced`` when it went past a failed gate.
+
+    Examples:
+        ```python
+        out = adreg.promote("bottle", 3, alias="production", reason="signed off")
+        if not out.promoted:                      # refused: a result, not an error (recorded)
+            print(out.gate.failures)
+        back = adreg.rollback("bottle", reason="false alarms on line 4")
+        print(back.promotion.previous, "->", back.version)
+        ```
+    """
 
     category: str
     alias: str
@@ -193,7 +213,8 @@ class PromoteOutcome:
 
     @property
     def forced(self) -> bool:
-        return self.promoted and not self.gate.passed
+        """Promoted past a gate that failed (``force``)."""
+        return self.promoted and self.gate is not None and not self.gate.passed
 
 
 def promote(category: str, version, alias: str = "production", *, force: bool = False, reason: str = "",
@@ -236,22 +257,30 @@ def promote(category: str, version, alias: str = "production", *, force: bool = 
     return PromoteOutcome(category, alias, str(version), promo is not None, report, promo, policy)
 
 
-def rollback(category: str, alias: str = "production", reason: str = "", tracking_uri: str | None = None):
+def rollback(category: str, alias: str = "production", reason: str = "", *,
+             tracking_uri: str | None = None) -> PromoteOutcome:
     """Point ``alias`` back at the version it held before (skipping deleted versions); recorded.
 
-    Returns the ``Promotion`` (``version`` now, ``previous`` before). Raises ``RegistryError`` when there is
-    no earlier version, ``NotFoundError`` for an unknown category, ``PermissionDenied``."""
+    Returns:
+        ``PromoteOutcome``: ``version`` (now), ``promotion.previous`` (before), ``gate`` None.
+
+    Raises:
+        RegistryError: there is no earlier version.
+        NotFoundError: unknown category.
+        PermissionDenied: the user may not move the alias.
+    """
     from adreg.registry import lifecycle
 
     _store(tracking_uri)
-    return lifecycle.rollback(category, alias, reason=reason)
+    promo = lifecycle.rollback(category, alias, reason=reason)
+    return PromoteOutcome(category, promo.alias, promo.version, True, None, promo)
 
 
 def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: bool = False, review_seed: int = 0,
            from_alias: str = "production", from_version=None,
            include_suspects: bool = False, second_look: bool = True, holdout: int | None = None,
            min_calibration: int = 20, seed: int = 0, register: bool = False, promote: str | None = None, reason: str = "", policy=None,
-           device: str = "auto", tracking_uri: str | None = None, show_progress: bool = True):
+           device: str = "auto", tracking_uri: str | None = None, show_progress: bool = True) -> UpdateOutcome:
     """Grow a registered version with more good images into a new run (and version, with ``register``).
 
     The parent (``from_version``, else the version ``from_alias`` points at) keeps its backbone and settings;
@@ -267,8 +296,8 @@ def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: b
     threshold is recalibrated on the parent's calibration images (``adreg threshold`` sets it from the line).
 
     Returns:
-        ``adreg.registry.update.UpdateOutcome`` (``result``: what was added, skipped, held out; ``logged``:
-        run and version; ``gate``).
+        ``UpdateOutcome``: ``version``, ``run_id``, ``model_uri``, ``promoted``, ``gate`` and ``result`` (what
+        was added, skipped, held out).
 
     Raises:
         DataError: no folder, no image, nothing new, every image suspect.
@@ -299,27 +328,29 @@ def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: b
                          from_version=from_version, include_suspects=include_suspects,
                          second_look=second_look, holdout=holdout,
                          min_calibration=min_calibration, seed=seed, device=device)
-    return update_version(opts, register=register, promote_alias=promote, policy=_policy(policy), reason=reason,
+    return update_version(opts, register=register, promote=promote, policy=_policy(policy), reason=reason,
                           show_progress=show_progress)
 
 
-def history(category: str, tracking_uri: str | None = None) -> list[dict]:
-    """Every promotion, refusal and rollback of ``category``, oldest first (who, when, why, gate metrics)."""
+def history(category: str, *, tracking_uri: str | None = None) -> list[dict]:
+    """Every promotion, refusal and rollback of ``category``, oldest first (who, when, why, gate metrics): dicts
+    of typed values; ``adreg.registry.events.GateRecord.of(event)`` reads an event's gate typed."""
     from adreg.registry import versions
 
     _store(tracking_uri)
     return versions.history(category)
 
 
-def compare(category: str, v1, v2, tracking_uri: str | None = None) -> list[dict]:
-    """Rows (what, v1, v2, delta) of two versions' key metrics, then their differing parameters."""
+def compare(category: str, v1, v2, *, tracking_uri: str | None = None):
+    """Two versions side by side: an ``adreg.registry.lifecycle.VersionComparison`` (their runs' key metrics as
+    (v1, v2) numbers, the parameters that differ, and the latest gate recorded for each, typed)."""
     from adreg.registry import lifecycle
 
     _store(tracking_uri)
     return lifecycle.compare(category, v1, v2)
 
 
-def models(tracking_uri: str | None = None, serving: bool = True) -> list[dict]:
+def models(*, serving: bool = True, tracking_uri: str | None = None) -> list[dict]:
     """One row per registered version of every category: aliases, method, key metrics, created, and (with
     ``serving``) the live servers serving it."""
     from adreg.registry import versions
@@ -348,9 +379,10 @@ def _annotate_quality(rows: list[dict]) -> None:
                                  f"{q.false_alarms}/{q.goods_reviewed} goods flagged, {q.misses} missed"})
 
 
-def resolve(category: str, version=None, alias: str | None = "production", tracking_uri: str | None = None):
-    """Pin ``category`` to one registered version (``version`` wins over ``alias``): an
-    ``adreg.registry.resolve.ModelRef`` (name, version, alias, uri). Raises ``NotFoundError`` saying what exists."""
+def resolve(category: str, version=None, alias: str = "production", *, tracking_uri: str | None = None):
+    """Pin ``category`` to one registered version: ``version`` when given, else the version ``alias`` points at
+    (``production`` by default). Returns an ``adreg.registry.resolve.ModelRef`` (name, version, alias, uri);
+    raises ``NotFoundError`` saying what exists."""
     from adreg.registry.resolve import resolve as _resolve
 
     _store(tracking_uri)
@@ -358,32 +390,42 @@ def resolve(category: str, version=None, alias: str | None = "production", track
 
 
 # -- using a model ------------------------------------------------------------------------------------------
-def load(category: str, version=None, alias: str | None = None, device: str = "auto",
+def load(category: str, version=None, alias: str = "production", device: str = "auto", *,
          tracking_uri: str | None = None):
-    """A registered version's ``AnomalyDetector``: ``version``, else the version ``alias`` points at, else
-    ``production``; downloaded and checked against the artifact digest recorded at registration.
+    """A registered version's ``AnomalyDetector``: ``version`` when given, else the version ``alias`` points at
+    (``production`` by default); downloaded and checked against the artifact digest recorded at registration.
 
     Raises ``NotFoundError`` (unknown category, version or alias) and ``IntegrityError`` (files changed)."""
     from adreg.registry.resolve import load_detector
 
-    ref = resolve(category, version, alias or "production", tracking_uri)
+    ref = resolve(category, version, alias, tracking_uri=tracking_uri)
     return load_detector(ref, device)
 
 
 @dataclass
 class PredictOutcome:
     """``rows``: one per image (path, score, is_anomaly, threshold, model_name, model_version, model_alias,
-    error; ``map`` when a map was saved); ``model``: the pinned version that scored them."""
+    error; ``map`` when a map was saved); ``model``: the pinned version that scored them.
+
+    Examples:
+        ```python
+        out = adreg.predict("bottle", ["part1.png", "part2.jpg"])
+        print(out.model.describe(), out.threshold, out.failed)
+        flagged = [r["path"] for r in out.rows if r["is_anomaly"]]
+        ```
+    """
 
     model: object                     # adreg.registry.resolve.ModelRef
     rows: list[dict] = field(default_factory=list)
 
     @property
     def threshold(self) -> float | None:
+        """The scoring version's threshold (None when no image could be scored)."""
         return next((r["threshold"] for r in self.rows if r.get("threshold") is not None), None)
 
     @property
     def failed(self) -> int:
+        """How many images got an error instead of a score."""
         return sum(1 for r in self.rows if r["error"])
 
 
@@ -392,12 +434,12 @@ def predict(category: str, images: Sequence[str | Path], *, version=None, alias:
             tracking_uri: str | None = None) -> PredictOutcome:
     """Score image files in-process with the served model of a registered version (the same pyfunc model
     ``adreg serve`` runs); ``save_maps`` writes each anomaly map as a PNG into that folder. A file that cannot be
-    read or decoded gets its own ``error``; the others are scored."""
+    read or decoded gets its own ``error``; the others are scored. ``version`` wins over ``alias``."""
     from adreg.batch.score import iter_scores, load_scoring_model
 
     if not images:
         raise DataError("give at least one image file")
-    ref = resolve(category, version, alias, tracking_uri)
+    ref = resolve(category, version, alias, tracking_uri=tracking_uri)
     loaded = load_scoring_model(ref, device, bool(save_maps))
     out = PredictOutcome(ref)
     for rows in iter_scores(loaded, ref, [str(p) for p in images], batch_size, save_maps):
@@ -409,11 +451,12 @@ def score(category: str, inputs: Sequence[str], output: str, *, version=None, al
           engine: str = "inprocess", batch_size: int = 16, save_maps: str | None = None, resume: bool = False,
           device: str = "auto", tracking_uri: str | None = None, **spark):
     """Batch-score image files, folders (recursive) or globs into a parquet dataset ``output``, pinned to one
-    version for the whole job; ``engine="spark"`` runs ``mlflow.pyfunc.spark_udf`` (``**spark``: master,
-    task_cpus, partitions, env_manager, glob). Returns ``adreg.batch.BatchResult`` (counts, seconds)."""
+    version for the whole job (``version``, else the one ``alias`` points at); ``engine="spark"`` runs
+    ``mlflow.pyfunc.spark_udf`` (``**spark``: master, task_cpus, partitions, env_manager, glob). Returns
+    ``adreg.batch.BatchResult`` (counts, seconds)."""
     from adreg.batch import score_images
 
-    ref = resolve(category, version, alias, tracking_uri)  # before anything heavy
+    ref = resolve(category, version, alias, tracking_uri=tracking_uri)  # before anything heavy
     if engine == "spark":
         if save_maps:
             raise ConfigError("--save-maps works with the in-process engine only; drop it or use --engine inprocess")
@@ -442,7 +485,7 @@ def serve(category: str, *, alias: str = "production", version=None, host: str =
                         **options)
 
 
-def status(category: str, tracking_uri: str | None = None) -> dict:
+def status(category: str, *, tracking_uri: str | None = None) -> dict:
     """Aliases of ``category``, the servers that report serving it and each version's production quality from
     the reviews: {model, aliases, servers, quality}."""
     from adreg.pyfunc import status as server_status
@@ -458,33 +501,44 @@ def status(category: str, tracking_uri: str | None = None) -> dict:
 
 
 # -- exported runtimes, the router, drift, governance -------------------------------------------------------
-def export(category: str, version, runtime: str = "openvino", tracking_uri: str | None = None):
-    """Register a new version = ``version`` with its backbone exported for ``runtime`` (onnxruntime / openvino);
-    returns the logged fit (run_id, model_uri, version)."""
+def export(category: str, version, runtime: str = "openvino", *, tracking_uri: str | None = None) -> VersionOutcome:
+    """Register a new version = ``version`` with its backbone exported for ``runtime`` (onnxruntime / openvino).
+
+    Returns:
+        ``VersionOutcome``: ``version``, ``run_id``, ``model_uri`` (nothing promoted: ``promoted`` None).
+    """
     from adreg.registry.export import export_version
 
     _store(tracking_uri)
     return export_version(category, version, runtime)
 
 
-def bundle(categories: Sequence[str], alias: str = "production", promote: str | None = "production",
-           tracking_uri: str | None = None):
+def bundle(categories: Sequence[str], alias: str = "production", promote: str | None = "production", *,
+           tracking_uri: str | None = None) -> VersionOutcome:
     """Bundle ``categories`` (each at ``alias``) into the router model ``adreg-router``, register it and point
-    ``promote`` at it; returns (logged fit, Promotion or None)."""
+    ``promote`` at it (no gate: each category's version passed its own).
+
+    Returns:
+        ``VersionOutcome``: ``version`` of ``adreg-router``, ``run_id``, ``model_uri``, ``promoted`` (None
+        without ``promote``) and ``promotion``; ``gate`` None.
+    """
     from adreg.names import ROUTER
     from adreg.registry import bundle as router_bundle, versions
 
     _store(tracking_uri)
-    logged = router_bundle.build_router(list(categories), alias)
-    promo = versions.promote(ROUTER, logged.version, promote, reason="serve-bundle") if promote else None
-    return logged, promo
+    out = router_bundle.build_router(list(categories), alias)
+    if promote:
+        out.promotion = versions.promote(ROUTER, out.version, promote, reason="serve-bundle")
+        out.promoted = True
+    return out
 
 
-def drift(category: str, folders: Sequence[str] | str, *, alias: str | None = "production", version=None,
+def drift(category: str, folders: Sequence[str] | str, *, alias: str = "production", version=None,
           max_alarm_ratio: float = 3.0, p_value: float = 0.01, device: str = "auto", log: bool = True,
           tracking_uri: str | None = None):
-    """Compare recent production images with the reference goods logged at fit (alarm rate, KS and
-    Mann-Whitney tests); logs a monitoring run unless ``log`` is False. Returns a ``DriftReport``."""
+    """Compare recent production images with the reference goods logged at fit of ``version``, else of the
+    version ``alias`` points at (alarm rate, KS and Mann-Whitney tests); logs a monitoring run unless ``log``
+    is False. Returns a ``DriftReport``."""
     from adreg.monitoring.drift import DriftPolicy, check_drift
 
     _store(tracking_uri)
@@ -492,7 +546,7 @@ def drift(category: str, folders: Sequence[str] | str, *, alias: str | None = "p
                        policy=DriftPolicy(max_alarm_ratio, p_value), device=device, log=log)
 
 
-def grant(category: str, user: str, level: str, tracking_uri: str | None = None) -> list[dict]:
+def grant(category: str, user: str, level: str, *, tracking_uri: str | None = None) -> list[dict]:
     """Admins: give ``user`` READ / EDIT / MANAGE on a category (and what the role needs on its experiments)."""
     from adreg.registry import governance
 
@@ -500,7 +554,7 @@ def grant(category: str, user: str, level: str, tracking_uri: str | None = None)
     return governance.grant(category, user, level)
 
 
-def whoami(category: str | None = None, tracking_uri: str | None = None) -> dict:
+def whoami(category: str | None = None, *, tracking_uri: str | None = None) -> dict:
     """The acting user and what kind of identity it is; with ``category``, the user's permission on it."""
     from adreg.names import model_name
     from adreg.registry import governance
@@ -540,7 +594,7 @@ def label(category: str, files: Sequence[str] | str, verdict: str, *, mask: str 
     return [record_label(category, f, verdict, mask=mask, reviewer=reviewer) for f in files]
 
 
-def labels(category: str, tracking_uri: str | None = None) -> list:
+def labels(category: str, *, tracking_uri: str | None = None) -> list:
     """Every review label of ``category``, oldest first (``adreg.registry.labels.Label``; disagreement between
     reviewers is kept: see ``adreg.registry.labels.consensus``)."""
     from adreg.names import check_category
@@ -551,7 +605,7 @@ def labels(category: str, tracking_uri: str | None = None) -> list:
     return read_labels(category)
 
 
-def production_set(category: str, seed: int = 0, tracking_uri: str | None = None):
+def production_set(category: str, seed: int = 0, *, tracking_uri: str | None = None):
     """The reviewed images as evaluation samples (defects, evaluation-side goods) and grow-side goods:
     ``adreg.registry.labels.ProductionSet``."""
     from adreg.registry.labels import production_set as _production_set
@@ -560,7 +614,7 @@ def production_set(category: str, seed: int = 0, tracking_uri: str | None = None
     return _production_set(category, seed=seed)
 
 
-def quality(category: str, log: bool = True, tracking_uri: str | None = None) -> dict:
+def quality(category: str, log: bool = True, *, tracking_uri: str | None = None) -> dict:
     """Production quality per version from the reviewed captures: flag precision, false-alarm rate, misses,
     each with its counts (``adreg.review.quality``); with ``log``, recorded as a monitoring run.
 
@@ -580,10 +634,14 @@ def quality(category: str, log: bool = True, tracking_uri: str | None = None) ->
 def threshold(category: str, *, from_alias: str = "production", from_version=None,
               target_false_alarm_rate: float | None = None, review_seed: int = 0, register: bool = True,
               promote: str | None = None, reason: str = "", policy=None, device: str = "auto",
-              tracking_uri: str | None = None):
+              tracking_uri: str | None = None) -> ThresholdOutcome:
     """A new version = the parent with its threshold chosen on the reviewed production set (F1-optimal, or
     the lowest meeting ``target_false_alarm_rate`` on the reviewed goods); registered with its lineage and,
     with ``promote``, gated like any other (``adreg.review.threshold``).
+
+    Returns:
+        ``ThresholdOutcome``: ``version``, ``run_id``, ``model_uri``, ``promoted``, ``gate``, and the parent's and
+        the new threshold with the figures ``before`` and ``after`` on the reviewed images.
 
     Raises:
         DataError: fewer than 10 reviewed defects or 20 evaluation-side reviewed goods.
@@ -614,28 +672,29 @@ def review(categories: Sequence[str] | str, capture: str | Path, *, host: str = 
 
 
 # -- tune ---------------------------------------------------------------------------------------------------
-@dataclass
-class TuneOutcome:
-    """What ``tune`` did: the search (``search``: every candidate, the choice, the evidence) and, on the worker
-    that led it, the winner's fit logged on the search's parent run (``fit``: a ``FitOutcome``, registered and
-    promoted as asked). A worker that joined another's search has ``fit`` None."""
+@dataclass(kw_only=True)
+class TuneOutcome(FitOutcome):
+    """What ``tune`` did: the search (``search``: every candidate, the choice, the evidence; ``chosen``,
+    ``leaderboard()``) and, on the worker that led it, the winner's fit logged on the search's parent run
+    (``run_id``), registered and promoted as asked (``FitOutcome``). A worker that joined another's search has
+    ``result`` None and no model: ``fit`` is None there.
+
+    Examples:
+        ```python
+        out = adreg.tune("bottle", k_shot=1, register=True)
+        print(out.chosen, out.version, out.metrics["image_auroc"])
+        for row in out.leaderboard()[:3]:
+            print(row["rank"], row["candidate"], row["selection_image_auroc"])
+        ```
+    """
 
     search: object                      # adreg.tuning.SearchResult
-    fit: FitOutcome | None = None
     fallback: str | None = None         # why the defaults were fitted instead of searching
 
     @property
-    def run_id(self) -> str:
-        """The search's parent run (the winner's model lives there)."""
-        return self.search.parent_run_id
-
-    @property
-    def version(self) -> str | None:
-        return None if self.fit is None else self.fit.version
-
-    @property
-    def promoted(self) -> bool | None:
-        return None if self.fit is None else self.fit.promoted
+    def fit(self) -> FitOutcome | None:
+        """The winner's fit (this outcome) on the worker that fitted it; None on a worker that joined."""
+        return None if self.result is None else self
 
     @property
     def chosen(self) -> dict:
@@ -681,7 +740,8 @@ def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = N
         **settings: other ``FitOptions`` fields every candidate shares (``holdout``, ``device``, ``aug_views``...).
 
     Returns:
-        ``TuneOutcome``: the search, and on the leading worker the winner's ``FitOutcome``.
+        ``TuneOutcome``: the search, and on the leading worker the winner's fit (``version``, ``run_id``: the
+        search's parent run, ``model_uri``, ``promoted``, ``gate``, ``metrics``, ``detector``).
 
     Raises:
         DataError: missing or empty folders, unreadable images, ``k_shot`` larger than the folder.
@@ -696,7 +756,7 @@ def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = N
     from adreg.errors import Interrupted
     from adreg.fitting import FitOptions, fit_category, load_category_data
     from adreg.names import check_category
-    from adreg.registry import tracking
+    from adreg.registry import derive, tracking
     from adreg.tuning import SearchConfig, SearchSpace, build_evidence, run_search
     from adreg.tuning.record import log_search
     from adreg.tuning.search import options_for
@@ -757,7 +817,7 @@ def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = N
         except KeyboardInterrupt:
             raise Interrupted(_interrupted_line(client, experiment, name)) from None
         if not search.leader:
-            return TuneOutcome(search)
+            return TuneOutcome(run_id=search.parent_run_id, tracking_uri=uri, result=None, search=search)
         if search.chosen is None:
             fallback = "no candidate completed (every one failed or was pruned); see the nested runs"
             search.fallback = fallback
@@ -771,14 +831,13 @@ def tune(category: str, *, train_dir: str | None = None, val_dir: str | None = N
 
             result.selection_entries = [manifest.entry(s.path, "tune", sha256=sha, role="selection")
                                         for s, sha in zip(reviewed, reviewed_sha)]
-        logged = tracking.log_fit(result, export=export, run_id=search.parent_run_id)
+        logged = derive.log_fit(result, export=export, run_id=search.parent_run_id)
     except KeyboardInterrupt:
         client.set_terminated(search.parent_run_id, "KILLED")
         raise Interrupted(f"interrupted while fitting the winner: the search's candidates stay logged under run "
                           f"{search.parent_run_id}; nothing registered") from None
-    out = _register_and_promote(FitOutcome(result, logged.run_id, logged.model_uri, uri), register, promote,
-                                "tune --promote")
-    return TuneOutcome(search, out, fallback)
+    out = TuneOutcome.of(logged, result=result, search=search, fallback=fallback)
+    return _register_fit(out, register, promote, "tune --promote")
 
 
 def _interrupted_line(client, experiment: str, name: str) -> str:

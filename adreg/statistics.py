@@ -73,9 +73,9 @@ from adreg import metrics as _metrics
 from adreg.options import (DEFAULT_MARGIN, DEFAULT_MIN_PER_CLASS, DEFAULT_PIXEL_RESAMPLES,  # noqa: F401 - the gate's
                            DEFAULT_PIXEL_SIZE, DEFAULT_RESAMPLES)                           # defaults, read here
 
-IMAGE_METRICS = ("image_auroc",)
-PIXEL_METRICS = ("pixel_auroc", "aupro")
-GATED = IMAGE_METRICS + PIXEL_METRICS
+#: the metrics the promotion gate judges, in this order: the one definition (the registry and the CLI read it here)
+GATED = ("image_auroc", "pixel_auroc", "aupro")
+PIXEL_METRICS = GATED[1:]  # those measured on anomaly maps and defect masks
 
 PROMOTE, WORSE, BELOW_FLOOR, NOT_ENOUGH = "promote", "worse", "below floor", "not enough evidence"
 VERDICTS = (PROMOTE, WORSE, BELOW_FLOOR, NOT_ENOUGH)
@@ -329,6 +329,17 @@ class Resampling:
     seconds: float = 0.0
 
 
+@dataclass
+class Comparison:
+    """What ``compare`` measured on one evaluation set: the candidate's intervals, the baseline's (None without
+    a baseline), the paired tests candidate - baseline (None without a baseline) and how it resampled."""
+
+    candidate: dict[str, Interval]
+    baseline: dict[str, Interval] | None
+    paired: dict[str, PairedTest] | None
+    resampling: Resampling
+
+
 def _quantiles(values: np.ndarray, level: float) -> tuple[float, float]:
     values = values[np.isfinite(values)]
     if not values.size:
@@ -383,7 +394,7 @@ def bootstrap_intervals(s: ScoreSet, level: float = 0.95, n_resamples: int = DEF
                         pixel_resamples: int = DEFAULT_PIXEL_RESAMPLES, seed: int = 0,
                         pixel_size: int | None = DEFAULT_PIXEL_SIZE) -> dict[str, Interval]:
     """Stratified bootstrap intervals of image AUROC and (with masks) pixel AUROC and AUPRO."""
-    return compare(s, None, level, n_resamples, pixel_resamples, seed, pixel_size)[0]
+    return compare(s, None, level, n_resamples, pixel_resamples, seed, pixel_size).candidate
 
 
 def delong_test(labels, scores_a, scores_b, level: float = 0.95) -> PairedTest:
@@ -428,16 +439,14 @@ def _bootstrap_p(d: np.ndarray) -> float:
 
 def compare(candidate: ScoreSet, baseline: ScoreSet | None = None, level: float = 0.95,
             n_resamples: int = DEFAULT_RESAMPLES, pixel_resamples: int = DEFAULT_PIXEL_RESAMPLES, seed: int = 0,
-            pixel_size: int | None = DEFAULT_PIXEL_SIZE
-            ) -> tuple[dict[str, Interval], dict[str, Interval] | None, dict[str, PairedTest] | None, Resampling]:
+            pixel_size: int | None = DEFAULT_PIXEL_SIZE) -> Comparison:
     """Intervals of the candidate (and of the baseline) from the same resampled images, and the paired tests
-    candidate - baseline (DeLong for image AUROC, paired bootstrap for the pixel metrics).
-    Returns (candidate intervals, baseline intervals or None, paired tests or None, how it was resampled)."""
+    candidate - baseline (DeLong for image AUROC, paired bootstrap for the pixel metrics)."""
     t0 = time.perf_counter()
     sets = [candidate] if baseline is None else [candidate, baseline]
     if not (candidate.n_good and candidate.n_defective):
         res = Resampling(n_resamples, pixel_resamples, None, seed, time.perf_counter() - t0)
-        return {}, (None if baseline is None else {}), (None if baseline is None else {}), res
+        return Comparison({}, None if baseline is None else {}, None if baseline is None else {}, res)
     values, _, low_res = _bootstrap_values(sets, n_resamples, pixel_resamples, seed, pixel_size)
     res = Resampling(n_resamples, pixel_resamples if candidate.has_pixels else 0,
                      low_res if low_res and low_res != tuple(candidate.maps.shape[1:]) else None, seed)
@@ -458,7 +467,7 @@ def compare(candidate: ScoreSet, baseline: ScoreSet | None = None, level: float 
                 paired[k] = PairedTest(k, cf, bf, cf - bf, lo, hi, _bootstrap_p(d), level,
                                        f"paired bootstrap ({res.pixel_resamples}{px})")
     res.seconds = time.perf_counter() - t0
-    return intervals[0], (None if baseline is None else intervals[1]), paired, res
+    return Comparison(intervals[0], None if baseline is None else intervals[1], paired, res)
 
 
 def paired_tests(candidate: ScoreSet, baseline: ScoreSet, level: float = 0.95,
@@ -466,12 +475,15 @@ def paired_tests(candidate: ScoreSet, baseline: ScoreSet, level: float = 0.95,
                  pixel_size: int | None = DEFAULT_PIXEL_SIZE) -> dict[str, PairedTest]:
     """Only the paired tests candidate - baseline (see ``compare``)."""
     return compare(candidate, baseline, level, 0 if candidate.has_pixels else 1, pixel_resamples, seed,
-                   pixel_size)[2] or {}
+                   pixel_size).paired or {}
 
 
 # -- the decision ---------------------------------------------------------------------------------------------
 @dataclass
 class MetricVerdict:
+    """One metric's verdict, the evidence it rests on (the candidate's interval, the floor, the baseline's interval,
+    the paired test) and the reasons of a refusal."""
+
     metric: str
     verdict: str
     candidate: Interval
@@ -572,9 +584,9 @@ def evaluate_gate(candidate: ScoreSet, baseline: ScoreSet | None, floors: dict[s
                   pixel_size: int | None = DEFAULT_PIXEL_SIZE, baseline_name: str = "the baseline",
                   margin: float = DEFAULT_MARGIN) -> GateDecision:
     """Intervals, paired tests and the decision in one call (what the promotion gate runs)."""
-    cand, base, paired, res = compare(candidate, baseline, level, n_resamples, pixel_resamples, seed, pixel_size)
-    decision = decide(cand, paired, floors, level, candidate.n_good, candidate.n_defective, min_per_class, base,
-                      baseline_name, margin)
-    decision.resampling = res
+    measured = compare(candidate, baseline, level, n_resamples, pixel_resamples, seed, pixel_size)
+    decision = decide(measured.candidate, measured.paired, floors, level, candidate.n_good, candidate.n_defective,
+                      min_per_class, measured.baseline, baseline_name, margin)
+    decision.resampling = measured.resampling
     decision.n_masked = candidate.n_masked if candidate.has_pixels else None
     return decision

@@ -89,7 +89,7 @@ def child(spec: dict) -> dict:
                      **spec.get("update", {}))
     r = out.result
     m, info = r.metrics(), r.detector.fit_info
-    return {"version": out.logged.version, "image_auroc": m.get("image_auroc"),
+    return {"version": out.version, "image_auroc": m.get("image_auroc"),
             "latency_ms": latency_ms(r.detector, r.data.test), "eval_latency_ms": m["latency_ms_per_image"],
             "goods_learned": len(r.added), "views": r.method_report["n_views"],
             "aug_copies": r.method_report["aug_copies"], "seconds": info["update_seconds"],

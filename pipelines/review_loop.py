@@ -152,11 +152,11 @@ def run_seed(seed: int, rounds: int, budget: int, line: int, defect_rate: float,
             reviewed_total += 1
         up = adreg.update("mtd", from_reviews=True, from_version=loop_v, register=True, device="cpu",
                           tracking_uri=uri, show_progress=False)
-        loop_v, grown = str(up.logged.version), len(up.result.added) + len(up.result.calibration_images)
+        loop_v, grown = str(up.version), len(up.result.added) + len(up.result.calibration_images)
         rule = "update"
         try:
             th = adreg.threshold("mtd", from_version=loop_v, tracking_uri=uri, device="cpu")
-            loop_v, rule = str(th.logged.version), "threshold from the line"
+            loop_v, rule = str(th.version), "threshold from the line"
         except adreg.errors.DataError as exc:
             print(f"round {r}: no threshold from the line yet ({exc})", flush=True)
         det = adreg.load("mtd", version=loop_v, device="cpu", tracking_uri=uri)
@@ -174,7 +174,7 @@ def run_seed(seed: int, rounds: int, budget: int, line: int, defect_rate: float,
             os.symlink(p, folder / p.name)
         up = adreg.update("mtd", str(folder), from_version=random_v, register=True, device="cpu", tracking_uri=uri,
                           show_progress=False)
-        random_v = str(up.logged.version)
+        random_v = str(up.version)
         det = adreg.load("mtd", version=random_v, device="cpu", tracking_uri=uri)
         rows.append({"seed": seed, "arm": "random goods", "round": r, "reviewed": 0, "goods_added": grown,
                      "defects_reviewed": 0, "version": random_v, "rule": "update",

@@ -55,7 +55,7 @@ def prepare(store: Path, quick: bool) -> dict:
     from adreg.data import default_category_dir
     from adreg.detector import Threshold
     from adreg.fitting import FitOptions, fit_category
-    from adreg.registry import tracking, versions
+    from adreg.registry import derive, tracking, versions
 
     uri = f"sqlite:///{store / 'mlflow.db'}"
     tracking.configure(uri)
@@ -64,12 +64,10 @@ def prepare(store: Path, quick: bool) -> dict:
     result = fit_category(FitOptions(category="bottle", train_dir=str(default_category_dir("bottle")), k_shot=1,
                                      seed=0, device="cpu", **extra), show_progress=False)
     result = dataclasses.replace(result, evaluation=None)
-    logged = tracking.log_fit(result)
-    v1 = versions.register(logged.model_uri, logged.run_id, "bottle")
+    v1 = derive.register_version(derive.log_fit(result), "bottle").version
     det2 = copy.copy(result.detector)
     det2.threshold = Threshold(result.detector.threshold.value * 2, "bench: doubled")
-    logged = tracking.log_fit(dataclasses.replace(result, detector=det2))
-    v2 = versions.register(logged.model_uri, logged.run_id, "bottle")
+    v2 = derive.register_version(derive.log_fit(dataclasses.replace(result, detector=det2)), "bottle").version
     versions.promote("bottle", v1, "production", reason="bench")
     return {"uri": uri, "v1": v1, "v2": v2}
 

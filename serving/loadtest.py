@@ -34,7 +34,7 @@ from serving.process import Server
 
 def prepare_store(store: Path, n_categories: int) -> tuple[str, list[str]]:
     from adreg.fitting import FitOptions, fit_category
-    from adreg.registry import bundle, tracking, versions
+    from adreg.registry import bundle, derive, tracking, versions
     import dataclasses
 
     uri = f"sqlite:///{store / 'mlflow.db'}"
@@ -45,8 +45,7 @@ def prepare_store(store: Path, n_categories: int) -> tuple[str, list[str]]:
     names = [f"bottle-{i}" for i in range(1, n_categories + 1)]
     for name in names:
         r = dataclasses.replace(result, options=dataclasses.replace(result.options, category=name))
-        logged = tracking.log_fit(r)
-        versions.promote(name, versions.register(logged.model_uri, logged.run_id, name), "production")
+        versions.promote(name, derive.register_version(derive.log_fit(r), name).version, "production")
     router = bundle.build_router(names)
     versions.promote("router", router.version, "production")
     return uri, names

@@ -56,13 +56,13 @@ def registered_bottle(bottle_fit, tmp_path_factory):
     """``bottle_fit`` logged, registered and promoted to production in a session store."""
     import mlflow
 
-    from adreg.registry import tracking, versions
+    from adreg.registry import derive, tracking, versions
 
     store = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{store / 'mlflow.db'}"
     tracking.configure(uri)
-    logged = tracking.log_fit(bottle_fit)
-    version = versions.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
+    logged = derive.log_fit(bottle_fit)
+    version = derive.register_version(logged, "bottle", bottle_fit.metrics()).version
     versions.promote("bottle", version, "production")
     yield {"uri": uri, "version": version, "logged": logged, "result": bottle_fit}
     mlflow.set_tracking_uri(None)

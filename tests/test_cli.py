@@ -87,7 +87,7 @@ def test_hf_backbone_fit_log_and_serve_offline(bottle_dir, tmp_path, tracking_ur
     from transformers import Dinov2Config, Dinov2Model
 
     from adreg.fitting import FitOptions, fit_category
-    from adreg.registry import tracking, versions
+    from adreg.registry import derive
 
     torch.manual_seed(0)
     vit_dir = tmp_path / "tiny-dinov2"
@@ -98,8 +98,8 @@ def test_hf_backbone_fit_log_and_serve_offline(bottle_dir, tmp_path, tracking_ur
                       layers=[-1, -2], image_size=112, aug_count=2, method_params={"layer_combine": "mean"})
     result = fit_category(opts, show_progress=False)
     assert result.detector.method.summary()["feature_dim"] == 32
-    logged = tracking.log_fit(result)
-    version = versions.register(logged.model_uri, logged.run_id, "widget", result.metrics())
+    logged = derive.log_fit(result)
+    version = derive.register_version(logged, "widget", result.metrics()).version
     shutil.rmtree(vit_dir)
     model = mlflow.pyfunc.load_model(f"models:/adreg-widget/{version}")
     img = product / "test" / "good" / "000.png"

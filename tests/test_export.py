@@ -115,10 +115,10 @@ def test_export_command_registers_a_lineage_version(bottle_fit, tracking_uri, tm
 
     from adreg.cli import main
     from adreg.images import file_to_b64
-    from adreg.registry import lifecycle, tracking, versions
+    from adreg.registry import derive, lifecycle
 
-    logged = tracking.log_fit(bottle_fit)
-    v1 = versions.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
+    logged = derive.log_fit(bottle_fit)
+    v1 = derive.register_version(logged, "bottle", bottle_fit.metrics()).version
     assert main(["--tracking-uri", tracking_uri, "export", "bottle", "--version", v1, "--runtime", "openvino"]) == 0
     assert "version 2" in capsys.readouterr().out
     client = mlflow.MlflowClient()
@@ -128,8 +128,8 @@ def test_export_command_registers_a_lineage_version(bottle_fit, tracking_uri, tm
     run = client.get_run(mv.run_id)
     assert run.data.tags["adreg.source.version"] == v1 and run.data.params["runtime"] == "openvino"
     # fit --export: the exported backbone is logged with the fit itself
-    fitted = tracking.log_fit(bottle_fit, export="onnx")
-    v3 = versions.register(fitted.model_uri, fitted.run_id, "bottle", bottle_fit.metrics())
+    fitted = derive.log_fit(bottle_fit, export="onnx")
+    v3 = derive.register_version(fitted, "bottle", bottle_fit.metrics()).version
 
     test = bottle_fit.data.test
     samples = [s for s in test if s.label == 1][:2] + [s for s in test if s.label == 0][:1]

@@ -25,7 +25,7 @@ from adreg.detector import Threshold
 from adreg.images import encode_png_b64, file_to_b64
 from adreg.pyfunc import status as server_status
 from adreg.pyfunc.shadow import latest_summary
-from adreg.registry import lifecycle, tracking, versions
+from adreg.registry import derive, lifecycle, tracking, versions
 from tests.servers import adreg_server, post_images, wait_for
 
 POLL = 1.0
@@ -36,8 +36,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _log_register(result) -> str:
-    logged = tracking.log_fit(result)
-    return versions.register(logged.model_uri, logged.run_id, "bottle")
+    logged = derive.log_fit(result)
+    return derive.register_version(logged, "bottle").version
 
 
 def _broken_version(v1: str, tmp: Path) -> str:

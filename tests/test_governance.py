@@ -1,5 +1,6 @@
 """Governance against a real `mlflow server --app-name adreg-auth` (basic-auth, sqlite auth DB) on 127.0.0.1:
-users and roles, server-enforced production alias, identity in the history, grants, --json and exit codes."""
+users and roles, server-enforced production alias, identity in the history, grants, --json and exit codes,
+the review page's login and permissions."""
 
 import json
 import os
@@ -13,7 +14,7 @@ import requests
 
 from adreg import cli
 from adreg.registry.resolve import get_model
-from adreg.registry import events, governance, lifecycle, tracking, versions
+from adreg.registry import derive, events, governance, lifecycle, tracking, versions
 from adreg.registry.governance import PermissionDenied
 from serving.process import free_port, stop_process_group
 
@@ -82,8 +83,8 @@ def login(server, user):
 def editor_version(auth_server, bottle_fit):
     """The editor fits (logs) and registers the first version of a new category."""
     login(auth_server, "editor")
-    logged = tracking.log_fit(bottle_fit)
-    return versions.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
+    logged = derive.log_fit(bottle_fit)
+    return derive.register_version(logged, "bottle", bottle_fit.metrics()).version
 
 
 def _cli(capsys, *argv):
@@ -214,3 +215,38 @@ def test_the_review_page_asks_for_the_store_login_and_labels_as_that_user(auth_s
     run = mlflow.MlflowClient().create_run(labels.reviews_experiment_id("bottle"))
     with pytest.raises(mlflow.exceptions.MlflowException, match="authenticated user"):
         mlflow.MlflowClient().log_param(run.info.run_id, "user", "manager")
+
+
+def test_a_refused_overlay_is_drawn_once_the_user_may_read_the_model(auth_server, editor_version, tmp_path,
+                                                                     bottle_dir):
+    """The review page's overlay for a user the server refuses the model: a 403 naming the user (not a 422),
+    and the refusal does not stick: once an admin grants READ, the same user's next request draws the map."""
+    import io
+    import shutil
+
+    from mlflow.server import get_app_client
+    from PIL import Image
+
+    from adreg.review.app import build_app
+    from tests.test_review_app import serve
+
+    day = tmp_path / "bottle" / "flagged" / "20261201"
+    day.mkdir(parents=True)
+    img = day / f"120000-000000-v{editor_version}-0002.png"
+    shutil.copyfile(bottle_dir / "test" / "broken_large" / "001.png", img)
+    params = {"category": "bottle", "rel": img.relative_to(tmp_path / "bottle").as_posix()}
+    auditor = ("auditor", "auditor-pass-0123456789")
+    r = requests.post(f"{auth_server['url']}/api/2.0/mlflow/users/create",
+                      json={"username": auditor[0], "password": auditor[1]}, auth=ADMIN, timeout=120)
+    assert r.status_code == 200, r.text
+    login(auth_server, "admin")
+    get_app_client("basic-auth", tracking_uri=auth_server["url"]).grant_user_permission(
+        auditor[0], "registered_model", "adreg-bottle", "DENY")
+    with serve(build_app(["bottle"], tmp_path, tracking_uri=auth_server["url"])) as url:
+        r = requests.get(url + "/api/overlay", params=params, auth=auditor, timeout=300)
+        assert r.status_code == 403 and "user 'auditor'" in r.json()["detail"], r.text
+        login(auth_server, "admin")
+        governance.grant("bottle", auditor[0], "READ")
+        r = requests.get(url + "/api/overlay", params=params, auth=auditor, timeout=300)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+        assert Image.open(io.BytesIO(r.content)).size == (768, 768)

@@ -11,7 +11,7 @@ import pytest
 from adreg import cli, integrity
 from adreg.integrity import IntegrityError
 from adreg.registry.resolve import get_model
-from adreg.registry import lifecycle, tracking, versions
+from adreg.registry import derive, lifecycle, versions
 
 
 def _folder(tmp_path) -> Path:
@@ -49,8 +49,8 @@ def test_manifest_detects_modified_missing_and_added_files(tmp_path):
 @pytest.fixture()
 def tampered_store(tracking_uri, bottle_fit, tmp_path):
     """bottle_fit logged and registered in a fresh sqlite store, promoted; returns (version, detector folder)."""
-    logged = tracking.log_fit(bottle_fit)
-    version = versions.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
+    logged = derive.log_fit(bottle_fit)
+    version = derive.register_version(logged, "bottle", bottle_fit.metrics()).version
     versions.promote("bottle", version, "production")
     run_tag = mlflow.MlflowClient().get_run(logged.run_id).data.tags[integrity.DIGEST_TAG]
     assert mlflow.MlflowClient().get_model_version("adreg-bottle", version).tags[integrity.DIGEST_TAG] == run_tag

@@ -87,3 +87,69 @@ def test_shared_helpers_are_defined_once():
         defs = [str(p.relative_to(ROOT)) for p, src in text.items() if re.search(rf"^def {helper}\(", src, re.M)]
         assert len(defs) == 1, (helper, defs)
     assert not [p for p, src in text.items() if re.search(r'f"adreg-\{', src)]  # names through adreg.names
+
+
+def test_the_gated_metrics_are_listed_once():
+    """The metrics the promotion gate judges are one tuple literal, ``adreg.statistics.GATED``: every other
+    module (the registry, the CLI) reads that one."""
+    from adreg.statistics import GATED
+
+    def names(node) -> list:
+        return [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+
+    literals = [f"{p.relative_to(ROOT)}:{node.lineno}" for p in ROOT.rglob("*.py")
+                for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, (ast.Tuple, ast.List, ast.Set))
+                and len(node.elts) == len(GATED) and set(names(node)) == set(GATED)]
+    assert len(literals) == 1 and literals[0].startswith("statistics.py:"), literals
+
+
+def _calls_that_make_versions(path: Path) -> list[str]:
+    """``file:line`` of each call in ``path`` that logs an MLflow model (``<flavor>.log_model``) or registers a
+    version (``register`` of ``adreg.registry.versions``, however imported)."""
+    tree = ast.parse(path.read_text())
+    module_names, function_names = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "adreg.registry":
+            module_names |= {a.asname or a.name for a in node.names if a.name == "versions"}
+        elif isinstance(node, ast.ImportFrom) and node.module == "adreg.registry.versions":
+            function_names |= {a.asname or a.name for a in node.names if a.name == "register"}
+        elif isinstance(node, ast.Import):
+            module_names |= {a.asname for a in node.names if a.name == "adreg.registry.versions" and a.asname}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        logs = (isinstance(f, ast.Attribute) and f.attr == "log_model") or (
+            isinstance(f, ast.Name) and f.id == "log_model")
+        registers = (isinstance(f, ast.Attribute) and f.attr == "register" and isinstance(f.value, ast.Name)
+                     and f.value.id in module_names) or (isinstance(f, ast.Name) and f.id in function_names)
+        if logs or registers:
+            found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}")
+    return found
+
+
+def test_versions_are_logged_and_registered_in_one_place():
+    """Every model version is logged (``mlflow.pyfunc.log_model``) and registered (``versions.register``) by
+    ``adreg.registry.derive`` alone: in the package, the pipelines and the serving tools. The tests are left
+    out: some call ``versions.register`` themselves because registration is what they test (an incomplete run
+    refused, concurrent registrations, a hand-made broken model, a logged model registered at a chosen
+    moment)."""
+    files = [p for folder in ("adreg", "pipelines", "serving") for p in (ROOT.parent / folder).rglob("*.py")]
+    calls = [c for p in files for c in _calls_that_make_versions(p)]
+    assert calls and all(c.startswith("adreg/registry/derive.py:") for c in calls), calls
+    assert len(calls) == 2, calls  # one log_model, one register
+
+
+def test_every_public_function_takes_tracking_uri_by_keyword():
+    """``tracking_uri`` is a keyword-only argument of every public function of ``adreg.api``."""
+    import inspect
+
+    from adreg import api
+
+    functions = [f for f in map(vars(api).get, api.__all__) if inspect.isfunction(f)]  # not the lazy classes
+    assert len(functions) > 20
+    wrong = [f.__name__ for f in functions
+             if getattr(inspect.signature(f).parameters.get("tracking_uri"), "kind", None)
+             is not inspect.Parameter.KEYWORD_ONLY]
+    assert wrong == []

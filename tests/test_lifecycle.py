@@ -12,9 +12,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from adreg.cli import render
 from adreg.errors import RegistryError
 from adreg.registry.resolve import get_model, resolve
-from adreg.registry import lifecycle, tracking, versions
+from adreg.registry import derive, lifecycle, versions
 from adreg.registry.lifecycle import GatePolicy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +51,8 @@ def two_fits(bottle_dir, eval_subset):
 
 
 def _register(result) -> str:
-    logged = tracking.log_fit(result)
-    return versions.register(logged.model_uri, logged.run_id, "bottle", result.metrics())
+    logged = derive.log_fit(result)
+    return derive.register_version(logged, "bottle", result.metrics()).version
 
 
 #: level 0.80 (refuse as worse at p < 0.20) so that the 18-image subset can tell SubspaceAD's AUPRO from RAD's
@@ -107,9 +108,16 @@ def test_gate_refuses_regression_force_is_recorded_and_rollback_walks_back(store
     actions = [(e["action"], e["version"]) for e in versions.history("bottle")]
     assert actions == [("promote", v1), ("promote", v2), ("refused", v3), ("force", v3),
                        ("rollback", v2), ("rollback", v1)]
-    rows = lifecycle.history_rows(versions.history("bottle"))
+    rows = render.history_rows(versions.history("bottle"))
     assert rows[1]["reason"] == "better pixels" and rows[2]["gate"].startswith("FAILED worse (6 good/12 defective)")
-    gate_rows = {r["what"]: r for r in lifecycle.compare("bottle", v2, v3)}  # the latest gate of each version
+    compared = lifecycle.compare("bottle", v2, v3)  # typed: the latest gate of each version, as recorded
+    forced, tested = compared.gates[v3], compared.tested[v3]
+    assert (forced.action, forced.gate.verdict, forced.gate.passed) == ("force", "worse", False) and forced == tested
+    assert tested.gate.baseline_version == v2 and tested.gate.paired["aupro"].p == pytest.approx(
+        report.decision.metrics["aupro"].paired.p_value, abs=1e-5)
+    assert compared.gates[v2].action == "promote" and compared.gates[v2].gate.candidate["aupro"] == pytest.approx(
+        two_fits["rad"].evaluation.metrics["aupro"], abs=1e-3)
+    gate_rows = {r["what"]: r for r in render.compare_rows(compared)}  # what `adreg compare` prints
     assert gate_rows["gate"][f"v{v3}"].startswith("force") and gate_rows["gate"][f"v{v2}"].startswith("promote")
     assert gate_rows["gate paired test"][f"v{v3}"].startswith(f"vs v{v2} (force production")
     assert gate_rows["gate aupro diff"][f"v{v3}"].startswith("-0.0") and " p=" in gate_rows["gate aupro diff"][f"v{v3}"]
@@ -128,8 +136,11 @@ def test_absolute_floors_apply_without_a_baseline(store_uri, two_fits):
 
 def test_compare_side_by_side(store_uri, two_fits):
     v1, v2 = _register(two_fits["subspace"]), _register(two_fits["rad"])
-    rows = {r["what"]: r for r in lifecycle.compare("bottle", v1, v2)}
+    compared = lifecycle.compare("bottle", v1, v2)
     m1, m2 = two_fits["subspace"].evaluation.metrics, two_fits["rad"].evaluation.metrics
+    assert compared.metrics["aupro"] == pytest.approx((m1["aupro"], m2["aupro"]))  # numbers, not text
+    assert compared.params["method"] == ("subspace", "rad") and compared.gates == {v1: None, v2: None}
+    rows = {r["what"]: r for r in render.compare_rows(compared)}
     assert rows["aupro"][f"v{v1}"] == f"{m1['aupro']:.4f}" and rows["aupro"][f"v{v2}"] == f"{m2['aupro']:.4f}"
     assert rows["aupro"]["delta"] == f"{m2['aupro'] - m1['aupro']:+.4f}"
     assert rows["param method"][f"v{v1}"] == "subspace" and rows["param method"][f"v{v2}"] == "rad"
@@ -157,7 +168,7 @@ for _ in range(3):
 
 
 def test_concurrent_registrations_get_distinct_versions(store_uri, two_fits):
-    logged = tracking.log_fit(two_fits["subspace"])
+    logged = derive.log_fit(two_fits["subspace"])
     procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_REGISTER, store_uri, logged.model_uri, logged.run_id],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from adreg.images import file_to_b64, load_image
-from adreg.registry import lifecycle, tracking, versions
+from adreg.registry import derive, lifecycle, tracking
 from serving.process import free_port, stop_process_group
 
 
@@ -48,8 +48,8 @@ def mlflow_server(tmp_path, monkeypatch):
 
 def test_fit_register_gate_and_load_through_a_tracking_server(mlflow_server, bottle_fit, bottle_dir):
     url, artifacts = mlflow_server
-    logged = tracking.log_fit(bottle_fit)
-    version = versions.register(logged.model_uri, logged.run_id, "bottle", bottle_fit.metrics())
+    logged = derive.log_fit(bottle_fit)
+    version = derive.register_version(logged, "bottle", bottle_fit.metrics()).version
     promo, report = lifecycle.promote_gated("bottle", version, "production")  # gate re-evaluates via the server
     assert promo is not None and report.passed
     assert report.candidate["image_auroc"] == pytest.approx(bottle_fit.evaluation.metrics["image_auroc"])

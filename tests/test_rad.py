@@ -88,14 +88,14 @@ def test_one_shot_rad_on_bottle_logged_and_loaded(bottle_dir, tracking_uri):
 
     from adreg.fitting import FitOptions, fit_category
     from adreg.images import file_to_b64
-    from adreg.registry import tracking
+    from adreg.registry import derive
 
     result = fit_category(FitOptions(category="bottle", method="rad", train_dir=str(bottle_dir), k_shot=1, seed=0,
                                      device="cpu"), show_progress=False)
     m = result.evaluation.metrics
     assert m["image_auroc"] >= 0.98 and m["pixel_auroc"] >= 0.95
     assert result.detector.method.summary()["bank_images"] == 31  # 1 shot + 30 augmented copies
-    logged = tracking.log_fit(result)
+    logged = derive.log_fit(result)
     model = mlflow.pyfunc.load_model(logged.model_uri, model_config={"device": "cpu"})
     path = result.data.test[-1].path
     out = model.predict(pd.DataFrame({"image": [file_to_b64(path)]}))

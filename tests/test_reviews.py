@@ -48,7 +48,7 @@ def widget(bottle_fit, bottle_dir, tmp_path_factory):
     of real bottle images it judged."""
     import dataclasses
 
-    from adreg.registry import tracking, versions
+    from adreg.registry import derive, tracking
 
     base = tmp_path_factory.mktemp("widget")
     uri = f"sqlite:///{base / 'mlflow.db'}"
@@ -58,8 +58,8 @@ def widget(bottle_fit, bottle_dir, tmp_path_factory):
                               options=dataclasses.replace(bottle_fit.options, category="widget", test_dir=None),
                               data=dataclasses.replace(bottle_fit.data, test=[]))
     tracking.configure(uri)
-    logged = tracking.log_fit(fit)
-    version = versions.register(logged.model_uri, logged.run_id, "widget", fit.metrics())
+    logged = derive.log_fit(fit)
+    version = derive.register_version(logged, "widget", fit.metrics()).version
     defects = sorted((bottle_dir / "test").glob("broken_*/*.png"))[:12]
     line_goods = sorted((bottle_dir / "train" / "good").glob("*.png"))[100:152]
     captured = _capture(fit.detector, version, defects + line_goods, base / "capture")
@@ -158,10 +158,10 @@ def test_update_from_reviews_grows_on_the_grow_side_only_and_skips_what_it_holds
     held = {d["path"] for d in up.result.duplicates}  # reviewed goods the parent was fitted or calibrated on
     assert took and took | held == {str(p) for p in prod.grow} and not took & held
     assert not took & {str(s.path) for s in prod.samples}
-    tags = mlflow.MlflowClient().get_run(up.logged.run_id).data.tags
+    tags = mlflow.MlflowClient().get_run(up.run_id).data.tags
     assert tags["adreg.lineage.review_labels"] == prod.digest
     with pytest.raises(DataError, match="nothing new"):
-        adreg.update("widget", from_reviews=True, from_version=up.logged.version, device="cpu", tracking_uri=uri,
+        adreg.update("widget", from_reviews=True, from_version=up.version, device="cpu", tracking_uri=uri,
                      show_progress=False)
 
 
@@ -179,12 +179,12 @@ def test_threshold_from_the_line_and_quality_per_version(widget):
             adreg.threshold("widget", from_version=widget["version"], tracking_uri=uri)
         return
     out = adreg.threshold("widget", from_version=widget["version"], device="cpu", tracking_uri=uri)
-    assert out.rule == "f1_optimal" and out.logged.version
+    assert out.rule == "f1_optimal" and out.version
     assert out.details["production_labels"] == prod.digest
     before, after = out.details["before"], out.details["after"]
     f1 = lambda r: 2 * r["precision"] * r["recall"] / (r["precision"] + r["recall"] or 1)  # noqa: E731
     assert f1(after) >= f1(before) - 1e-9  # F1-optimal on the set it was chosen on
-    det = adreg.load("widget", version=out.logged.version, device="cpu", tracking_uri=uri)
+    det = adreg.load("widget", version=out.version, device="cpu", tracking_uri=uri)
     assert det.threshold.value == pytest.approx(out.threshold) and det.threshold.value != out.parent_threshold
     q = adreg.quality("widget", tracking_uri=uri)
     fig = q["versions"][str(widget["version"])]

@@ -9,7 +9,7 @@ import requests
 
 from adreg.errors import AdregError
 from adreg.images import file_to_b64
-from adreg.registry import bundle, lifecycle, tracking, versions
+from adreg.registry import bundle, derive, lifecycle, tracking, versions
 from tests.servers import adreg_server, wait_for
 
 
@@ -22,13 +22,13 @@ def router_store(registered_bottle, bottle_dir, tmp_path_factory):
     tracking.configure(registered_bottle["uri"])
     cap = dataclasses.replace(registered_bottle["result"], options=dataclasses.replace(
         registered_bottle["result"].options, category="cap"))
-    logged = tracking.log_fit(cap)
-    versions.promote("cap", versions.register(logged.model_uri, logged.run_id, "cap"), "production")
+    logged = derive.log_fit(cap)
+    versions.promote("cap", derive.register_version(logged, "cap").version, "production")
     cap_logged = logged
     vial = fit_category(FitOptions(category="vial", train_dir=str(bottle_dir / "train" / "good"), k_shot=1,
                                    image_size=256, aug_count=2, holdout=5, device="cpu"), show_progress=False)
-    logged = tracking.log_fit(vial)
-    versions.promote("vial", versions.register(logged.model_uri, logged.run_id, "vial"), "production")
+    logged = derive.log_fit(vial)
+    versions.promote("vial", derive.register_version(logged, "vial").version, "production")
     router = bundle.build_router(["bottle", "cap", "vial"])
     versions.promote("router", router.version, "production")
     return {"uri": registered_bottle["uri"], "vial": vial, "cap_logged": cap_logged}
@@ -90,7 +90,7 @@ def test_router_over_rest_follows_each_category_and_bounds_requests(router_store
             [("adreg-cap", version["cap"]), ("adreg-bottle", version["bottle"])]
         # a new cap version (the same logged model registered again), promoted: only cap's rows change
         logged = router_store["cap_logged"]
-        new_cap = versions.register(logged.model_uri, logged.run_id, "cap")
+        new_cap = derive.register_version(logged, "cap").version
         versions.promote("cap", new_cap, "production")
         wait_for(lambda: rows()[0]["model_version"] == new_cap, 30, what="cap's new version in the router")
         now = rows()

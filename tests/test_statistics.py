@@ -143,6 +143,9 @@ def test_paired_bootstrap_of_pixel_metrics():
         assert tests[key].diff == pytest.approx(metrics.evaluate_scores(labels, scores, masks, noisy)[key]
                                                 - metrics.evaluate_scores(labels, scores, masks, maps)[key])
     assert tests["image_auroc"].p_value == 1.0
+    measured = st.compare(worse, base, n_resamples=100, pixel_resamples=100)  # named fields, not positions
+    assert measured.paired == tests and set(measured.candidate) == set(measured.baseline) == set(tests)
+    assert measured.resampling.pixel_resamples == 100 and st.compare(base).baseline is None
     decision = st.evaluate_gate(worse, base, {"image_auroc": 0.5, "pixel_auroc": 0.5}, n_resamples=100,
                                 pixel_resamples=100)
     assert decision.verdict == st.WORSE and decision.metrics["image_auroc"].verdict == st.PROMOTE

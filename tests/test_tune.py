@@ -293,7 +293,7 @@ def test_update_keeps_the_tuned_settings(tuned, bottle_dir, tmp_path):
         shutil.copy(p, tmp_path / "new")
     grown = api.update("widget", str(tmp_path / "new"), from_version=out.version, holdout=0, min_calibration=2,
                        register=True, tracking_uri=tuned["uri"], show_progress=False, device="cpu")
-    det = api.load("widget", version=grown.logged.version, tracking_uri=tuned["uri"], device="cpu")
+    det = api.load("widget", version=grown.version, tracking_uri=tuned["uri"], device="cpu")
     chosen = out.chosen
     assert det.method.name == chosen["method"] and det.top_fraction == chosen["top_fraction"]
     assert det.backbone.spec()["image_size"] == chosen["image_size"]

@@ -13,7 +13,7 @@ import pytest
 
 from adreg.cli import main as cli_main
 from adreg.registry.resolve import existing_versions, get_model
-from adreg.registry import lineage, manifest, tracking, versions as registry
+from adreg.registry import derive, lineage, manifest, tracking, versions as registry
 
 GOOD = [f"{i:03d}.png" for i in range(100, 108)]  # bottle train goods the parent never saw
 DEFECTS = ["010.png", "011.png"]  # bottle test/broken_large images outside the evaluation set
@@ -39,8 +39,8 @@ def parent(bottle_dir, tmp_path_factory):
     tracking.configure(uri)
     result = fit_category(FitOptions(category="bottle", train_dir=str(product / "good"), k_shot=2, seed=0,
                                      aug_count=1, device="cpu"), show_progress=False)
-    logged = tracking.log_fit(result)
-    version = registry.register(logged.model_uri, logged.run_id, "bottle", result.metrics())
+    logged = derive.log_fit(result)
+    version = derive.register_version(logged, "bottle", result.metrics()).version
     registry.promote("bottle", version, "production")
     yield {"root": root, "uri": uri, "version": version, "run_id": logged.run_id, "shots": result.shots,
            "bottle": bottle_dir}
@@ -211,7 +211,7 @@ def test_failure_half_way_registers_nothing_and_leaves_the_parent_untouched(stor
     folder = capture_folder(store, tmp_path, goods=GOOD[:3], duplicate=False, corrupt=False)
     with pytest.raises(OSError, match="disk full"):
         update_version(UpdateOptions("bottle", [str(folder)], from_version="1", holdout=1), register=True,
-                       promote_alias="production", show_progress=False)
+                       promote="production", show_progress=False)
     assert versions() == before
     assert str(get_model("bottle").aliases["production"]) == "1"
     failed = client.search_runs([mlflow.get_experiment_by_name("adreg-bottle").experiment_id],

@@ -9,7 +9,6 @@ from adreg.errors import EXIT_REFUSED
 
 KEY_ORDER = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "threshold",
              "fit_seconds", "latency_ms_per_image")
-COMPARED = ("image_auroc", "pixel_auroc", "aupro")
 
 
 def _print_table(rows: list[dict], columns: list[str]) -> None:
@@ -127,7 +126,7 @@ def cmd_tune(args) -> int:
             print(f"chosen - default on the selection set: {vd['diff']:+.4f} [{vd['low']:+.3f}, {vd['high']:+.3f}], "
                   f"p = {vd['p_value']:.3g} ({vd['method']})")
         print(f"chosen: {s.chosen.label} / top {s.chosen.settings.get('top_fraction')}")
-    _print_fit(out.fit, args.promote)
+    _print_fit(out, args.promote)
     print(f"leaderboard: tune/leaderboard.csv and tune/leaderboard.png on run {out.run_id}; "
           f"reuse the choice: adreg fit --category {args.category} --settings-from {out.run_id}")
     return EXIT_REFUSED if out.promoted is False else 0
@@ -153,6 +152,8 @@ def cmd_quickstart(args) -> int:
 # -- registry ----------------------------------------------------------------------------------------
 def _print_gate_set(part, args, policy) -> None:
     """One set's gate table: each metric with its interval, floor, the paired difference, the verdict."""
+    from adreg.statistics import GATED
+
     dec = part.decision
     res = dec.resampling
     base = f"v{part.baseline_version}" if part.baseline is not None else None
@@ -167,7 +168,7 @@ def _print_gate_set(part, args, policy) -> None:
     cand_col, base_col = f"v{args.version} (candidate)", f"{base} (current {args.alias})"
     diff_col = f"v{args.version} - {base} [{dec.level:.0%}]"
     rows = []
-    for key in COMPARED:
+    for key in GATED:
         v = dec.metrics.get(key)
         if v is None:
             continue
@@ -219,7 +220,8 @@ def cmd_promote(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    promo = _api().rollback(args.category, args.alias, reason=args.reason or "", tracking_uri=args.tracking_uri)
+    promo = _api().rollback(args.category, args.alias, reason=args.reason or "",
+                            tracking_uri=args.tracking_uri).promotion
     if args.json:
         _json_out({"category": args.category, **{k: getattr(promo, k) for k in (
             "alias", "version", "previous", "model_uri", "by", "identity", "event_run")}})
@@ -236,14 +238,16 @@ def cmd_history(args) -> int:
     if not events:
         print(f"no promotions recorded for {args.category!r}")
         return 0
-    from adreg.registry.lifecycle import history_rows
+    from adreg.cli.render import HISTORY_COLUMNS, history_rows
 
-    _print_table(history_rows(events), ["at", "action", "alias", "version", "from", "by", "identity", "reason", "gate"])
+    _print_table(history_rows(events), HISTORY_COLUMNS)
     return 0
 
 
 def cmd_compare(args) -> int:
-    rows = _api().compare(args.category, args.v1, args.v2, tracking_uri=args.tracking_uri)
+    from adreg.cli.render import compare_rows
+
+    rows = compare_rows(_api().compare(args.category, args.v1, args.v2, tracking_uri=args.tracking_uri))
     if args.json:
         _json_out(rows)
     else:
@@ -345,8 +349,9 @@ def cmd_predict(args) -> int:
 
 
 def cmd_serve_bundle(args) -> int:
-    logged, promo = _api().bundle(args.categories, args.alias, args.promote, tracking_uri=args.tracking_uri)
-    print(f"registered {logged.registered_name} version {logged.version}: categories {', '.join(args.categories)} "
+    out = _api().bundle(args.categories, args.alias, args.promote, tracking_uri=args.tracking_uri)
+    promo = out.promotion
+    print(f"registered {out.registered_name} version {out.version}: categories {', '.join(args.categories)} "
           f"(each at @{args.alias})")
     print(f"{promo.alias} -> version {promo.version}: serve it with `adreg serve router` ({promo.model_uri}); "
           "requests carry a 'category' column beside 'image'")
@@ -354,10 +359,10 @@ def cmd_serve_bundle(args) -> int:
 
 
 def cmd_export(args) -> int:
-    logged = _api().export(args.category, args.version, args.runtime, tracking_uri=args.tracking_uri)
-    print(f"registered {logged.registered_name} version {logged.version}: version {args.version} with its "
+    out = _api().export(args.category, args.version, args.runtime, tracking_uri=args.tracking_uri)
+    print(f"registered {out.registered_name} version {out.version}: version {args.version} with its "
           f"backbone on {args.runtime} (served with runtime {args.runtime} unless model_config overrides it)")
-    print(f"run: {logged.run_id}; promote it with `adreg promote {args.category} --version {logged.version}`")
+    print(f"run: {out.run_id}; promote it with `adreg promote {args.category} --version {out.version}`")
     return 0
 
 
@@ -376,7 +381,8 @@ def cmd_score(args) -> int:
 
 
 # -- update and drift --------------------------------------------------------------------------------
-def _print_update(r, logged) -> None:
+def _print_update(out) -> None:
+    r = out.result
     print(f"\nupdate of {r.parent_model} version {r.parent_version} (run {r.parent_run_id}), method {r.options.method}")
     if r.duplicates:
         print(f"  skipped {len(r.duplicates)} duplicate(s) (same sha256 as an image the parent learned from or "
@@ -413,7 +419,7 @@ def _print_update(r, logged) -> None:
     else:
         print(f"  not evaluated: version {r.parent_version} has no evaluation set (the gate can judge on reviewed "
               "images: adreg review, adreg promote)")
-    print(f"run: {logged.run_id} ({r.seconds:.1f} s)")
+    print(f"run: {out.run_id} ({r.seconds:.1f} s)")
 
 
 def cmd_update(args) -> int:
@@ -424,18 +430,17 @@ def cmd_update(args) -> int:
                         min_calibration=args.min_calibration, seed=args.seed, register=args.register,
                         promote=args.promote, reason=args.reason or "", policy=_policy(args), device=args.device,
                         tracking_uri=args.tracking_uri)
-    logged = out.logged
-    _print_update(out.result, logged)
-    if logged.version:
-        print(f"registered {logged.registered_name} version {logged.version} (parent: version {out.result.parent_version})")
+    _print_update(out)
+    if out.version:
+        print(f"registered {out.registered_name} version {out.version} (parent: version {out.result.parent_version})")
     if out.gate is not None:
         for failure in out.gate.failures:
             print(f"  gate: {failure}")
-        if logged.promoted:
-            print(f"promoted version {logged.version} to {args.promote!r}: models:/{logged.registered_name}@{args.promote}")
+        if out.promoted:
+            print(f"promoted version {out.version} to {args.promote!r}: models:/{out.registered_name}@{args.promote}")
         else:
             print(f"not promoted to {args.promote!r} (gate failed; `adreg promote --force` overrides, recorded)")
-    return EXIT_REFUSED if logged.promoted is False else 0
+    return EXIT_REFUSED if out.promoted is False else 0
 
 
 def cmd_drift(args) -> int:
@@ -555,25 +560,24 @@ def cmd_threshold(args) -> int:
                            target_false_alarm_rate=args.target_false_alarm, review_seed=args.review_seed,
                            promote=args.promote, reason=args.reason or "", policy=_policy(args), device=args.device,
                            tracking_uri=args.tracking_uri)
-    d = out.details
     if args.json:
-        _json_out({"category": args.category, "parent_version": out.parent_version, "version": out.logged.version,
-                   "run_id": out.logged.run_id, "threshold": out.threshold, "parent_threshold": out.parent_threshold,
-                   "rule": out.rule, "details": d, "promoted": out.logged.promoted,
+        _json_out({"category": args.category, "parent_version": out.parent_version, "version": out.version,
+                   "run_id": out.run_id, "threshold": out.threshold, "parent_threshold": out.parent_threshold,
+                   "rule": out.rule, "details": out.details, "promoted": out.promoted,
                    "gate": None if out.gate is None else out.gate.summary()})
-        return 0 if out.logged.promoted is not False else EXIT_REFUSED
-    b, a = d["before"], d["after"]
+        return 0 if out.promoted is not False else EXIT_REFUSED
+    b, a = out.before, out.after
     print(f"threshold from the line ({out.rule}) on the {out.production.describe()}")
     _print_table([{"threshold": f"v{out.parent_version}: {out.parent_threshold:.4g}", "recall": _pct(b["recall"]),
                    "false alarms": _pct(b["false_alarm_rate"]), "precision": _pct(b["precision"])},
                   {"threshold": f"new: {out.threshold:.4g}", "recall": _pct(a["recall"]),
                    "false alarms": _pct(a["false_alarm_rate"]), "precision": _pct(a["precision"])}],
                  ["threshold", "recall", "false alarms", "precision"])
-    print(f"registered {out.logged.registered_name} version {out.logged.version} (parent: version "
-          f"{out.parent_version}, run {out.logged.run_id})")
+    print(f"registered {out.registered_name} version {out.version} (parent: version "
+          f"{out.parent_version}, run {out.run_id})")
     if out.gate is not None:
         for failure in out.gate.failures:
             print(f"  gate: {failure}")
-        print(f"promoted version {out.logged.version} to {args.promote!r}" if out.logged.promoted else
+        print(f"promoted version {out.version} to {args.promote!r}" if out.promoted else
               f"not promoted to {args.promote!r} (gate failed; `adreg promote --force` overrides, recorded)")
-    return EXIT_REFUSED if out.logged.promoted is False else 0
+    return EXIT_REFUSED if out.promoted is False else 0

@@ -1,6 +1,7 @@
 """The MLflow registry side of adreg: what logs, registers, promotes and governs model versions.
 
-``tracking`` (runs and the pyfunc model), ``versions`` (registered versions, aliases, lifecycle events),
+``derive`` (the one path to a version: log the pyfunc model, register it with its lineage, gate and promote),
+``tracking`` (where runs go, what a fit's run records), ``versions`` (registered versions, aliases, lifecycle events),
 ``lifecycle`` (promotion gate, rollback, compare), ``update`` (grow a registered version from new goods),
 ``lineage`` and ``manifest`` (what a model was fitted on / grown from, training-image manifests),
 ``governance`` (users, permissions, identity), ``auth_app`` (the ``adreg-auth`` MLflow server app),

@@ -19,21 +19,22 @@ from PIL import Image
 
 from adreg import store
 from adreg.errors import ConfigError
-from adreg.names import ROUTER, model_name
+from adreg.names import ROUTER
 from adreg.pyfunc.router import CATEGORY_COLUMN, MANIFEST
-from adreg.registry import tracking, versions
+from adreg.registry import derive, tracking
 from adreg.registry.resolve import resolve
 
 
 def router_signature() -> ModelSignature:
-    out = tracking.signature().outputs
+    out = derive.signature().outputs
     # both columns optional for MLflow's schema check: the model answers a missing one with a plain 400
     return ModelSignature(inputs=Schema([ColSpec("string", CATEGORY_COLUMN, required=False),
                                          ColSpec("string", "image", required=False)]), outputs=out)
 
 
-def build_router(categories: list[str], alias: str = "production") -> tracking.LoggedFit:
-    """Bundle ``categories`` (each at ``alias``) into one router model, log it and register it."""
+def build_router(categories: list[str], alias: str = "production") -> derive.VersionOutcome:
+    """Bundle ``categories`` (each at ``alias``) into one router model, log it and register it as a new version
+    of ``adreg-router``; returns its run, model URI and version."""
     from adreg.images import encode_png_b64
     from adreg.pyfunc.served import DEFAULT_MODEL_CONFIG
 
@@ -54,16 +55,11 @@ def build_router(categories: list[str], alias: str = "production") -> tracking.L
         (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
         example = pd.DataFrame({CATEGORY_COLUMN: [categories[0]],
                                 "image": [encode_png_b64(Image.new("RGB", (64, 64), "gray"))]})
-        with mlflow.start_run(experiment_id=tracking.fit_experiment_id(ROUTER), run_name="router-" + "-".join(categories)) as run:
+        run_name = "router-" + "-".join(categories)
+        with mlflow.start_run(experiment_id=tracking.fit_experiment_id(ROUTER), run_name=run_name):
             mlflow.set_tags({"adreg.kind": "router", "adreg.categories": ",".join(categories)})
             mlflow.log_dict(manifest, "router_manifest.json")
-            info = mlflow.pyfunc.log_model(
-                name=tracking.MODEL_NAME_IN_RUN, python_model=str(tracking.PACKAGE_DIR / "pyfunc" / "_router_code.py"),
-                artifacts={"detectors": str(root)}, code_paths=[str(tracking.PACKAGE_DIR)],
-                signature=router_signature(), input_example=example, pip_requirements=tracking.pip_requirements(),
-                model_config=dict(DEFAULT_MODEL_CONFIG), metadata={"adreg_categories": categories})
-            mlflow.set_tag(store.MODEL_COMPLETE_TAG, "true")
-    logged = tracking.LoggedFit(run_id=run.info.run_id, model_uri=info.model_uri)
-    logged.version = versions.register(info.model_uri, run.info.run_id, ROUTER)
-    logged.registered_name = model_name(ROUTER)
-    return logged
+            logged = derive.log_pyfunc("_router_code.py", {"detectors": str(root)}, example,
+                                       model_config=dict(DEFAULT_MODEL_CONFIG),
+                                       metadata={"adreg_categories": categories}, model_signature=router_signature())
+    return derive.register_version(logged, ROUTER)

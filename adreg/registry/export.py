@@ -1,7 +1,7 @@
 """``adreg export``: a new registered version of a category whose backbone runs on ONNX Runtime or OpenVINO.
 
 The source version's model is downloaded, its backbone exported into the detector folder
-(``adreg.backbones.export``), and the result logged as a new run and pyfunc model the way ``adreg.registry.tracking``
+(``adreg.backbones.export``), and the result logged as a new run and pyfunc model the way ``adreg.registry.derive``
 logs a fit: same signature, code and requirements (plus the runtime's package), the source run's
 parameters, metrics and artifacts (evaluation set, lineage, reference scores), a fresh integrity manifest,
 and ``model_config`` ``runtime`` set to the exported runtime, so serving it needs no configuration. The new
@@ -20,7 +20,7 @@ from mlflow.models import Model
 
 from adreg import integrity, store
 from adreg.backbones.export import EXPORT_DIR, _import_runtime, check_runtime, export_into, read_manifest
-from adreg.registry import tracking, versions
+from adreg.registry import derive, tracking
 from adreg.registry.resolve import resolve
 
 COPIED_RUN_TAGS = ("adreg.category", "adreg.method", "adreg.backbone", "adreg.data_source")
@@ -30,7 +30,7 @@ def _copy_run_artifacts(source_run_id: str, dst: Path) -> None:
     """Log the source run's artifacts (evaluation set, report, lineage, ...) into the active run; not its model."""
     client = mlflow.MlflowClient()
     for entry in client.list_artifacts(source_run_id):
-        if entry.path == tracking.MODEL_NAME_IN_RUN:
+        if entry.path == derive.MODEL_NAME_IN_RUN:
             continue
         local = mlflow.artifacts.download_artifacts(run_id=source_run_id, artifact_path=entry.path,
                                                     dst_path=str(dst))
@@ -41,9 +41,9 @@ def _copy_run_artifacts(source_run_id: str, dst: Path) -> None:
             mlflow.log_artifact(local, None if parent == "." else parent)
 
 
-def export_version(category: str, version, runtime: str = "openvino") -> tracking.LoggedFit:
+def export_version(category: str, version, runtime: str = "openvino") -> derive.VersionOutcome:
     """Register a new version of ``adreg-<category>`` = version ``version`` with its backbone exported for
-    ``runtime`` (onnxruntime or openvino); returns the logged run, model URI and new version."""
+    ``runtime`` (onnxruntime or openvino); returns its run, model URI and version."""
     from adreg.pyfunc.served import DEFAULT_MODEL_CONFIG
 
     runtime = check_runtime(runtime, allow_torch=False)
@@ -69,7 +69,7 @@ def export_version(category: str, version, runtime: str = "openvino") -> trackin
         backbone = source_run.data.tags.get("adreg.backbone", "")
         extra = (["transformers"] if backbone.startswith("hf:") else []) + [runtime]
         run_name = f"{source_run.info.run_name or 'v' + version}-{runtime}"
-        with mlflow.start_run(experiment_id=tracking.fit_experiment_id(category), run_name=run_name) as run:
+        with mlflow.start_run(experiment_id=tracking.fit_experiment_id(category), run_name=run_name):
             lineage = {"adreg.source.model": name, "adreg.source.version": version,
                        "adreg.source.run_id": mv.run_id, "adreg.runtime": runtime,
                        "adreg.exported_from": f"{name} version {version} (run {mv.run_id}), backbone on {runtime}"}
@@ -83,22 +83,12 @@ def export_version(category: str, version, runtime: str = "openvino") -> trackin
             _copy_run_artifacts(mv.run_id, Path(tmp) / "run-artifacts")
             mlflow.log_dict(check, "export/export.json")
             mlflow.set_tag(integrity.DIGEST_TAG, integrity.write_manifest(detector_dir))
-            info = mlflow.pyfunc.log_model(
-                name=tracking.MODEL_NAME_IN_RUN,
-                python_model=str(tracking.PACKAGE_DIR / "pyfunc" / "_model_code.py"),
-                artifacts={"detector": str(detector_dir)},
-                code_paths=[str(tracking.PACKAGE_DIR)],
-                signature=tracking.signature(),
-                input_example=example,
-                pip_requirements=tracking.pip_requirements(extra),
+            logged = derive.log_pyfunc(
+                "_model_code.py", {"detector": str(detector_dir)}, example,
                 model_config={**DEFAULT_MODEL_CONFIG,
                               **{k: v for k, v in source_config.items() if k in DEFAULT_MODEL_CONFIG},
                               "runtime": runtime},
                 metadata={**(mlmodel.metadata or {}), "adreg_source_version": version, "adreg_runtime": runtime},
-            )
-            mlflow.set_tag(store.MODEL_COMPLETE_TAG, "true")
-    logged = tracking.LoggedFit(run_id=run.info.run_id, model_uri=info.model_uri)
-    logged.version = versions.register(info.model_uri, run.info.run_id, category, source_run.data.metrics,
-                                       tags=lineage, description=lineage["adreg.exported_from"])
-    logged.registered_name = name
-    return logged
+                requirements=extra)
+    return derive.register_version(logged, category, source_run.data.metrics, tags=lineage,
+                                   description=lineage["adreg.exported_from"])

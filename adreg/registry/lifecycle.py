@@ -7,13 +7,14 @@ the decision rules are ``adreg.statistics``'s (refused: ``not enough evidence``,
 ``force`` overrides a failed gate and is recorded.
 Every promotion, refusal and rollback is an event in the category's history (one run each in the
 lifecycle experiment ``adreg-<category>/lifecycle``),
-so ``rollback`` can restore the previous version and ``history`` can show who did what, when and why.
+so ``rollback`` can restore the previous version and ``history`` can show who did what, when and why; the gate
+recorded with an event reads back typed (``adreg.registry.events.GateRecord``) and ``compare`` returns typed
+figures (``VersionComparison``): the command line formats both (``adreg.cli.render``).
 Permissions (``adreg.registry.governance``) are checked before the gate runs: a refusal changes nothing.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,18 +29,24 @@ from adreg.options import GatePolicy  # noqa: F401 - re-exported: adreg.registry
 from adreg.registry import events, governance, versions
 from adreg.registry.resolve import check_version, existing_versions, get_model, load_detector, model_version, resolve
 
-COMPARED = ("image_auroc", "pixel_auroc", "aupro")
+#: the run metrics ``compare`` puts side by side, in this order
+COMPARED_METRICS = (*statistics.GATED, "image_f1_max", "pixel_f1_max", "threshold", "test_accuracy",
+                    "test_false_alarm_rate", "fit_seconds", "latency_ms_per_image")
 
 
 @dataclass
 class GateReport:
+    """The gate's outcome for one promotion: passed or not, the candidate's (and the baseline's) reported metrics,
+    the decision with its evidence (intervals, paired tests, verdicts, set size), the failures, the set judged on
+    and, for a gate over several sets, one report per set. ``summary`` is what a lifecycle event records."""
+
     passed: bool
     candidate: dict[str, float]
+    decision: statistics.GateDecision
     baseline: dict[str, float] | None = None
     baseline_version: str | None = None
     failures: list[str] = field(default_factory=list)
     eval_set: str = ""
-    decision: statistics.GateDecision | None = None  # intervals, paired tests, verdicts, set size
     eval_paths: list[str] = field(default_factory=list, repr=False)  # the images judged on
     kind: str = "fit-time"  # which set: fit-time (test folder / logged) or production (reviewed images)
     parts: list["GateReport"] = field(default_factory=list, repr=False)  # one report per set when several
@@ -47,14 +54,16 @@ class GateReport:
 
     @property
     def verdict(self) -> str:
-        return self.decision.verdict if self.decision else (statistics.PROMOTE if self.passed else "refused")
+        return self.decision.verdict
 
     def summary(self) -> dict:
-        keep = lambda m: None if m is None else {k: round(m[k], 5) for k in COMPARED if k in m}  # noqa: E731
+        """JSON-ready: recorded with the lifecycle event (read back as ``adreg.registry.events.GateRecord``),
+        printed by ``adreg promote --json``."""
+        keep = lambda m: None if m is None else {k: round(m[k], 5) for k in statistics.GATED if k in m}  # noqa: E731
         out = {"gate_passed": self.passed, "candidate_metrics": keep(self.candidate),
                "baseline_version": self.baseline_version, "baseline_metrics": keep(self.baseline),
                "gate_failures": self.failures, "eval_set": self.eval_set, "gate_set": self.kind,
-               **(self.decision.summary() if self.decision else {})}
+               **self.decision.summary()}
         if self.parts:
             out["sets"] = [{"set": p.kind, "eval_set": p.eval_set, "verdict": p.verdict, "gate_passed": p.passed,
                             "n_good": p.decision.n_good, "n_defective": p.decision.n_defective,
@@ -125,8 +134,8 @@ def _gate_on(category: str, version: str, alias: str, samples: list[Sample], eva
     if current is not None and str(current) != version:
         baseline = evaluate_version(category, current, samples, device)
     decision = check_gate(candidate, baseline, policy, f"v{current}")
-    report = GateReport(decision.passed, candidate.metrics, None if baseline is None else baseline.metrics,
-                        None if baseline is None else str(current), decision.failures, eval_set, decision, kind=kind)
+    report = GateReport(decision.passed, candidate.metrics, decision, None if baseline is None else baseline.metrics,
+                        None if baseline is None else str(current), decision.failures, eval_set, kind=kind)
     report.eval_paths = [str(s.path) for s in samples]
     return report
 
@@ -140,8 +149,8 @@ def combine_reports(parts: list[GateReport]) -> GateReport:
     passed = bool(decisive) and all(p.passed for p in decisive)
     primary = next((p for p in decisive if not p.passed), None) or (decisive or parts)[0]
     failures = [f"{p.kind} set: {f}" for p in (decisive or parts) for f in p.failures]
-    report = GateReport(passed, primary.candidate, primary.baseline, primary.baseline_version, failures,
-                        " + ".join(p.eval_set for p in parts), primary.decision, kind=primary.kind, parts=parts)
+    report = GateReport(passed, primary.candidate, primary.decision, primary.baseline, primary.baseline_version,
+                        failures, " + ".join(p.eval_set for p in parts), kind=primary.kind, parts=parts)
     report.eval_paths = primary.eval_paths
     return report
 
@@ -273,92 +282,39 @@ def rollback(category: str, alias: str = "production", reason: str = "") -> vers
     return versions.promote(category, target, alias, reason=(reason or "rollback") + note, action="rollback")
 
 
-def _latest_gate(events: list[dict], version: str, paired: bool = False) -> dict | None:
-    """The latest recorded gate (promote, force, refused) that had ``version`` as its candidate (with
-    ``paired``: the latest that compared it with a baseline)."""
-    gated = [e for e in events if str(e.get("version")) == version and "gate_passed" in e
-             and (not paired or e.get("paired"))]
-    return gated[-1] if gated else None
+@dataclass(frozen=True)
+class VersionComparison:
+    """Two versions side by side (``compare``): their runs' metrics (``COMPARED_METRICS`` either run has, as
+    (first, second), None where one lacks it), the parameters that differ, and per version the latest gate it went
+    through (``gates``) and the latest that compared it with a baseline (``tested``: its paired tests); None
+    where there is none (or the history could not be read)."""
+
+    versions: tuple[str, str]
+    metrics: dict[str, tuple[float | None, float | None]]
+    params: dict[str, tuple[str | None, str | None]]
+    gates: dict[str, events.GateEvent | None]
+    tested: dict[str, events.GateEvent | None]
 
 
-def _gate_rows(category: str, v1: str, v2: str) -> list[dict]:
-    """Rows of the latest gate recorded for each version: verdict, set size, intervals, paired tests."""
+def _recorded_gates(category: str, versions_: tuple[str, str]) -> tuple[dict, dict]:
+    """Per version: the latest recorded gate (promote, force, refused) and the latest with paired tests."""
     try:
-        events = versions.history(category)
+        gated = [g for g in map(events.GateEvent.of, versions.history(category)) if g is not None]
     except Exception:  # noqa: BLE001 - the history is an extra; compare works without it
-        return []
-    gates = {v: _latest_gate(events, v) for v in (v1, v2)}
-    if not any(gates.values()):
-        return []
-    cell = {v: {} for v in (v1, v2)}
-    for v, e in gates.items():
-        if e is None:
-            continue
-        c = cell[v]
-        tested = _latest_gate(events, v, paired=True)
-        verdict = e.get("verdict") or ("passed" if e["gate_passed"] else "FAILED")
-        c["gate"] = f"{e['action']} {e['alias']}: {verdict} ({e['at'][:16]})"
-        if "n_good" in e:
-            c["gate set"] = f"{e['n_good']} good, {e['n_defective']} defective; level {e.get('level')}"
-        if tested is not None:
-            c["gate paired test"] = f"vs v{tested.get('baseline_version')} ({tested['action']} {tested['alias']}, " \
-                                    f"{tested['at'][:16]})"
-        for key in COMPARED:
-            value = (e.get("candidate_metrics") or {}).get(key)
-            iv = (e.get("candidate_intervals") or {}).get(key)
-            if value is not None:
-                c[f"gate {key}"] = f"{value:.4f}" + ("" if not iv or None in iv else f" [{iv[0]:.3f}, {iv[1]:.3f}]")
-            t = ((tested or {}).get("paired") or {}).get(key)
-            if t and t.get("diff") is not None:
-                lo, hi, p = t.get("low"), t.get("high"), t.get("p")
-                ci = "" if lo is None or hi is None else f" [{lo:+.3f}, {hi:+.3f}]"
-                c[f"gate {key} diff"] = f"{t['diff']:+.4f}{ci} p={'-' if p is None else format(p, '.3g')}"
-    whats = list(dict.fromkeys(k for v in (v1, v2) for k in cell[v]))
-    return [{"what": w, f"v{v1}": cell[v1].get(w, ""), f"v{v2}": cell[v2].get(w, ""), "delta": ""} for w in whats]
+        gated = []
+    latest = {v: next((g for g in reversed(gated) if g.version == v), None) for v in versions_}
+    tested = {v: next((g for g in reversed(gated) if g.version == v and g.gate.paired), None) for v in versions_}
+    return latest, tested
 
 
-def compare(category: str, v1, v2) -> list[dict]:
-    """Rows of (what, v1, v2, delta) from the two versions' runs: key metrics, then differing params, then
-    the latest promotion gate recorded for each (verdict, set size, intervals, paired difference and p)."""
+def compare(category: str, v1, v2) -> VersionComparison:
+    """The two versions' run metrics, their differing params, and the latest promotion gate recorded for each
+    (verdict, set size, intervals, paired difference and p)."""
     client = mlflow.MlflowClient()
     runs = [client.get_run(model_version(resolve(category, v)).run_id) for v in (v1, v2)]
-    rows = []
-    keys = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "threshold",
-            "test_accuracy", "test_false_alarm_rate", "fit_seconds", "latency_ms_per_image"]
-    for key in keys:
-        a, b = (r.data.metrics.get(key) for r in runs)
-        if a is None and b is None:
-            continue
-        rows.append({"what": key, f"v{v1}": "" if a is None else f"{a:.4f}", f"v{v2}": "" if b is None else f"{b:.4f}",
-                     "delta": "" if a is None or b is None else f"{b - a:+.4f}"})
+    m1, m2 = runs[0].data.metrics, runs[1].data.metrics
+    metrics = {k: (m1.get(k), m2.get(k)) for k in COMPARED_METRICS if k in m1 or k in m2}
     p1, p2 = runs[0].data.params, runs[1].data.params
-    for key in sorted(set(p1) | set(p2)):
-        if p1.get(key) != p2.get(key):
-            rows.append({"what": f"param {key}", f"v{v1}": p1.get(key, ""), f"v{v2}": p2.get(key, ""), "delta": ""})
-    return rows + _gate_rows(category, str(v1), str(v2))
-
-
-def history_rows(events: list[dict]) -> list[dict]:
-    """Printable rows of history events (``versions.history``)."""
-    rows = []
-    for e in events:
-        gate = ""
-        if "gate_passed" in e:
-            cand = e.get("candidate_metrics") or {}
-            gate = ("passed" if e["gate_passed"] else "FAILED") + " "
-            if "verdict" in e:  # gates with intervals: verdict, set size, each figure with its interval and p
-                ivs, paired = e.get("candidate_intervals") or {}, e.get("paired") or {}
-                parts = []
-                for key in COMPARED:
-                    if key in cand:
-                        iv, t = ivs.get(key), paired.get(key) or {}
-                        parts.append(f"{key} {cand[key]:.4f}" + (f" [{iv[0]:.3f}, {iv[1]:.3f}]" if iv and None not in iv
-                                                                 else "")
-                                     + (f" p={t['p']:.2g}" if t.get("p") is not None else ""))
-                gate += f"{e['verdict']} ({e.get('n_good')} good/{e.get('n_defective')} defective): " + "; ".join(parts)
-            else:
-                gate += json.dumps(cand)
-        rows.append({"at": e["at"], "action": e["action"], "alias": e["alias"], "version": e["version"],
-                     "from": e.get("previous") or "-", "by": e.get("by", ""), "identity": e.get("identity", ""),
-                     "reason": e.get("reason", ""), "gate": gate})
-    return rows
+    params = {k: (p1.get(k), p2.get(k)) for k in sorted(set(p1) | set(p2)) if p1.get(k) != p2.get(k)}
+    pair = (str(v1), str(v2))
+    return VersionComparison(pair, metrics, params, *_recorded_gates(category, pair))

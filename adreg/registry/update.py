@@ -13,7 +13,8 @@ means is the method's business, and its report says so). On the way:
 * the threshold is recalibrated with the parent's rule on held-out new good images (plus the parent's
   own calibration images when fewer than ``min_calibration`` new ones are held out);
 * the new detector is evaluated on the parent's logged evaluation set, so the promotion gate compares
-  like with like; then it is logged through the same ``tracking.log_fit`` as a fit, with its lineage.
+  like with like; then it is logged and registered through the same ``adreg.registry.derive`` as a fit,
+  with its lineage.
 
 Everything before logging is computation on an in-memory copy: a failure registers nothing and never
 touches the parent version.
@@ -32,7 +33,7 @@ from adreg.errors import DataError, ImageDecodeError
 from adreg.fitting import FitOptions, FitResult, grow_detector
 from adreg.images import load_image
 from adreg.integrity import sha256_file
-from adreg.registry import lifecycle, lineage, manifest, tracking, versions
+from adreg.registry import derive, lifecycle, lineage, manifest
 from adreg.registry.resolve import load_detector, model_version, resolve
 
 
@@ -54,7 +55,7 @@ class UpdateOptions:
 
 @dataclass
 class UpdateResult(FitResult):
-    """A ``FitResult`` (so ``tracking.log_fit`` logs it like a fit) plus what the update did."""
+    """A ``FitResult`` (so ``derive.log_fit`` logs it like a fit) plus what the update did."""
 
     parent_model: str = ""
     parent_version: str = ""
@@ -201,42 +202,41 @@ def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateRes
         manifest_entries=entries, n_parent_training=len(parent_training), seconds=time.perf_counter() - t_start)
 
 
-@dataclass
-class UpdateOutcome:
+@dataclass(kw_only=True)
+class UpdateOutcome(derive.VersionOutcome):
+    """What ``update`` did: the grown version's run (and version, promotion, gate: ``VersionOutcome``) and the
+    update itself (``result``: the parent, what was added, skipped as duplicate or unreadable, held out as
+    suspect or cleared on a second look, the recalibrated threshold, the evaluation).
+
+    Examples:
+        ```python
+        out = adreg.update("bottle", ["captures/ok"], from_alias="production", register=True)
+        print(out.version, out.result.parent_version, len(out.result.added), len(out.result.suspects))
+        print(out.result.report()["threshold"])        # value, rule, source
+        ```
+    """
+
     result: UpdateResult
-    logged: tracking.LoggedFit
-    gate: lifecycle.GateReport | None = None
 
 
-def update_version(opts: UpdateOptions, register: bool = False, promote_alias: str | None = None,
-                   policy: lifecycle.GatePolicy | None = None, reason: str = "", show_progress: bool = True,
-                   tracking_uri: str | None = None) -> UpdateOutcome:
-    """Grow the parent into a new run (+ version with ``register``, + gated alias with ``promote_alias``)."""
-    if tracking_uri:
-        tracking.configure(tracking_uri)
+def update_version(opts: UpdateOptions, register: bool = False, promote: str | None = None,
+                   policy: lifecycle.GatePolicy | None = None, reason: str = "",
+                   show_progress: bool = True) -> UpdateOutcome:
+    """Grow the parent into a new run (+ version with ``register``, + gated alias with ``promote``)."""
     result = prepare_update(opts, show_progress)
-    k = len(result.shots)
-    logged = tracking.log_fit(
+    k, added = len(result.shots), len(result.added)
+    logged = derive.log_fit(
         result, run_name=f"update-{result.options.method}-{opts.category}-v{result.parent_version}-k{k}",
         lineage={"parent_model": result.parent_model, "parent_version": result.parent_version,
                  "parent_run_id": result.parent_run_id, "report": result.report(),
                  "what": result.method_report.get("what", ""), **opts.lineage_extra})
-    outcome = UpdateOutcome(result, logged)
-    if register or promote_alias:
-        added = len(result.added)
-        logged.version = versions.register(
-            logged.model_uri, logged.run_id, opts.category, result.metrics(),
-            tags={"adreg.lineage": "update", "adreg.parent.version": result.parent_version,
-                  "adreg.parent.run_id": result.parent_run_id, "adreg.training_images": str(k),
-                  "adreg.images_added": str(added)},
-            description=(f"Grown from {result.parent_model} version {result.parent_version} "
-                         f"(run {result.parent_run_id}) with {added} new good image(s) by `adreg update`: "
-                         f"{result.method_report.get('what', '')}"))
-        logged.registered_name = result.parent_model
-        if promote_alias:
-            promo, gate = lifecycle.promote_gated(opts.category, logged.version, promote_alias, policy,
-                                                  reason=reason or f"update of version {result.parent_version}",
-                                                  device=opts.device, candidate_eval=result.evaluation)
-            logged.promoted = promo is not None
-            outcome.gate = gate
-    return outcome
+    return derive.register_version(
+        UpdateOutcome.of(logged, result=result), opts.category, result.metrics(), register=register,
+        tags={"adreg.lineage": "update", "adreg.parent.version": result.parent_version,
+              "adreg.parent.run_id": result.parent_run_id, "adreg.training_images": str(k),
+              "adreg.images_added": str(added)},
+        description=(f"Grown from {result.parent_model} version {result.parent_version} "
+                     f"(run {result.parent_run_id}) with {added} new good image(s) by `adreg update`: "
+                     f"{result.method_report.get('what', '')}"),
+        promote=promote, policy=policy, reason=reason or f"update of version {result.parent_version}",
+        device=opts.device, candidate_eval=result.evaluation)

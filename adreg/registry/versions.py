@@ -25,9 +25,10 @@ from adreg.names import model_name
 from adreg.registry import governance
 from adreg.registry.events import read_events, record_event
 from adreg.registry.resolve import categories, check_version, get_model
+from adreg.statistics import GATED
 
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-KEY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "threshold")
+KEY_METRICS = (*GATED, "image_f1_max", "threshold")
 
 
 def _client() -> mlflow.MlflowClient:
@@ -81,7 +82,7 @@ class Promotion:
 
 def history(category: str) -> list[dict]:
     """All recorded promotion / refusal / rollback events of a category (the lifecycle experiment's runs),
-    oldest first."""
+    oldest first: dicts of typed values (``adreg.registry.events.GateEvent.of`` reads an event's gate)."""
     get_model(category)
     return read_events(category)
 

@@ -28,7 +28,7 @@ from adreg.data import CategoryData
 from adreg.errors import DataError
 from adreg.evaluation import evaluate, score_samples
 from adreg.metrics import rates_at
-from adreg.registry import lifecycle, lineage, manifest, tracking, versions
+from adreg.registry import derive, lifecycle, lineage, manifest
 from adreg.registry.labels import ProductionSet, production_set
 from adreg.registry.resolve import load_detector, model_version, resolve
 from adreg.registry.update import UpdateResult, parent_fit_options
@@ -38,10 +38,20 @@ MIN_DEFECTS = 10
 MIN_GOODS = 20
 
 
-@dataclass
-class ThresholdOutcome:
-    """What ``threshold_from_reviews`` did: the parent and its threshold, the new threshold (rule, details),
-    the production set it rests on, the logged run (and version, gate)."""
+@dataclass(kw_only=True)
+class ThresholdOutcome(derive.VersionOutcome):
+    """What ``threshold`` did: the new version's run (and version, promotion, gate: ``VersionOutcome``), the
+    parent and its threshold, the new threshold (``rule``; ``details``: the rule's figures and the recall,
+    false-alarm rate and precision on the reviewed images ``before`` and ``after``) and the production set it
+    rests on.
+
+    Examples:
+        ```python
+        out = adreg.threshold("mtd", from_version=3, promote="production")
+        print(f"v{out.parent_version}: {out.parent_threshold:.4g} -> v{out.version}: {out.threshold:.4g}")
+        print(out.before["false_alarm_rate"], out.after["false_alarm_rate"], out.promoted)
+        ```
+    """
 
     parent_version: str
     parent_threshold: float
@@ -49,8 +59,16 @@ class ThresholdOutcome:
     rule: str
     details: dict
     production: ProductionSet
-    logged: tracking.LoggedFit
-    gate: lifecycle.GateReport | None = None
+
+    @property
+    def before(self) -> dict:
+        """Recall, false-alarm rate, precision and accuracy of the parent's threshold on the reviewed images."""
+        return self.details["before"]
+
+    @property
+    def after(self) -> dict:
+        """The same figures at the new threshold."""
+        return self.details["after"]
 
 
 def choose_threshold(good_scores, defect_scores, target_false_alarm_rate: float | None = None):
@@ -106,23 +124,16 @@ def threshold_from_reviews(category: str, *, from_alias: str = "production", fro
         method_report={"method": detector.method.name, "what": "threshold set on the production set"},
         manifest_entries=entries, n_parent_training=len(training), seconds=time.perf_counter() - t0)
     what = (f"threshold {parent_threshold:.4g} -> {new.value:.4g} ({new.rule} on the {prod.describe()})")
-    logged = tracking.log_fit(result, run_name=f"threshold-{category}-v{ref.version}",
-                              lineage={"parent_model": ref.name, "parent_version": ref.version,
-                                       "parent_run_id": mv.run_id, "report": {"threshold": new.details, "what": what},
-                                       "what": what, "threshold_rule": new.rule, "production_labels": prod.digest})
-    out = ThresholdOutcome(ref.version, parent_threshold, new.value, new.rule, new.details, prod, logged)
-    if register or promote:
-        logged.version = versions.register(
-            logged.model_uri, logged.run_id, category, result.metrics(),
-            tags={"adreg.lineage": "threshold", "adreg.parent.version": ref.version,
-                  "adreg.parent.run_id": mv.run_id, "adreg.threshold_rule": new.rule,
-                  "adreg.production_labels": prod.digest},
-            description=f"{ref.name} version {ref.version} with its {what}, by `adreg threshold --from-reviews`")
-        logged.registered_name = ref.name
-        if promote:
-            promo, gate = lifecycle.promote_gated(category, logged.version, promote, policy,
-                                                  reason=reason or f"threshold from the line of version {ref.version}",
-                                                  device=device, candidate_eval=evaluation)
-            logged.promoted = promo is not None
-            out.gate = gate
-    return out
+    logged = derive.log_fit(result, run_name=f"threshold-{category}-v{ref.version}",
+                            lineage={"parent_model": ref.name, "parent_version": ref.version,
+                                     "parent_run_id": mv.run_id, "report": {"threshold": new.details, "what": what},
+                                     "what": what, "threshold_rule": new.rule, "production_labels": prod.digest})
+    out = ThresholdOutcome.of(logged, parent_version=ref.version, parent_threshold=parent_threshold,
+                              threshold=new.value, rule=new.rule, details=new.details, production=prod)
+    return derive.register_version(
+        out, category, result.metrics(), register=register,
+        tags={"adreg.lineage": "threshold", "adreg.parent.version": ref.version, "adreg.parent.run_id": mv.run_id,
+              "adreg.threshold_rule": new.rule, "adreg.production_labels": prod.digest},
+        description=f"{ref.name} version {ref.version} with its {what}, by `adreg threshold --from-reviews`",
+        promote=promote, policy=policy, reason=reason or f"threshold from the line of version {ref.version}",
+        device=device, candidate_eval=evaluation)
