@@ -221,5 +221,5 @@ def build_server(category: str, *, alias: str = "production", version=None, host
     if capture:
         config.update(capture_dir=str(Path(capture).resolve()), capture_rate=capture_rate,
                       capture_max_mib=capture_max_mib)
-        what += f", capturing {capture_rate:g} of images into {capture} (<= {capture_max_mib:g} MiB)"
+        what += f", capturing {capture_rate:.0%} of images into {capture} (<= {capture_max_mib:g} MiB)"
     return Server(ref.uri, host, port, uri, config, description=what, workers=workers)
