@@ -22,6 +22,10 @@ A gate refusing a promotion is not an error: it is a result (``PromoteOutcome.pr
 the CLI exits 1.
 """
 
+import contextlib
+import signal
+import threading
+
 EXIT_DONE, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -79,3 +83,33 @@ class Interrupted(AdregError):
     """Ctrl-C or SIGTERM stopped a long command; the message says what was kept and that nothing was registered."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Hold Ctrl-C / SIGTERM until the block is done, then raise ``KeyboardInterrupt``.
+
+    For short writes that must not be cut in half (a run created but never ended stays RUNNING in the store
+    forever). Outside the main thread (where Python delivers no signals) the block simply runs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    signums = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signums}
+    for s in signums:
+        signal.signal(s, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        handler = previous[caught[0]]
+        if callable(handler):
+            handler(caught[0], None)  # what the signal would have done: default_int_handler raises
+        elif handler == signal.SIG_DFL and caught[0] == signal.SIGTERM:
+            raise SystemExit(128 + signal.SIGTERM)
+        else:
+            raise KeyboardInterrupt

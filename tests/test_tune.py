@@ -283,6 +283,37 @@ def test_an_interrupted_search_keeps_its_candidates_and_registers_nothing(widget
     assert client.search_registered_models() == []
 
 
+def test_a_signal_during_a_candidate_write_waits_for_the_write(tmp_path):
+    """SIGTERM arriving between creating a candidate's run and ending it is held: the run ends FINISHED, then
+    the interrupt is raised (it used to leave the run RUNNING forever)."""
+    from adreg.errors import deferred_interrupts
+    from adreg.tuning.search import CandidateOutcome, _log_candidate
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    exp = client.create_experiment("adreg-widget")
+    parent = client.create_run(exp).info.run_id
+    cand = CandidateOutcome(0, "k", "subspace", 0, {"method": "subspace"}, "complete", {"selection_image_auroc": 0.9})
+    create_run = client.create_run
+
+    def create_then_signal(*args, **kwargs):
+        run = create_run(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the real signal, delivered mid-write
+        return run
+
+    client.create_run = create_then_signal
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _log_candidate(client, exp, parent, cand, "widget")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    runs = client.search_runs([exp], "tags.`adreg.tune` = 'candidate'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert signal.getsignal(signal.SIGTERM) is previous
+    with deferred_interrupts():  # nothing caught: nothing raised
+        pass
+
+
 def test_update_keeps_the_tuned_settings(tuned, bottle_dir, tmp_path):
     """A tuned version grown with more goods keeps its method, features, augmentation and aggregation."""
     from adreg import api

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from adreg.errors import AdregError, ConfigError, StoreUnreachable
+from adreg.errors import AdregError, ConfigError, StoreUnreachable, deferred_interrupts
 from adreg.fitting import FitOptions
 from adreg.tuning.evidence import Evidence
 from adreg.tuning.space import Candidate, SearchSpace, normalise
@@ -250,20 +250,21 @@ def _log_candidate(client, experiment_id: str, parent: str, cand: CandidateOutco
     """One nested run: the candidate's settings as params, its selection metrics (with the interval) as metrics."""
     from mlflow.entities import Metric, Param, RunTag
 
-    run = client.create_run(experiment_id, run_name=f"{cand.number:03d} {cand.label}",
-                            tags={"mlflow.parentRunId": parent, TUNE_TAG: "candidate", "adreg.category": category,
-                                  "adreg.tune.stage": str(cand.stage), "adreg.tune.key": cand.key,
-                                  "adreg.tune.state": cand.state, "adreg.tune.worker": cand.worker})
     now = int(time.time() * 1000)
     params = _flat_params({k: v for k, v in cand.settings.items()})
     metrics = [Metric(k, float(v), now, 0) for k, v in cand.selection.items()
                if isinstance(v, (int, float)) and k != "top_fraction"]
     metrics += [Metric(f"selection_image_auroc_top_{tf}", v, now, 0) for tf, v in cand.by_aggregation.items()]
     tags = [RunTag("adreg.tune.error", cand.error[:4000])] if cand.error else []
-    client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, v[:6000]) for k, v in params.items()],
-                     tags=tags)
     status = {"complete": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}[cand.state]
-    client.set_terminated(run.info.run_id, status)
+    with deferred_interrupts():  # created, logged and ended in one piece: an interrupt never leaves it RUNNING
+        run = client.create_run(experiment_id, run_name=f"{cand.number:03d} {cand.label}",
+                                tags={"mlflow.parentRunId": parent, TUNE_TAG: "candidate", "adreg.category": category,
+                                      "adreg.tune.stage": str(cand.stage), "adreg.tune.key": cand.key,
+                                      "adreg.tune.state": cand.state, "adreg.tune.worker": cand.worker})
+        client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, v[:6000]) for k, v in params.items()],
+                         tags=tags)
+        client.set_terminated(run.info.run_id, status)
     return run.info.run_id
 
 
