@@ -59,7 +59,7 @@ def cached_features(backbone: Backbone, sources: Sequence[Path], make_images: Ca
         return Features([state[f"patch_{i}"] for i in range(n)], [state[f"global_{i}"] for i in range(n)]), True
     feats = extract(make_images())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes may fill the same entry at once
     state = {f"patch_{i}": p.contiguous() for i, p in enumerate(feats.patches)}
     state.update({f"global_{i}": g.contiguous() for i, g in enumerate(feats.globals)})
     save_file(state, str(tmp))

@@ -24,7 +24,8 @@ def mlflow_server(tmp_path, monkeypatch):
            "--artifacts-destination", (tmp_path / "server-artifacts").as_uri(), "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
+                            env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true",
+                                     MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))  # adreg runs no server jobs
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

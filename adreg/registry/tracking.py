@@ -10,13 +10,16 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 
 from adreg import store
-from adreg.fitting import FitResult
 from adreg.names import fit_experiment_name
 from adreg.store import adreg_home
+
+if TYPE_CHECKING:  # the registry's listing commands need no torch
+    from adreg.fitting import FitResult
 
 EVAL_MANIFEST = "evaluation/manifest.json"
 
