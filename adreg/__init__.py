@@ -11,7 +11,9 @@ Functions: fit, tune, promote, rollback, update, load, predict, score, serve, re
 export, bundle, drift, status, grant, whoami; reviews: label, labels, production_set, quality, threshold,
 review; errors in ``adreg.errors``. ``help(adreg.fit)`` documents each. What they return: ``VersionOutcome``
 (every function that makes a version: version, run_id, model_uri, promoted, gate) and its subclasses
-``FitOutcome``, ``TuneOutcome``, ``UpdateOutcome``, ``ThresholdOutcome``; ``PromoteOutcome``, ``PredictOutcome``.
+``FitOutcome``, ``TuneOutcome``, ``UpdateOutcome``, ``ThresholdOutcome``; ``PromoteOutcome``, ``PredictOutcome``;
+``ModelRef`` (resolve), ``BatchResult`` (score), ``DriftReport`` (drift), ``Label`` (label, labels),
+``ProductionSet`` (production_set).
 """
 
 __version__ = "0.1.0"
@@ -20,7 +22,11 @@ _API = ("fit", "tune", "promote", "rollback", "update", "load", "predict", "scor
         "compare", "export", "bundle", "drift", "status", "grant", "whoami", "label", "labels", "production_set",
         "quality", "threshold", "review", "VersionOutcome", "FitOutcome", "TuneOutcome", "UpdateOutcome",
         "ThresholdOutcome", "PromoteOutcome", "PredictOutcome", "FitOptions", "GatePolicy")
-__all__ = ["__version__", "errors", *_API]
+#: result types of the API, from the modules that make them
+_TYPES = {"ModelRef": "adreg.registry.resolve", "BatchResult": "adreg.batch.score",
+          "DriftReport": "adreg.monitoring.drift", "Label": "adreg.registry.labels",
+          "ProductionSet": "adreg.registry.labels"}
+__all__ = ["__version__", "errors", *_API, *_TYPES]
 
 
 def __getattr__(name):
@@ -28,6 +34,10 @@ def __getattr__(name):
         from adreg import api
 
         return getattr(api, name)
+    if name in _TYPES:
+        import importlib
+
+        return getattr(importlib.import_module(_TYPES[name]), name)
     if name == "errors":
         import adreg.errors as errors
 

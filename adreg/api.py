@@ -28,10 +28,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from adreg.errors import ConfigError, DataError
 from adreg.registry.derive import VersionOutcome
+
+if TYPE_CHECKING:  # result types, imported where they are made (import adreg.api stays light)
+    from adreg.batch.score import BatchResult
+    from adreg.monitoring.drift import DriftReport
+    from adreg.registry.labels import Label, ProductionSet
+    from adreg.registry.resolve import ModelRef
 
 __all__ = ["VersionOutcome", "FitOutcome", "TuneOutcome", "UpdateOutcome", "ThresholdOutcome", "PromoteOutcome",
            "PredictOutcome", "fit", "promote", "rollback", "update", "load", "predict", "score", "serve", "resolve",
@@ -379,7 +385,8 @@ def _annotate_quality(rows: list[dict]) -> None:
                                  f"{q.false_alarms}/{q.goods_reviewed} goods flagged, {q.misses} missed"})
 
 
-def resolve(category: str, version=None, alias: str = "production", *, tracking_uri: str | None = None):
+def resolve(category: str, version=None, alias: str = "production", *,
+            tracking_uri: str | None = None) -> ModelRef:
     """Pin ``category`` to one registered version: ``version`` when given, else the version ``alias`` points at
     (``production`` by default). Returns an ``adreg.registry.resolve.ModelRef`` (name, version, alias, uri);
     raises ``NotFoundError`` saying what exists."""
@@ -449,7 +456,7 @@ def predict(category: str, images: Sequence[str | Path], *, version=None, alias:
 
 def score(category: str, inputs: Sequence[str], output: str, *, version=None, alias: str = "production",
           engine: str = "inprocess", batch_size: int = 16, save_maps: str | None = None, resume: bool = False,
-          device: str = "auto", tracking_uri: str | None = None, **spark):
+          device: str = "auto", tracking_uri: str | None = None, **spark) -> BatchResult:
     """Batch-score image files, folders (recursive) or globs into a parquet dataset ``output``, pinned to one
     version for the whole job (``version``, else the one ``alias`` points at); ``engine="spark"`` runs
     ``mlflow.pyfunc.spark_udf`` (``**spark``: master, task_cpus, partitions, env_manager, glob). Returns
@@ -535,7 +542,7 @@ def bundle(categories: Sequence[str], alias: str = "production", promote: str | 
 
 def drift(category: str, folders: Sequence[str] | str, *, alias: str = "production", version=None,
           max_alarm_ratio: float = 3.0, p_value: float = 0.01, device: str = "auto", log: bool = True,
-          tracking_uri: str | None = None):
+          tracking_uri: str | None = None) -> DriftReport:
     """Compare recent production images with the reference goods logged at fit of ``version``, else of the
     version ``alias`` points at (alarm rate, KS and Mann-Whitney tests); logs a monitoring run unless ``log``
     is False. Returns a ``DriftReport``."""
@@ -569,7 +576,7 @@ def whoami(category: str | None = None, *, tracking_uri: str | None = None) -> d
 
 # -- reviews: labels, the production set, quality, threshold from the line ------------------------------------
 def label(category: str, files: Sequence[str] | str, verdict: str, *, mask: str | None = None,
-          reviewer: str | None = None, tracking_uri: str | None = None) -> list:
+          reviewer: str | None = None, tracking_uri: str | None = None) -> list[Label]:
     """Record a review label (``good``, ``defect`` or ``skip``) for each image file (``mask``: a defect region
     image, for one defect). Each label is its own record in the tracking store (``adreg.registry.labels``);
     a capture's sidecar supplies what the line's model said about the image.
@@ -594,7 +601,7 @@ def label(category: str, files: Sequence[str] | str, verdict: str, *, mask: str 
     return [record_label(category, f, verdict, mask=mask, reviewer=reviewer) for f in files]
 
 
-def labels(category: str, *, tracking_uri: str | None = None) -> list:
+def labels(category: str, *, tracking_uri: str | None = None) -> list[Label]:
     """Every review label of ``category``, oldest first (``adreg.registry.labels.Label``; disagreement between
     reviewers is kept: see ``adreg.registry.labels.consensus``)."""
     from adreg.names import check_category
@@ -605,7 +612,7 @@ def labels(category: str, *, tracking_uri: str | None = None) -> list:
     return read_labels(category)
 
 
-def production_set(category: str, seed: int = 0, *, tracking_uri: str | None = None):
+def production_set(category: str, seed: int = 0, *, tracking_uri: str | None = None) -> ProductionSet:
     """The reviewed images as evaluation samples (defects, evaluation-side goods) and grow-side goods:
     ``adreg.registry.labels.ProductionSet``."""
     from adreg.registry.labels import production_set as _production_set

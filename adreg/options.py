@@ -38,7 +38,17 @@ def option(default=None, help: str = "", cli: dict | None = None, *, flag: bool 
 
 @dataclass
 class FitOptions:
-    """Everything that defines a fit; logged verbatim as run parameters."""
+    """Everything that defines a fit; logged verbatim as run parameters. Each field's default, help and
+    check live here: ``adreg fit``'s flags are generated from them, and ``adreg.fit`` takes them as keywords.
+
+    Examples:
+        ```python
+        out = adreg.fit("widget", train_dir="widget/train/good", test_dir="widget/test", k_shot=4,
+                        method="rad", register=True)
+        from adreg.fitting import fit_category   # the same fit without the store
+        result = fit_category(adreg.FitOptions(category="widget", train_dir="widget/train/good", k_shot=4))
+        ```
+    """
 
     category: str = field(metadata={"help": "product category, e.g. bottle (model name adreg-<category>)",
                                     "cli": {"required": True}})
@@ -90,7 +100,15 @@ class GatePolicy:
     ``worse`` when paired p < 1 - level and the difference < -``margin``), bootstrap resamples (``n_resamples``
     for image AUROC, ``pixel_resamples`` at ``pixel_size`` for the pixel metrics), their ``seed``, and
     ``min_per_class`` good and defective images below which the set is ``not enough evidence``. Rules:
-    ``adreg.statistics``."""
+    ``adreg.statistics``.
+
+    Examples:
+        ```python
+        strict = adreg.GatePolicy(min_image_auroc=0.97, level=0.99)
+        out = adreg.promote("bottle", 4, "production", policy=strict)
+        out = adreg.promote("bottle", 4, "production", min_image_auroc=0.97)   # the same, as a keyword
+        ```
+    """
 
     min_image_auroc: float = option(0.90, "gate floor (default {default})")
     min_pixel_auroc: float = option(0.90, "gate floor (default {default})")

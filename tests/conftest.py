@@ -12,6 +12,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("ADREG_PROGRESS", "0")
 # a test that names no store never writes to ./adreg-store of the checkout (or to another pytest worker's)
 os.environ.setdefault("ADREG_HOME", tempfile.mkdtemp(prefix="adreg-test-home-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers on two cores: one torch thread each (and in the processes they start), not four threads
+    # spinning for two cores; a module that needs more sets them itself
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from adreg.data import default_data_root  # noqa: E402
 

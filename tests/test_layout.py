@@ -153,3 +153,19 @@ def test_every_public_function_takes_tracking_uri_by_keyword():
              if getattr(inspect.signature(f).parameters.get("tracking_uri"), "kind", None)
              is not inspect.Parameter.KEYWORD_ONLY]
     assert wrong == []
+
+
+def test_every_public_type_has_an_example_and_is_in_the_reference():
+    """Every class ``import adreg`` offers (what the functions return, their options) has an Examples section
+    and is rendered in docs/reference/python-api.md (through ``adreg.api``'s ``__all__`` or its own ``:::``)."""
+    import re
+
+    import adreg
+    from adreg import api
+
+    types = {name: getattr(adreg, name) for name in adreg.__all__ if name[:1].isupper()}
+    assert len(types) >= 14
+    assert [name for name, t in types.items() if "Examples:" not in (t.__doc__ or "")] == []
+    page = (ROOT.parent / "docs" / "reference" / "python-api.md").read_text()
+    rendered = set(api.__all__) | {line.rsplit(".", 1)[-1] for line in re.findall(r"^::: (\S+)$", page, re.M)}
+    assert sorted(set(types) - rendered) == []

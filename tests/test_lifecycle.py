@@ -177,18 +177,23 @@ def test_concurrent_registrations_get_distinct_versions(store_uri, two_fits):
     assert sorted(versions) == [1, 2, 3, 4, 5, 6]
 
 
-def test_fit_killed_midway_leaves_no_registered_version(store_uri, tmp_path):
+def test_fit_killed_midway_leaves_no_registered_version(store_uri, bottle_dir, eval_subset, tmp_path):
+    goods = tmp_path / "good"  # a small product: the run starts as soon as 8 goods are fitted and 18 evaluated
+    goods.mkdir()
+    for p in sorted((bottle_dir / "train" / "good").iterdir())[:8]:
+        shutil.copy(p, goods)
     env = dict(os.environ, MLFLOW_TRACKING_URI=store_uri, ADREG_PROGRESS="0")
-    proc = subprocess.Popen([sys.executable, "-m", "adreg.cli", "fit", "--category", "bottle", "--register",
-                             "--promote", "production"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "adreg.cli", "fit", "--category", "bottle", "--train-dir",
+                             str(goods), "--test-dir", str(eval_subset), "--register", "--promote", "production"],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     client = mlflow.MlflowClient()
     deadline = time.monotonic() + 300
     runs = []
     while time.monotonic() < deadline and not runs:
         exp = client.get_experiment_by_name("adreg-bottle")
         runs = client.search_runs([exp.experiment_id]) if exp else []
-        time.sleep(0.05)
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # dies while logging the run
     proc.wait()
     assert runs, "the fit never started logging"

@@ -125,7 +125,7 @@ def browser():
 def open_page(browser, url, reviewer=None, context=None):
     context = context or browser.new_context()
     page = context.new_page()
-    page.set_default_timeout(30_000)
+    page.set_default_timeout(90_000)  # the first overlay loads the model: slow on a busy 2-core machine
     page.goto(url)
     page.wait_for_selector(".entry")
     if reviewer is not None:

@@ -49,6 +49,26 @@ _ROW_PREFIX = re.compile(r"^row \d+: ")  # the served model labels errors by row
 
 @dataclass
 class BatchResult:
+    """What a batch-scoring job did (``adreg.score`` returns one); the scores are in the parquet ``output``.
+
+    Attributes:
+        output: the parquet dataset written (one row per input image: path, score, is_anomaly, threshold,
+            the model's name, version and alias, error).
+        model: the version the whole job scored with (``ModelRef``).
+        scored: rows this job wrote; ``failed``: of them, rows with an error (an unreadable image).
+        skipped: inputs already in ``output`` (``resume=True``), not scored again.
+        output_rows: rows in the whole output after the job; ``output_failed``: of them, rows with an error.
+        seconds: wall time of the job; ``images_per_s``: ``scored / seconds``.
+
+    Examples:
+        ```python
+        res = adreg.score("bottle", ["line/2026-12-07"], "scores.parquet", resume=True)
+        print(res.model.version, res.scored, res.failed, f"{res.images_per_s:.1f} images/s")
+        import pandas as pd
+        flagged = pd.read_parquet(res.output).query("is_anomaly == True")
+        ```
+    """
+
     output: str
     model: ModelRef
     scored: int = 0          # rows written by this job

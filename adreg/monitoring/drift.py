@@ -53,6 +53,29 @@ class DriftPolicy:
 
 @dataclass
 class DriftReport:
+    """Recent production images against the reference goods logged at fit (``adreg.drift`` returns one).
+
+    Attributes:
+        version: the version the images were scored with (``alias`` when resolved from one).
+        n_images: production images scored; ``n_reference``: the version's reference goods.
+        alarm_rate: share of production images above the threshold; ``expected_alarm_rate``: the
+            reference goods' share; ``alarm_ratio``: the first over the second; ``binomial_p``: how likely
+            that many alarms are at the expected rate.
+        ks_statistic, ks_p, mannwhitney_p: the two-sample tests of production scores against reference scores.
+        score_median, reference_median: the two score medians.
+        drift: True when the alarm rate (above ``max_alarm_ratio`` times the expected one, binomial p below
+            ``p_value``) or the KS test (p below ``p_value``) says so; ``reasons`` says which, in words.
+        unreadable: images that could not be read (path and error), left out of the figures.
+
+    Examples:
+        ```python
+        report = adreg.drift("bottle", ["line/2026-12-07"])
+        if report.drift:
+            print(report.reasons)   # e.g. ['12/40 images (30.0%) are above the threshold 266, 6.0x the ...']
+        print(f"{report.alarm_rate:.3f} vs {report.expected_alarm_rate:.3f}")
+        ```
+    """
+
     category: str
     model_name: str
     version: str

@@ -50,8 +50,23 @@ REVIEWER_IDENTITY = "label (review page)"  # a name typed on the review page, wh
 
 @dataclass(frozen=True)
 class Label:
-    """One review record. ``judged_*``: what the model on the line said (None for an image that did not
-    come from a capture). ``mask``: whether a defect region was drawn (artifact ``mask.png`` of the run)."""
+    """One review record (``adreg.label`` returns them, ``adreg.labels`` lists them).
+
+    Attributes:
+        verdict: ``good``, ``defect`` or ``skip``; ``sha256``: the image's bytes, what the label is about.
+        path: the file labelled; ``user`` / ``identity``: who labelled it (authenticated on a server with
+            users); ``at``: when (UTC ISO); ``seq``: order of the records.
+        judged_version, judged_score, judged_threshold, flagged, judged_at: what the model on the line said
+            (None for an image that did not come from a capture).
+        mask: whether a defect region was drawn (artifact ``mask.png`` of the label's run ``run_id``).
+
+    Examples:
+        ```python
+        [lab] = adreg.label("bottle", "captures/bottle/flagged/20261207/101502-123456-v3-a1b2.png", "good")
+        print(lab.verdict, lab.judged_version, lab.flagged)     # good 3 True: a false alarm of v3
+        false_alarms = [x for x in adreg.labels("bottle") if x.verdict == "good" and x.flagged]
+        ```
+    """
 
     category: str
     sha256: str
@@ -295,8 +310,24 @@ def evaluation_side(sha256: str, seed: int = 0, fraction: float = DEFAULT_EVAL_F
 
 @dataclass
 class ProductionSet:
-    """The reviewed images of a category, split: ``samples`` (evaluation: defects with masks where drawn +
-    evaluation-side goods), ``grow`` (grow-side goods: paths), with the counts and digest of what it rests on."""
+    """The reviewed images of a category, split (``adreg.production_set`` returns one).
+
+    Attributes:
+        samples: the evaluation side, what the gate judges on: reviewed defects (with their masks where
+            drawn) and the evaluation-side goods; ``n_good`` / ``n_defective`` count them.
+        grow: the grow-side goods, what ``adreg update --from-reviews`` learns from (paths).
+        seed, fraction: the seeded split of reviewed goods (a hash of each image's bytes, so an image keeps
+            its side as labels arrive).
+        digest: sha256 of what the set rests on (recorded with every gate that used it).
+        n_disputed: images whose reviewers disagree (left out); ``n_masks``: defects with a drawn region.
+
+    Examples:
+        ```python
+        prod = adreg.production_set("bottle")
+        print(prod.describe())               # counts of each side
+        print(prod.n_good, prod.n_defective, len(prod.grow))
+        ```
+    """
 
     category: str
     samples: list[Sample]

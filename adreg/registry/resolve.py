@@ -22,7 +22,21 @@ from adreg.names import PREFIX, ROUTER, check_category, model_name
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A registered model pinned to one version (``alias`` is what it was resolved from, None for a number)."""
+    """A registered model pinned to one version (``adreg.resolve`` returns one).
+
+    Attributes:
+        category: the product, e.g. ``bottle``.
+        name: the registered model, ``adreg-<category>``.
+        version: the pinned version number, as a string.
+        alias: the alias it was resolved from (``production``); None when a version number was asked.
+
+    Examples:
+        ```python
+        ref = adreg.resolve("bottle")              # whatever production points at now
+        print(ref.version, ref.uri)                # '3' models:/adreg-bottle/3 (stays on 3)
+        print(ref.alias_uri)                       # models:/adreg-bottle@production (follows the alias)
+        ```
+    """
 
     category: str
     name: str
