@@ -87,18 +87,20 @@ class Interrupted(AdregError):
 
 @contextlib.contextmanager
 def deferred_interrupts():
-    """Hold Ctrl-C / SIGTERM until the block is done, then raise ``KeyboardInterrupt``.
+    """Hold Ctrl-C / SIGTERM until the block is done, then do what the signal would have done (Python's
+    Ctrl-C handler, and the CLI's for SIGTERM, raise ``KeyboardInterrupt``; an ignored signal stays ignored).
 
     For short writes that must not be cut in half (a run created but never ended stays RUNNING in the store
-    forever). Outside the main thread (where Python delivers no signals) the block simply runs.
+    forever). Outside the main thread (where Python delivers no signals) the block simply runs, and a signal
+    whose handler was not installed from Python is left alone.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    signums = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in signums}
-    for s in signums:
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not None}
+    for s in previous:
         signal.signal(s, lambda signum, frame: caught.append(signum))
     try:
         yield
@@ -107,6 +109,8 @@ def deferred_interrupts():
             signal.signal(s, handler)
     if caught:
         handler = previous[caught[0]]
+        if handler == signal.SIG_IGN:
+            return
         if callable(handler):
             handler(caught[0], None)  # what the signal would have done: default_int_handler raises
         elif handler == signal.SIG_DFL and caught[0] == signal.SIGTERM:

@@ -87,14 +87,15 @@ def history(category: str) -> list[dict]:
     return read_events(category)
 
 
-def _set_alias(client, name: str, alias: str, version: str, doing: str, attempts: int = 5) -> None:
-    """Set an alias; a server refusal becomes PermissionDenied. Two writers setting the same alias at once
-    can collide in the store (sqlite: UNIQUE constraint on the alias row): retried, last writer wins."""
+def _write(call, doing: str, attempts: int = 5) -> None:
+    """One registry write; a server refusal becomes PermissionDenied. Two writers setting the same alias or
+    the same version tag at once can collide in the store (sqlite: UNIQUE constraint on the row, as MLflow
+    reads before it inserts): retried, last writer wins."""
     import random
 
     for attempt in range(attempts):
         try:
-            client.set_registered_model_alias(name, alias, version)
+            call()
             return
         except MlflowException as exc:
             if governance.is_refusal(exc):
@@ -105,6 +106,10 @@ def _set_alias(client, name: str, alias: str, version: str, doing: str, attempts
             if attempt == attempts - 1 or type(exc).__module__.split(".")[0] != "sqlalchemy":
                 raise
         time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+
+
+def _set_alias(client, name: str, alias: str, version: str, doing: str) -> None:
+    _write(lambda: client.set_registered_model_alias(name, alias, version), doing)
 
 
 def promote(category: str, version, alias: str = "production", reason: str = "", action: str = "promote",
@@ -136,7 +141,8 @@ def promote(category: str, version, alias: str = "production", reason: str = "",
     if details:
         tags["details"] = json.dumps(details, sort_keys=True)[:4900]
     for key, value in tags.items():
-        client.set_model_version_tag(model.name, version, f"adreg.promoted.{alias}.{key}", str(value))
+        tag = f"adreg.promoted.{alias}.{key}"
+        _write(lambda tag=tag, value=value: client.set_model_version_tag(model.name, version, tag, str(value)), doing)
     return Promotion(category, alias, version, previous, f"models:/{model.name}@{alias}", event["by"],
                      event["identity"], event["run_id"])
 
