@@ -29,6 +29,16 @@ import threading
 EXIT_DONE, EXIT_REFUSED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+def first_line(exc: BaseException) -> str:
+    """The first meaningful line of an exception's message, for a one-line error (SQLAlchemy's "[SQL: ...]"
+    and "(Background on this error ...)" lines skipped, at most 300 characters); the class name when empty."""
+    for line in str(exc).strip().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("(Background on this error", "[SQL:")):
+            return line[:300]
+    return type(exc).__name__
+
+
 class AdregError(Exception):
     """Base class of errors caused by input or environment, not by a bug."""
 

@@ -19,7 +19,7 @@ import socket
 from pathlib import Path
 
 from adreg.errors import (AdregError, ConflictError, IntegrityError, NotFoundError, PermissionDenied,
-                          StoreUnreachable)
+                          StoreUnreachable, first_line)
 
 DETECTOR_CONFIG = "config.json"
 #: set on a run only once its model is fully logged; the registry refuses runs without it
@@ -67,7 +67,7 @@ def check_reachable(uri: str) -> None:
                                    f"driver {exc.name!r}: pip install 'adreg[postgres]'") from exc
         except Exception as exc:  # noqa: BLE001 - OperationalError, InterfaceError, driver errors
             raise StoreUnreachable(f"the tracking store {url.render_as_string(hide_password=True)} is not reachable: "
-                                   f"{_first_line(exc)}; check --tracking-uri / $MLFLOW_TRACKING_URI") from exc
+                                   f"{first_line(exc)}; check --tracking-uri / $MLFLOW_TRACKING_URI") from exc
     elif is_server(uri):
         from urllib.parse import urlsplit
 
@@ -78,15 +78,6 @@ def check_reachable(uri: str) -> None:
         except OSError as exc:
             raise StoreUnreachable(f"the tracking store {uri} is not reachable ({exc.strerror or exc}); is the "
                                    "server running? check --tracking-uri / $MLFLOW_TRACKING_URI") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("(Background on this error", "[SQL:")):
-            return line[:300]
-    return type(exc).__name__
 
 
 def _http_status(exc: BaseException) -> int | None:
@@ -149,11 +140,11 @@ def translate(exc: BaseException, doing: str = "") -> AdregError | None:
     code = getattr(exc, "error_code", "") or ""
     if is_refusal(exc):
         return PermissionDenied(f"the server refused{what or ' the request'} for user {_acting_user()!r}: "
-                                f"{_first_line(exc)}")
+                                f"{first_line(exc)}")
     if code == "RESOURCE_DOES_NOT_EXIST" or _http_status(exc) == 404 and code not in ("", "INTERNAL_ERROR"):
-        return NotFoundError(f"not found{what and ' while' + what}: {_first_line(exc)}")
+        return NotFoundError(f"not found{what and ' while' + what}: {first_line(exc)}")
     if code == "RESOURCE_ALREADY_EXISTS":
-        return ConflictError(f"conflict{what and ' while' + what}: {_first_line(exc)}")
+        return ConflictError(f"conflict{what and ' while' + what}: {first_line(exc)}")
     return None
 
 

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 from adreg.batch.score import COLUMNS, BatchResult, ModelRef, check_output, collect_inputs
 from adreg.registry.resolve import resolve
-from adreg.errors import ConfigError, DataError
+from adreg.errors import ConfigError, DataError, first_line
 from adreg.images import IMAGE_EXTENSIONS
 
 DEFAULT_GLOB = "*.{" + ",".join(e.lstrip(".") for ext in IMAGE_EXTENSIONS for e in (ext, ext.upper())) + "}"
@@ -97,7 +97,7 @@ def _images_frame(spark, inputs: list[str], glob: str):
         df = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
               .option("pathGlobFilter", glob).load(list(inputs)))
     except Exception as exc:  # AnalysisException: PATH_NOT_FOUND and friends
-        raise DataError(f"Spark cannot read the inputs: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"Spark cannot read the inputs: {first_line(exc)}") from None
     # plain local paths, as the in-process engine writes them (file:/a/b.png -> /a/b.png); no *_mask.* files
     df = df.withColumn("path", F.regexp_replace("path", "^file:", ""))
     return df.where(~F.regexp_extract("path", r"([^/]*)$", 1).rlike(r"_mask\.[^.]*$"))

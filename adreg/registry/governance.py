@@ -28,7 +28,7 @@ import mlflow
 import requests
 
 from adreg import store
-from adreg.errors import AdregError, ConfigError, NotFoundError, PermissionDenied, StoreUnreachable
+from adreg.errors import AdregError, ConfigError, NotFoundError, PermissionDenied, StoreUnreachable, first_line
 from adreg.names import fit_experiment_name, lifecycle_experiment_name, model_name, reviews_experiment_name
 
 __all__ = ["PermissionDenied", "Identity", "identity", "login", "authenticates", "permission", "needed_for_alias",
@@ -221,7 +221,7 @@ is_refusal = store.is_refusal
 
 def refusal(exc: Exception, doing: str) -> PermissionDenied:
     """One line for a server refusal: what was being done, the user, the server's reason."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = first_line(exc)
     try:
         who = identity().user
     except AdregError:

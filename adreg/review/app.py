@@ -36,7 +36,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 
 from adreg.errors import (AdregError, ConflictError, DataError, ImageDecodeError, NotFoundError,
-                          PermissionDenied, StoreUnreachable)
+                          PermissionDenied, StoreUnreachable, first_line)
 from adreg.integrity import sha256_file
 from adreg.registry import labels as labels_mod
 from adreg.review.queue import Filters, label_view, labelled_paths
@@ -129,7 +129,7 @@ def _http_error(exc: AdregError) -> HTTPException:
     if isinstance(exc, ConflictError):
         return HTTPException(409, str(exc))
     if isinstance(exc, PermissionDenied):
-        return HTTPException(403, str(exc).splitlines()[0])
+        return HTTPException(403, first_line(exc))
     if isinstance(exc, StoreUnreachable):
         return HTTPException(503, str(exc))
     if isinstance(exc, NotFoundError):

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from adreg import store
-from adreg.errors import AdregError, DataError
+from adreg.errors import AdregError, DataError, first_line
 from adreg.images import load_image
 
 _log = logging.getLogger("adreg.review")
@@ -50,7 +50,7 @@ def _load_error(version: str, exc: Exception) -> AdregError:
     """Why ``version`` cannot be loaded, as the error class it means (``adreg.store.translate``: store down,
     refused, not found...; a ``DataError`` for anything else), one line naming the version."""
     err = store.translate(exc)
-    reason = str(err or exc).splitlines()[0] if str(err or exc) else type(exc).__name__
+    reason = first_line(err or exc)
     return (DataError if err is None else type(err))(f"version {version} cannot be loaded: {reason}")
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from adreg.errors import AdregError, ConfigError, StoreUnreachable, deferred_interrupts
+from adreg.errors import AdregError, ConfigError, StoreUnreachable, deferred_interrupts, first_line
 from adreg.fitting import FitOptions
 from adreg.tuning.evidence import Evidence
 from adreg.tuning.space import Candidate, SearchSpace, normalise
@@ -287,7 +287,7 @@ def _storage(url: str | None):
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
         except Exception as exc:  # noqa: BLE001 - sqlalchemy's errors: any failure to open the storage
             if attempt == 2:
-                raise StoreUnreachable(f"the search storage {url} cannot be opened: {str(exc).splitlines()[0]}; "
+                raise StoreUnreachable(f"the search storage {url} cannot be opened: {first_line(exc)}; "
                                        "check --storage") from exc
             time.sleep(1.0 + attempt)
 
@@ -540,7 +540,7 @@ class Search:
         except Exception as exc:  # noqa: BLE001 - one candidate failing (a bad setting, memory) is recorded
             if not isinstance(exc, AdregError):
                 log.warning("candidate %s failed: %r", cand.label, exc)
-            cand.error, scores = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", None
+            cand.error, scores = f"{type(exc).__name__}: {first_line(exc) if str(exc).strip() else ''}", None
         self._record(trial, cand, scores)
         self.n_here += 1
         if self.auto_budget and self.deadline is None:

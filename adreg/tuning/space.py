@@ -23,7 +23,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adreg.errors import ConfigError
+from adreg.errors import ConfigError, first_line
 
 #: fields a space may set: the fit's settings, not its data, shots, device or batching
 TUNABLE = ("method", "params", "backbone", "layers", "image_size", "augment", "aug_count", "aug_views", "sigma",
@@ -169,7 +169,7 @@ class SearchSpace:
         try:
             spec = yaml.safe_load(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"search space file {path} is not YAML or JSON: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"search space file {path} is not YAML or JSON: {first_line(exc)}") from None
         return cls.from_dict(spec, source=str(path))
 
     def to_dict(self) -> dict:
