@@ -485,7 +485,9 @@ def serve(category: str, *, alias: str = "production", version=None, host: str =
     The server follows ``alias`` (a promotion or rollback reaches it without a restart) unless ``version`` pins
     one. ``**options``: workers, device, precision, return_map, poll_seconds, shadow (an alias scored beside,
     off the response path), capture (a folder), capture_rate, capture_max_mib, max_request_mib, max_rows,
-    server_id. Raises ``NotFoundError`` (unknown category / alias) and ``ConfigError`` (port in use)."""
+    server_id, protocol (``"mlflow"``: ``/invocations``, the default; ``"v2"``: the Open Inference Protocol on
+    KServe's model server, ``/v2/models/adreg-<category>/infer``), grpc_port (v2: gRPC too). Raises
+    ``NotFoundError`` (unknown category / alias) and ``ConfigError`` (port in use, KServe not installed)."""
     from adreg.server import build_server
 
     return build_server(category, alias=alias, version=version, host=host, port=port, tracking_uri=tracking_uri,

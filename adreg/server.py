@@ -4,7 +4,9 @@
 MLflow's command line and the served model's ``SERVING_MODEL_CONFIG``, checks the port, and runs the server in
 its own process group: ``start()`` returns at once, ``wait_ready()`` waits for ``/health``, ``stop()`` stops the
 whole group (mlflow and its uvicorn worker; SIGKILL after a grace period) and ``run()`` (what ``adreg serve``
-does) serves in the foreground, handing SIGTERM / SIGINT / SIGHUP on to the group. Also a context manager::
+does) serves in the foreground, handing SIGTERM / SIGINT / SIGHUP on to the group. ``protocol="v2"`` serves the
+same pyfunc with the same config through the Open Inference Protocol instead (``adreg.pyfunc.v2``, KServe's
+model server; ready on ``/v2/models/<name>/ready``). Also a context manager::
 
     with adreg.serve("bottle", port=5001) as server:
         server.wait_ready()
@@ -30,6 +32,8 @@ from adreg.names import ROUTER
 from adreg.pyfunc import DEFAULT_MAX_REQUEST_MIB, DEFAULT_MAX_ROWS, DEFAULT_POLL_SECONDS
 
 STOP_GRACE_S = 20
+PROTOCOLS = ("mlflow", "v2")  # MLflow's /invocations; the Open Inference Protocol (KServe's model server)
+V2_INSTALL = "pip install 'adreg[serve-v2]'"
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -57,6 +61,23 @@ def serve_command(model_uri: str, host: str, port: int, workers: int = 1) -> lis
             "--host", host, "--port", str(port), "--workers", str(workers)]
 
 
+def v2_command(model_uri: str, model_name: str, host: str, port: int, grpc_port: int | None = None) -> list[str]:
+    """The Open Inference Protocol server (``python -m adreg.pyfunc.v2``) for ``model_uri`` as ``model_name``."""
+    cmd = [sys.executable, "-m", "adreg.pyfunc.v2", "--model_uri", model_uri, "--model_name", model_name,
+           "--host", host, "--http_port", str(port)]
+    if grpc_port:
+        cmd += ["--enable_grpc", "true", "--grpc_port", str(grpc_port)]
+    return cmd
+
+
+def check_v2_installed() -> None:
+    """A one-line ``ConfigError`` (exit 2) when KServe's model server is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("kserve") is None:
+        raise ConfigError(f"--protocol v2 needs KServe's model server, which is not installed: {V2_INSTALL}")
+
+
 def serve_env(tracking_uri: str, model_config: dict) -> dict:
     """Environment of `mlflow models serve`: the store, and SERVING_MODEL_CONFIG (keys of the served
     model's DEFAULT_MODEL_CONFIG: device, follow_alias, poll_seconds, shadow_alias, capture_*, max_*, ...)."""
@@ -81,6 +102,9 @@ class Server:
     model_config: dict
     description: str = ""
     workers: int = 1
+    protocol: str = "mlflow"
+    model_name: str = ""  # the name on the V2 routes (/v2/models/<model_name>)
+    grpc_port: int | None = None  # V2 only: also serve gRPC here
     process: subprocess.Popen | None = field(default=None, repr=False)
     _stopping: list = field(default_factory=list, repr=False)
 
@@ -89,7 +113,20 @@ class Server:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def endpoint(self) -> str:
+        """Where requests go: ``/invocations`` (MLflow) or ``/v2/models/<name>/infer`` (V2)."""
+        if self.protocol == "v2":
+            return f"{self.url}/v2/models/{self.model_name}/infer"
+        return f"{self.url}/invocations"
+
+    @property
+    def ready_path(self) -> str:
+        return f"/v2/models/{self.model_name}/ready" if self.protocol == "v2" else "/health"
+
+    @property
     def command(self) -> list[str]:
+        if self.protocol == "v2":
+            return v2_command(self.model_uri, self.model_name, self.host, self.port, self.grpc_port)
         return serve_command(self.model_uri, self.host, self.port, self.workers)
 
     @property
@@ -104,7 +141,8 @@ class Server:
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> "Server":
-        """Wait until ``/health`` answers 200; ``ConfigError`` if the process exits or ``timeout`` passes."""
+        """Wait until ``/health`` (V2: ``/v2/models/<name>/ready``) answers 200; ``ConfigError`` if the process
+        exits or ``timeout`` passes."""
         import requests
 
         deadline = time.monotonic() + timeout
@@ -113,7 +151,7 @@ class Server:
                 rc = None if self.process is None else self.process.returncode
                 raise ConfigError(f"the server for {self.model_uri} exited (code {rc}) before it was ready")
             try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                if requests.get(self.url + self.ready_path, timeout=2).status_code == 200:
                     return self
             except requests.RequestException:
                 pass
@@ -192,17 +230,34 @@ def build_server(category: str, *, alias: str = "production", version=None, host
                  return_map: bool = False, poll_seconds: float = DEFAULT_POLL_SECONDS, shadow: str | None = None,
                  capture: str | None = None, capture_rate: float = 0.05, capture_max_mib: float = 1024,
                  max_request_mib: float = DEFAULT_MAX_REQUEST_MIB, max_rows: int = DEFAULT_MAX_ROWS,
-                 server_id: str | None = None, tracking_uri: str | None = None) -> Server:
+                 server_id: str | None = None, tracking_uri: str | None = None, protocol: str = "mlflow",
+                 grpc_port: int | None = None) -> Server:
     """Resolve what to serve and check the port; returns a ``Server`` that is not started yet.
 
     ``category`` follows ``alias`` (the served model swaps versions as the alias moves) unless ``version``
-    pins one; ``"router"`` serves the multi-category router, each category following its own alias."""
+    pins one; ``"router"`` serves the multi-category router, each category following its own alias.
+    ``protocol="v2"``: the Open Inference Protocol (one category, one worker; ``grpc_port`` adds gRPC)."""
     from adreg.pyfunc.status import default_server_id
     from adreg.registry import tracking
     from adreg.registry.resolve import resolve
 
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
+    if protocol == "v2":
+        check_v2_installed()
+        if category == ROUTER:
+            raise ConfigError("the router is served over MLflow's /invocations only; serve each category with "
+                              "`adreg serve CATEGORY --protocol v2`")
+        if workers != 1:
+            raise ConfigError("--protocol v2 serves with one worker process (scale out with replicas)")
+    elif grpc_port:
+        raise ConfigError("--grpc-port needs --protocol v2")
     uri = tracking.ensure(tracking_uri)
     check_port_free(host, port)
+    if grpc_port:
+        if grpc_port == port:
+            raise ConfigError(f"--grpc-port {grpc_port} is the HTTP --port; pick another")
+        check_port_free(host, grpc_port)
     ref = resolve(category, version, alias)
     config = {"device": device, "return_map": return_map, "precision": precision, "poll_seconds": poll_seconds,
               "max_request_mib": max_request_mib, "max_rows": max_rows, "server_host": host, "server_port": port,
@@ -222,4 +277,8 @@ def build_server(category: str, *, alias: str = "production", version=None, host
         config.update(capture_dir=str(Path(capture).resolve()), capture_rate=capture_rate,
                       capture_max_mib=capture_max_mib)
         what += f", capturing {capture_rate:.0%} of images into {capture} (<= {capture_max_mib:g} MiB)"
-    return Server(ref.uri, host, port, uri, config, description=what, workers=workers)
+    if protocol == "v2":
+        what += f", over the Open Inference Protocol as /v2/models/{ref.name}" + \
+            (f" (gRPC on port {grpc_port})" if grpc_port else "")
+    return Server(ref.uri, host, port, uri, config, description=what, workers=workers, protocol=protocol,
+                  model_name=ref.name, grpc_port=grpc_port or None)

@@ -35,10 +35,13 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 
 
 class Server:
-    """`adreg serve CATEGORY` on a free port of 127.0.0.1, in its own process group."""
+    """`adreg serve CATEGORY` on a free port of 127.0.0.1, in its own process group (``--protocol v2`` in
+    ``extra``: the Open Inference Protocol server, ready on /v2/health/ready instead of /ping)."""
 
     def __init__(self, uri: str, category: str, log_path: Path, *extra: str):
         self.port = free_port()
+        self.v2 = "v2" in extra and "--protocol" in extra
+        self.ready_path = "/v2/health/ready" if self.v2 else "/ping"
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self.log = open(self.log_path, "w")
@@ -47,13 +50,14 @@ class Server:
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait(self, timeout: float = 240) -> None:
-        """Until /ping answers; RuntimeError (with the log's tail) if the server exits or times out."""
+        """Until /ping (V2: /v2/health/ready) answers; RuntimeError (with the log's tail) if the server exits
+        or times out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError("server exited early:\n" + self.log_tail())
             try:
-                if requests.get(f"{self.url}/ping", timeout=2).status_code == 200:
+                if requests.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
                     return
             except requests.ConnectionError:
                 pass

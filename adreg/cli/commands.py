@@ -296,8 +296,8 @@ def cmd_serve(args) -> int:
                           return_map=args.return_map, poll_seconds=args.poll_seconds, shadow=args.shadow,
                           capture=args.capture, capture_rate=args.capture_rate, capture_max_mib=args.capture_max_mib,
                           max_request_mib=args.max_request_mib, max_rows=args.max_rows, server_id=args.server_id,
-                          tracking_uri=args.tracking_uri)
-    print(f"serving {server.description} on {server.url}/invocations (device {args.device}, "
+                          tracking_uri=args.tracking_uri, protocol=args.protocol, grpc_port=args.grpc_port)
+    print(f"serving {server.description} on {server.endpoint} (device {args.device}, "
           f"server id {server.model_config['server_id']})")
     print("$ " + shlex.join(server.command), flush=True)
     return server.run()

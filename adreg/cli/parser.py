@@ -201,7 +201,8 @@ def _add_lifecycle_commands(sub) -> None:
 def _add_serve_commands(sub) -> None:
     from adreg.pyfunc import DEFAULT_MAX_REQUEST_MIB, DEFAULT_MAX_ROWS, DEFAULT_POLL_SECONDS
 
-    p = sub.add_parser("serve", help="serve a registered model over REST with `mlflow models serve`")
+    p = sub.add_parser("serve", help="serve a registered model over REST with `mlflow models serve` (or the Open "
+                                     "Inference Protocol, --protocol v2)")
     p.add_argument("category")
     _which_version(p, "alias to serve and follow (default production)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -225,6 +226,11 @@ def _add_serve_commands(sub) -> None:
     p.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS,
                    help=f"refuse requests with more rows (400; default {DEFAULT_MAX_ROWS})")
     p.add_argument("--server-id", help="name in status reports (default <hostname>-<host>-<port>)")
+    p.add_argument("--protocol", choices=["mlflow", "v2"], default="mlflow",
+                   help="mlflow: MLflow's /invocations (default); v2: the Open Inference Protocol (KServe, Seldon, "
+                        "Triton clients) on KServe's model server, /v2/models/adreg-CATEGORY/infer "
+                        "(pip install 'adreg[serve-v2]')")
+    p.add_argument("--grpc-port", type=int, metavar="PORT", help="with --protocol v2: also serve V2 over gRPC here")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("predict", help="score image files in-process with a registered model")

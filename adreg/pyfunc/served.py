@@ -117,6 +117,19 @@ def request_size(values) -> int:
     return sum(len(v) for v in values if isinstance(v, (str, bytes, bytearray)))
 
 
+def check_bounds(images: list, max_rows: int, max_request_chars: int) -> None:
+    """``BadRequest`` (400) for more than ``max_rows`` rows, (413) for more than ``max_request_chars`` of
+    image data; nothing is decoded. The bounds of every server front (MLflow's ``/invocations``, V2)."""
+    if len(images) > max_rows:
+        raise BadRequest(f"too many rows: {len(images)} in one request, this server takes at most "
+                         f"{max_rows} (max_rows); split the request")
+    size = request_size(images)
+    if size > max_request_chars:
+        raise BadRequest(f"request too large: {size / 2 ** 20:.1f} MiB of image data, this server takes at most "
+                         f"{max_request_chars / 2 ** 20:g} MiB (max_request_mib); send fewer or "
+                         f"smaller images per request", status=413)
+
+
 class ServedModelBase(mlflow.pyfunc.PythonModel):
     """What the single-category model and the multi-category router share: config, bounds, decoding,
     output, following the registry, shadow and capture."""
@@ -178,14 +191,7 @@ class ServedModelBase(mlflow.pyfunc.PythonModel):
             raise BadRequest("empty request: send at least one row")
         if not self.bounded:
             return model_input
-        if len(model_input) > self.max_rows:
-            raise BadRequest(f"too many rows: {len(model_input)} in one request, this server takes at most "
-                             f"{self.max_rows} (max_rows); split the request")
-        size = request_size(model_input[IMAGE_COLUMN].tolist())
-        if size > self.max_request_chars:
-            raise BadRequest(f"request too large: {size / 2 ** 20:.1f} MiB of image data, this server takes at most "
-                             f"{self.max_request_chars / 2 ** 20:g} MiB (max_request_mib); send fewer or "
-                             f"smaller images per request", status=413)
+        check_bounds(model_input[IMAGE_COLUMN].tolist(), self.max_rows, self.max_request_chars)
         return model_input
 
     def _decode_rows(self, model_input, columns: tuple[str, ...] = (IMAGE_COLUMN,)):
