@@ -511,7 +511,11 @@ def status(category: str, *, tracking_uri: str | None = None) -> dict:
 
 # -- exported runtimes, the router, drift, governance -------------------------------------------------------
 def export(category: str, version, runtime: str = "openvino", *, tracking_uri: str | None = None) -> VersionOutcome:
-    """Register a new version = ``version`` with its backbone exported for ``runtime`` (onnxruntime / openvino).
+    """Register a new version = ``version`` with its backbone exported for ``runtime`` (onnxruntime / openvino /
+    openvino-int8). ``openvino-int8`` quantizes the OpenVINO backbone with NNCF, calibrated on the version's own
+    good training views only, re-derives the threshold with the source's rule on its calibration images and
+    re-evaluates the version on its logged evaluation set (the new metrics go on the version); it is served
+    with runtime openvino and promoted through the gate like any version. Needs ``pip install 'adreg[export]'``.
 
     Returns:
         ``VersionOutcome``: ``version``, ``run_id``, ``model_uri`` (nothing promoted: ``promoted`` None).

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 import adreg
 from adreg.augment import adaptive_copies, augment_shots, iter_views, parse_augmentations
 from adreg.backbones import Backbone, build_backbone
-from adreg.backbones.export import EXPORT_DIR, ExportedBackbone, resolve_runtime
+from adreg.backbones.export import EXPORT_DIR, ExportedBackbone, export_precision, resolve_runtime
 from adreg import integrity
 from adreg.errors import ConfigError
 from adreg.images import load_image
@@ -376,7 +376,10 @@ class AnomalyDetector:
         if precision:
             spec["precision"] = precision
         runtime, device = resolve_runtime(directory, runtime, device, threads)
-        key = json.dumps({**spec, "runtime": runtime}, sort_keys=True)
+        key = {**spec, "runtime": runtime}
+        if runtime != "torch" and export_precision(directory) == "int8":  # not the f32 export's instance
+            key["export_precision"] = "int8"
+        key = json.dumps(key, sort_keys=True)
         if backbones is not None and key in backbones:
             backbone = backbones[key]
         else:

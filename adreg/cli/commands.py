@@ -360,8 +360,9 @@ def cmd_serve_bundle(args) -> int:
 
 def cmd_export(args) -> int:
     out = _api().export(args.category, args.version, args.runtime, tracking_uri=args.tracking_uri)
+    served = "openvino" if args.runtime == "openvino-int8" else args.runtime  # INT8: the OpenVINO path
     print(f"registered {out.registered_name} version {out.version}: version {args.version} with its "
-          f"backbone on {args.runtime} (served with runtime {args.runtime} unless model_config overrides it)")
+          f"backbone on {args.runtime} (served with runtime {served} unless model_config overrides it)")
     print(f"run: {out.run_id}; promote it with `adreg promote {args.category} --version {out.version}`")
     return 0
 

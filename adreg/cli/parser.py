@@ -249,11 +249,14 @@ def _add_serve_commands(sub) -> None:
     p.add_argument("--promote", default="production", help="alias to point at the new router version")
     p.set_defaults(func=cmd_serve_bundle)
 
-    p = sub.add_parser("export", help="register a new version whose backbone runs on ONNX Runtime or OpenVINO (CPU)")
+    p = sub.add_parser("export", help="register a new version whose backbone runs on ONNX Runtime or OpenVINO (CPU), "
+                                       "f32 or INT8")
     p.add_argument("category")
     p.add_argument("--version", required=True, help="the registered version to export")
-    p.add_argument("--runtime", default="openvino", choices=["onnxruntime", "openvino"],
-                   help="CPU runtime of the exported backbone (default openvino)")
+    p.add_argument("--runtime", default="openvino", choices=["onnxruntime", "openvino", "openvino-int8"],
+                   help="CPU runtime of the exported backbone (default openvino); openvino-int8: OpenVINO with the "
+                        "backbone quantized by NNCF, calibrated on the version's own training images, its threshold "
+                        "re-derived and the version re-evaluated (served with runtime openvino)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("score", help="batch-score image files/folders/globs into a parquet dataset "
