@@ -670,9 +670,18 @@ def threshold(category: str, *, from_alias: str = "production", from_version=Non
 
 def review(categories: Sequence[str] | str, capture: str | Path, *, host: str = "127.0.0.1", port: int = 8765,
            tracking_uri: str | None = None, **settings) -> None:
-    """Run the browser review queue over a capture folder until interrupted (``adreg.review.app``)."""
+    """Run the browser review queue over a capture folder until interrupted (``adreg.review.app``).
+
+    ``settings``: ``strategy`` (``informative`` by default, ``newest`` or ``random``: which captures come first,
+    ``adreg.review.selection``), ``random_share`` (the share of captures kept as the random slice that honest
+    figures rest on; default 0.2), ``sample_rate`` (passed captures in the ``newest`` order), ``seed``,
+    ``device`` (overlays)."""
     from adreg.names import check_category
     from adreg.review.app import run
+    from adreg.review.selection import check_share, check_strategy
+
+    check_strategy(settings.get("strategy", "informative"))
+    check_share(settings.get("random_share", 0.0))
 
     cats = [categories] if isinstance(categories, str) else list(categories)
     for c in cats:

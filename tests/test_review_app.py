@@ -25,6 +25,7 @@ from adreg.pyfunc.capture import Capture
 from adreg.registry import labels, tracking
 from adreg.review import queue as rq
 from adreg.review.app import build_app
+from adreg.review.selection import REASONS
 from serving.process import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -103,7 +104,9 @@ def serve(app):
 
 @pytest.fixture(scope="module")
 def review(captures, review_store):
-    app = build_app(["bottle"], captures["dir"], sample_rate=1.0, tracking_uri=review_store["uri"], retry_s=0.5)
+    # no random slice: which labels evaluate must not depend on the capture names' random part here
+    app = build_app(["bottle"], captures["dir"], sample_rate=1.0, tracking_uri=review_store["uri"], retry_s=0.5,
+                    random_share=0.0)
     with serve(app) as url:
         yield {"url": url, "app": app, **captures}
 
@@ -167,7 +170,7 @@ def test_queue_orders_samples_deterministically_and_lists_without_reading_files(
                 (d / f"{i // 1000:02d}{i % 1000 // 100:02d}{i % 100:02d}-000000-v{1 + i % 2}-ab12.png").touch()
     (root / "ok" / "20261201" / "notes.txt").touch()
     (root / "flagged" / "20261201" / "escape.png").symlink_to("/etc/passwd")
-    q = rq.ReviewQueue(tmp_path / "cap", "bottle", sample_rate=0.1, seed=0)
+    q = rq.ReviewQueue(tmp_path / "cap", "bottle", sample_rate=0.1, seed=0, strategy="newest", random_share=0.0)
 
     def no_reading(*args, **kwargs):
         raise AssertionError("listing the queue opened a file")
@@ -177,16 +180,16 @@ def test_queue_orders_samples_deterministically_and_lists_without_reading_files(
         m.setattr(io, "open", no_reading)
         first = q.page(rq.Filters(), 0, 40)
         flagged_v2 = q.page(rq.Filters.parse(version="2", verdict="flagged", day="20261130"), 0, 100)
-    assert first.total == rq.ReviewQueue(tmp_path / "cap", "bottle", 0.1, 0).page(rq.Filters(), 0, 1).total
+    assert first.total == rq.ReviewQueue(tmp_path / "cap", "bottle", 0.1, 0, "newest", 0.0).page(rq.Filters(), 0, 1).total
     assert 30 + 150 <= first.total <= 30 + 250  # every flagged one, about 10% of the 2000 passed ones
     assert [e.verdict for e in first.entries[:30]] == ["flagged"] * 30 and first.entries[30].verdict == "ok"
     assert [e.day for e in first.entries[:15]] == ["20261201"] * 15  # newest first
     assert first.versions == ["1", "2"] and first.days == ["20261201", "20261130"]
     assert flagged_v2.total == 7 and {(e.version, e.day, e.verdict) for e in flagged_v2.entries} == \
         {("2", "20261130", "flagged")}
-    again = rq.ReviewQueue(tmp_path / "cap", "bottle", 0.1, 0).entries()[0]
+    again = rq.ReviewQueue(tmp_path / "cap", "bottle", 0.1, 0, "newest", 0.0).entries()[0]
     assert [e.rel for e in again] == [e.rel for e in q.entries()[0]]  # the same sample in another instance
-    other_seed = {e.rel for e in rq.ReviewQueue(tmp_path / "cap", "bottle", 0.1, 1).entries()[0]}
+    other_seed = {e.rel for e in rq.ReviewQueue(tmp_path / "cap", "bottle", 0.1, 1, "newest", 0.0).entries()[0]}
     assert other_seed != {e.rel for e in again}
     assert not any(e.rel.endswith(("escape.png", "notes.txt")) for e in again)
     with pytest.raises(PermissionError):
@@ -203,10 +206,13 @@ def test_label_goods_and_defects_with_a_drawn_region_and_a_second_reviewer(revie
     page = open_page(browser, url, reviewer="alice")
     assert page.text_content("#progress") == "0 of 7 labelled"
     assert page.locator(".entry").count() == 7
-    assert page.locator(".entry .flagged").count() >= 1  # the flagged ones come first
+    assert page.locator(".entry .flagged").count() >= 1
+    whys = page.locator(".entry .why").all_text_contents()  # every tile says why it is where it is
+    assert len(whys) == 7 and set(whys) <= set(REASONS.values()) and whys[0] == "near the threshold"
     select(page, rels["g0"])
     meta = page.text_content("#meta")
     assert "by version" in meta and "threshold" in meta and "UTC" in meta
+    assert whys[[e.get_attribute("data-rel") for e in page.locator(".entry").all()].index(rels["g0"])] in meta
     assert page.text_content("#overlay-note").startswith("anomaly map of version")
     assert page.is_visible("#overlay")
     page.keyboard.press("g")
@@ -258,6 +264,7 @@ def test_label_goods_and_defects_with_a_drawn_region_and_a_second_reviewer(revie
     b0 = by_key["b0"][0]
     assert b0.judged_version == review["app"].state.review.queues["bottle"].entry(rels["b0"]).version
     assert b0.sha256 == sha256_file(root / rels["b0"]) and b0.identity == labels.REVIEWER_IDENTITY
+    assert b0.selection in ("threshold", "novel", "duplicate") and b0.random_share == 0.0  # how the queue chose it
     drawn = [s for s in labels.production_set("bottle").samples if s.mask_path is not None]
     assert len(drawn) == 1 and load_image(drawn[0].mask_path).size == load_image(root / rels["b0"]).size
     page.context.close()

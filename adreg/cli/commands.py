@@ -489,7 +489,8 @@ def cmd_review(args) -> int:
     print(f"review queue for {', '.join(args.categories)} on http://127.0.0.1:{args.port} (Ctrl-C stops it)",
           flush=True)
     _api().review(args.categories, args.capture, port=args.port, sample_rate=args.sample_rate, seed=args.seed,
-                  device=args.device, tracking_uri=args.tracking_uri)
+                  device=args.device, tracking_uri=args.tracking_uri, strategy=args.strategy,
+                  random_share=args.random_share)
     return 0
 
 

@@ -11,6 +11,7 @@ from adreg.cli.commands import (cmd_compare, cmd_drift, cmd_export, cmd_fit, cmd
                                 cmd_labels, cmd_models, cmd_predict, cmd_promote, cmd_quality, cmd_quickstart,
                                 cmd_review, cmd_rollback, cmd_score, cmd_serve, cmd_serve_bundle, cmd_status,
                                 cmd_threshold, cmd_tune, cmd_update, cmd_whoami)
+from adreg.review.selection import DEFAULT_RANDOM_SHARE, DEFAULT_STRATEGY, STRATEGIES
 
 DESCRIPTION = "The adreg command line"  # build_parser adds every command's name
 
@@ -354,9 +355,16 @@ def _add_review_commands(sub) -> None:
     p.add_argument("categories", nargs="+", metavar="CATEGORY")
     p.add_argument("--capture", required=True, metavar="DIR", help="the folder `adreg serve --capture` writes")
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default 8765)")
+    p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY,
+                   help="which captures come first: informative (default: flags nearest the threshold and the passes "
+                        "least like anything learned, near-duplicates once), newest (flags newest first, then a "
+                        "sample of passes) or random")
+    p.add_argument("--random-share", type=float, default=DEFAULT_RANDOM_SHARE,
+                   help="share of all captures kept as the random slice, every strategy mixes it in; the gate, "
+                        "`adreg quality` and `adreg threshold --from-reviews` evaluate on its labels (default %(default)s)")
     p.add_argument("--sample-rate", type=float, default=0.1,
-                   help="share of passed captures queued after the flags (deterministic sample; default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the passed sample")
+                   help="share of passed captures the newest strategy queues after the flags (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random slice and the samples")
     p.add_argument("--device", default="cpu", help="device for the anomaly-map overlays (default cpu)")
     p.set_defaults(func=cmd_review)
 

@@ -6,7 +6,11 @@ ignoring the ``.json`` sidecars)::
     <capture_dir>/<category>/ok/<YYYYMMDD>/<HHMMSS-micro>-v<version>-<rand>.png
     <capture_dir>/<category>/flagged/<YYYYMMDD>/...png      # judged anomalous: kept apart for review
 
-each image ``<file>.png`` with a sidecar ``<file>.json``: {score, threshold, is_anomaly, model, version, alias, at}. The image is
+each image ``<file>.png`` with a sidecar ``<file>.json``: {score, threshold, is_anomaly, normal_percentile, model,
+version, alias, at, novelty, embedding}. ``novelty`` (the mean of the image's anomaly map: how far the whole image
+lies from what the version learned, in score units) and ``embedding`` (the backbone's pooled features, unit
+length, float16 as base64: ``decode_embedding``) are what the review queue ranks and de-duplicates by
+(``adreg.review.selection``); both come from the scoring pass, nothing is computed again. The image is
 written as it was sent (PNG, or JPEG as ``.jpg``; nothing is re-encoded). Sampling is deterministic: with
 rate r, exactly floor(n * r) of the first n scored rows are kept. The folder is held under
 ``max_mib`` by deleting the oldest captures first. Writes happen on a background thread fed by a
@@ -31,6 +35,34 @@ from adreg.names import category_of
 
 _log = logging.getLogger("adreg.capture")
 IMAGE_SUFFIXES = (".png", ".jpg")
+SIGNALS_KEY = "_capture"  # a scored row's review signals (review_signals): into the sidecar, not the response
+
+
+def review_signals(maps, feats) -> list[dict]:
+    """Per image of a scored batch: ``novelty`` (mean of its anomaly map) and ``embedding`` (each backbone
+    layer's pooled features scaled to unit length, concatenated and scaled to unit length again; float16 base64)."""
+    import numpy as np
+
+    novelty = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1).mean(axis=1)
+    layers = []
+    for g in feats.globals:
+        g = g.float().cpu().numpy().reshape(len(g), -1)
+        layers.append(g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12))
+    emb = np.concatenate(layers, axis=1) / np.sqrt(len(layers))
+    return [{"novelty": float(n), "embedding": base64.b64encode(e.astype(np.float16).tobytes()).decode("ascii")}
+            for n, e in zip(novelty, emb)]
+
+
+def decode_embedding(text) -> "np.ndarray | None":
+    """A sidecar's ``embedding`` as float32 (None when missing or unreadable)."""
+    import numpy as np
+
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return np.frombuffer(base64.b64decode(text, validate=True), dtype=np.float16).astype(np.float32)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _suffix(raw: bytes) -> str | None:
@@ -124,8 +156,9 @@ class Capture:
         stem = f"{at.strftime('%H%M%S-%f')}-v{row.get('model_version') or 'x'}-{secrets.token_hex(2)}"
         path = folder / (stem + suffix)
         sidecar = {"score": row.get("score"), "threshold": row.get("threshold"), "is_anomaly": row.get("is_anomaly"),
-                   "model": name, "version": row.get("model_version"), "alias": row.get("model_alias"),
-                   "at": at.isoformat(timespec="milliseconds")}
+                   "normal_percentile": row.get("normal_percentile"), "model": name,
+                   "version": row.get("model_version"), "alias": row.get("model_alias"),
+                   "at": at.isoformat(timespec="milliseconds"), **(row.get(SIGNALS_KEY) or {})}
         path.write_bytes(raw)
         text = json.dumps(sidecar)
         path.with_suffix(".json").write_text(text)

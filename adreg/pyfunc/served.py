@@ -43,6 +43,7 @@ from PIL import Image
 from adreg.errors import AdregError
 from adreg.images import DEFAULT_MAX_PIXELS, decode_image_b64, encode_png_b64, thread_map
 from adreg.pyfunc import DEFAULT_MAX_REQUEST_MIB, DEFAULT_MAX_ROWS, DEFAULT_POLL_SECONDS
+from adreg.pyfunc.capture import SIGNALS_KEY, review_signals
 
 
 class BadRequest(MlflowException, AdregError):
@@ -248,6 +249,9 @@ class ServedModelBase(mlflow.pyfunc.PythonModel):
         percentiles = det.normal_percentile(pred.scores)
         for j, i in enumerate(index):
             self._fill(rows[i], float(pred.scores[j]), threshold, pred.maps[j], images[i].size, percentiles[j])
+        if self.capture is not None:  # what the review queue ranks captures by (kept off the response)
+            for i, signals in zip(index, review_signals(pred.maps, feats)):
+                rows[i][SIGNALS_KEY] = signals
         candidate = slot.shadow
         if self.shadow is not None and candidate is not None:
             self.shadow.offer(served, candidate, feats, [images[i] for i in index], pred.scores)

@@ -10,9 +10,9 @@ folder's rotation and reads the same on every machine.
 
 Reading: ``read_labels`` (all records, oldest first), ``consensus`` (one verdict per image: the latest label
 of each reviewer; reviewers who disagree make the image ``disputed``, shown and left out of every set),
-``production_set`` (reviewed defects + the reviewed goods the seeded split puts on the evaluation side, as
-``adreg.data.Sample`` s with masks where drawn; the other goods are for growing: a reviewed good is either
-grown on or evaluated on, never both).
+``production_set`` (the evaluation side: the review queue's random slice where reviewers labelled any of it,
+else reviewed defects + the reviewed goods a seeded split puts there, as ``adreg.data.Sample`` s with masks
+where drawn; the other goods are for growing: a reviewed good is either grown on or evaluated on, never both).
 """
 
 from __future__ import annotations
@@ -59,6 +59,10 @@ class Label:
         judged_version, judged_score, judged_threshold, flagged, judged_at: what the model on the line said
             (None for an image that did not come from a capture).
         mask: whether a defect region was drawn (artifact ``mask.png`` of the label's run ``run_id``).
+        selection: how the image came before the reviewer: ``random`` (the review queue's random slice, a
+            seeded share ``random_share`` of all captures: the labels honest figures rest on), the queue's
+            reason for an actively chosen one (``threshold``, ``novel``, ``duplicate``, ``newest``, ``sample``,
+            ``shuffled``, ``group``: see ``adreg.review.selection``), or ``manual`` (``adreg label``).
 
     Examples:
         ```python
@@ -83,6 +87,8 @@ class Label:
     judged_at: str | None = None
     mask: bool = False
     source: str = "cli"
+    selection: str = "manual"
+    random_share: float | None = None
     run_id: str = ""
     image_artifact: str = ""
 
@@ -170,7 +176,8 @@ def check_label(path: str | Path, verdict: str, *, mask=None,
 
 def record_label(category: str, path: str | Path, verdict: str, *, mask=None, expected_sha256: str | None = None,
                  judged: dict | None = None, source: str = "cli", at: str | None = None,
-                 reviewer: str | None = None) -> Label:
+                 reviewer: str | None = None, selection: str = "manual",
+                 random_share: float | None = None) -> Label:
     """Record one label of the image at ``path`` (``verdict``: good, defect or skip), checked by ``check_label``.
 
     ``expected_sha256``: the bytes the reviewer saw; a file that changed since is refused (``ConflictError``).
@@ -179,7 +186,8 @@ def record_label(category: str, path: str | Path, verdict: str, *, mask=None, ex
     (a label queued while the store was down keeps its time). ``reviewer``: a name the reviewer gave (the
     review page asks for one) where the store has no users; where it authenticates, the label is always the
     authenticated user's (the credentials in ``MLFLOW_TRACKING_USERNAME/PASSWORD``), and labelling needs EDIT
-    on the category (``PermissionDenied``)."""
+    on the category (``PermissionDenied``). ``selection`` / ``random_share``: how the image was chosen for review
+    (``Label.selection``; the review page passes the queue's)."""
     digest, png = check_label(path, verdict, mask=mask, expected_sha256=expected_sha256)
     path = Path(path)
     ident = governance.require(category, "EDIT", f"labelling images of {model_name(category)}")
@@ -192,7 +200,8 @@ def record_label(category: str, path: str | Path, verdict: str, *, mask=None, ex
                   seq=now_ns, judged_version=None if judged.get("version") is None else str(judged["version"]),
                   judged_score=_float(judged.get("score")), judged_threshold=_float(judged.get("threshold")),
                   flagged=None if judged.get("is_anomaly") is None else bool(judged["is_anomaly"]),
-                  judged_at=judged.get("at"), mask=png is not None, source=source)
+                  judged_at=judged.get("at"), mask=png is not None, source=source, selection=str(selection),
+                  random_share=None if random_share is None else float(random_share))
     return _write(label, path, png)
 
 
@@ -317,7 +326,10 @@ class ProductionSet:
             drawn) and the evaluation-side goods; ``n_good`` / ``n_defective`` count them.
         grow: the grow-side goods, what ``adreg update --from-reviews`` learns from (paths).
         seed, fraction: the seeded split of reviewed goods (a hash of each image's bytes, so an image keeps
-            its side as labels arrive).
+            its side as labels arrive) where no label is from the review queue's random slice.
+        random_slice: True when the evaluation side is the random slice (``Label.selection == "random"``):
+            goods and defects as the line makes them; ``n_chosen_defects`` counts the reviewed defects the
+            queue chose actively, left out of both sides.
         digest: sha256 of what the set rests on (recorded with every gate that used it).
         n_disputed: images whose reviewers disagree (left out); ``n_masks``: defects with a drawn region.
 
@@ -340,6 +352,8 @@ class ProductionSet:
     n_disputed: int
     n_masks: int
     labels: list[Label] = field(default_factory=list, repr=False)
+    random_slice: bool = False  # the evaluation side is the review queue's random slice
+    n_chosen_defects: int = 0  # reviewed defects the queue chose actively: in neither side
     n_excluded: int = 0  # evaluation images left out because a compared version learned from them
 
     @property
@@ -353,8 +367,10 @@ class ProductionSet:
     def describe(self) -> str:
         masks = f", {self.n_masks} with a drawn region" if self.n_defective else ""
         excluded = f"; {self.n_excluded} left out: learned from" if self.n_excluded else ""
-        return (f"production set ({self.n_defective} reviewed defects{masks}, {self.n_good} reviewed goods; "
-                f"labels {self.digest[:12]}{excluded})")
+        kind = "production set's random slice" if self.random_slice else "production set"
+        chosen = f"; {self.n_chosen_defects} chosen defects not evaluated" if self.n_chosen_defects else ""
+        return (f"{kind} ({self.n_defective} reviewed defects{masks}, {self.n_good} reviewed goods; "
+                f"labels {self.digest[:12]}{chosen}{excluded})")
 
 
     def without(self, sha256s: set[str]) -> "ProductionSet":
@@ -398,14 +414,25 @@ def image_file(lab: Label) -> Path:
 
 def production_set(category: str, seed: int = 0, fraction: float = DEFAULT_EVAL_FRACTION,
                    labels: list[Label] | None = None) -> ProductionSet:
-    """The category's reviewed images as an evaluation set and a grow set (see the module docstring)."""
+    """The category's reviewed images as an evaluation set and a grow set (see the module docstring).
+
+    Where reviewers labelled any of the review queue's random slice (``Label.selection == "random"``), the
+    evaluation side is exactly that slice, goods and defects at the line's own rates, and every other reviewed
+    good is grown on (actively chosen defects are left out of both: they are not a sample of the line). Without
+    a random slice (labels given with ``adreg label``), it is every reviewed defect and the goods a seeded hash
+    puts on the evaluation side (``fraction``)."""
     labels = read_labels(category) if labels is None else labels
     verdicts = consensus(labels)
-    samples, sample_sha, grow, grow_sha, used, n_masks = [], [], [], [], [], 0
+    sliced = {sha for sha, v in verdicts.items() if any(lab.selection == "random" for lab in v.labels)}
+    samples, sample_sha, grow, grow_sha, used, n_masks, n_chosen = [], [], [], [], [], 0, 0
     for sha, v in sorted(verdicts.items(), key=lambda kv: (kv[1].latest.at, kv[0])):
         if v.verdict == DISPUTED:
             continue
         lab = v.latest
+        evaluated = sha in sliced if sliced else (v.verdict == "defect" or evaluation_side(sha, seed, fraction))
+        if v.verdict == "defect" and not evaluated:
+            n_chosen += 1
+            continue
         used.extend(v.labels)
         if v.verdict == "defect":
             masked = next((x for x in reversed(v.labels) if x.mask), None)
@@ -413,7 +440,7 @@ def production_set(category: str, seed: int = 0, fraction: float = DEFAULT_EVAL_
             n_masks += mask is not None
             samples.append(Sample(image_file(lab), 1, "reviewed", mask))
             sample_sha.append(sha)
-        elif evaluation_side(sha, seed, fraction):
+        elif evaluated:
             samples.append(Sample(image_file(lab), 0, "good"))
             sample_sha.append(sha)
         else:
@@ -421,4 +448,4 @@ def production_set(category: str, seed: int = 0, fraction: float = DEFAULT_EVAL_
             grow_sha.append(sha)
     n_disputed = sum(1 for v in verdicts.values() if v.verdict == DISPUTED)
     return ProductionSet(category, samples, sample_sha, grow, grow_sha, labels_digest(used), seed, fraction,
-                         n_disputed, n_masks, used)
+                         n_disputed, n_masks, used, random_slice=bool(sliced), n_chosen_defects=n_chosen)

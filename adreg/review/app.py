@@ -40,6 +40,7 @@ from adreg.errors import (AdregError, ConflictError, DataError, ImageDecodeError
 from adreg.integrity import sha256_file
 from adreg.registry import labels as labels_mod
 from adreg.review.queue import Filters, label_view, labelled_paths
+from adreg.review.selection import DEFAULT_RANDOM_SHARE, DEFAULT_STRATEGY
 from adreg.review.state import ReviewState
 
 STATIC = Path(__file__).parent / "static"
@@ -61,6 +62,7 @@ class LabelIn(BaseModel):
     sha256: str
     mask: str | None = None  # a PNG as a data URL or base64
     reviewer: str | None = None
+    reason: str | None = None  # the reason the queue gave for the image (adreg.review.selection.REASONS)
 
 
 def decode_mask(value: str | None) -> bytes | None:
@@ -157,10 +159,13 @@ def _find(state: ReviewState, category: str, rel: str) -> Path:
 
 
 def build_app(categories: list[str], capture_dir: Path, *, sample_rate: float = 0.1, seed: int = 0,
-              device: str = "cpu", tracking_uri: str | None = None, retry_s: float = 5.0) -> FastAPI:
+              device: str = "cpu", tracking_uri: str | None = None, retry_s: float = 5.0,
+              strategy: str = DEFAULT_STRATEGY, random_share: float = DEFAULT_RANDOM_SHARE) -> FastAPI:
     """The review app over ``capture_dir`` for ``categories``; labels go to ``tracking_uri`` (default: the
-    store MLflow is pointed at). ``app.state.review`` is the ``ReviewState``."""
-    state = ReviewState(categories, capture_dir, sample_rate, seed, device, tracking_uri, retry_s)
+    store MLflow is pointed at). ``strategy`` / ``random_share``: the queue's order and its random slice
+    (``adreg.review.selection``). ``app.state.review`` is the ``ReviewState``."""
+    state = ReviewState(categories, capture_dir, sample_rate, seed, device, tracking_uri, retry_s, strategy,
+                        random_share)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -259,13 +264,16 @@ def build_app(categories: list[str], capture_dir: Path, *, sample_rate: float = 
                 raise DataError("the label must carry the sha256 of the image the page showed")
             mask = decode_mask(body.mask)
             reviewer = clean_reviewer(body.reviewer)
+            q = _queue(state, body.category)
+            selection = q.selection(q.entry(body.rel), body.reason)
         except DataError as exc:
             raise HTTPException(400, str(exc)) from None
         at = _now()
         problem = state.store_problem()
         if problem is None:
             try:
-                lab = state.record(body.category, path, body.verdict, body.sha256, mask, reviewer, at, creds)
+                lab = state.record(body.category, path, body.verdict, body.sha256, mask, reviewer, at, creds,
+                                   selection)
             except StoreUnreachable as exc:
                 problem = str(exc)
             except AdregError as exc:
@@ -283,7 +291,7 @@ def build_app(categories: list[str], capture_dir: Path, *, sample_rate: float = 
             raise _http_error(exc) from None
         state.journal.add({"category": body.category, "path": str(path), "rel": body.rel, "verdict": body.verdict,
                            "sha256": body.sha256, "reviewer": reviewer, "auth_user": state.user_of(creds),
-                           "at": at}, mask)
+                           "at": at, "selection": selection}, mask)
         return JSONResponse({"recorded": False, "journaled": True, **_status(state, creds, problem)}, status_code=202)
 
     return app
@@ -291,10 +299,11 @@ def build_app(categories: list[str], capture_dir: Path, *, sample_rate: float = 
 
 def run(categories: list[str], capture_dir: Path, host: str = "127.0.0.1", port: int = 8765, *,
         sample_rate: float = 0.1, seed: int = 0, device: str = "cpu", tracking_uri: str | None = None,
-        log_level: str = "warning") -> None:
+        log_level: str = "warning", strategy: str = DEFAULT_STRATEGY,
+        random_share: float = DEFAULT_RANDOM_SHARE) -> None:
     """Serve the review page on ``host:port`` (uvicorn) until interrupted."""
     import uvicorn
 
     app = build_app(categories, capture_dir, sample_rate=sample_rate, seed=seed, device=device,
-                    tracking_uri=tracking_uri)
+                    tracking_uri=tracking_uri, strategy=strategy, random_share=random_share)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -8,9 +8,11 @@ For every version that judged reviewed captures (the capture sidecar's version, 
 * ``misses`` = reviewed passes that were defects, ``miss_rate`` = misses / reviewed passes (from the passed
   sample the review queue shows after the flags).
 
-Each figure comes with the counts it rests on. The queue shows flags first, so reviewed images over-represent
-flags: the false-alarm rate is over the goods reviewed, not over everything the line saw. Disputed images
-(reviewers disagree) count in no figure. ``log_quality`` records the figures as one run of the category's
+Each figure comes with the counts it rests on. Where reviewers labelled any of the review queue's random slice
+(``adreg.review.selection``: a seeded share of all captures, whatever they look like), the figures are computed
+on that slice only, so they are the line's own rates; ``VersionQuality.random_slice`` says so. Without one (labels
+given with ``adreg label``, or only actively chosen images), the figures are over what people chose to review,
+which over-represents flags and hard images. Disputed images (reviewers disagree) count in no figure. ``log_quality`` records the figures as one run of the category's
 monitoring experiment (``adreg-<category>-monitoring``), metrics ``v<N>_flag_precision`` and so on.
 """
 
@@ -41,6 +43,7 @@ class VersionQuality:
     goods_reviewed: int = 0
     passes_reviewed: int = 0
     misses: int = 0
+    random_slice: bool = False  # computed on the review queue's random slice only
 
     @property
     def flag_precision(self) -> float:
@@ -64,18 +67,21 @@ class VersionQuality:
             return "-" if math.isnan(x) else f"{100 * x:.0f}%"
         return (f"flag precision {pct(self.flag_precision)} ({self.flags_confirmed}/{self.flags_reviewed} flags), "
                 f"false alarms {pct(self.false_alarm_rate)} ({self.false_alarms}/{self.goods_reviewed} goods), "
-                f"misses {self.misses}/{self.passes_reviewed} passes")
+                f"misses {self.misses}/{self.passes_reviewed} passes"
+                + (" (random slice)" if self.random_slice else " (what people chose to review)"))
 
 
 def production_quality(category: str, labels: list[Label] | None = None) -> dict[str, VersionQuality]:
     """``{version: VersionQuality}`` over the reviewed captures (labels with the judging version and verdict)."""
     labels = read_labels(category) if labels is None else labels
+    verdicts = list(consensus(labels).values())
+    sliced = [v for v in verdicts if any(lab.selection == "random" for lab in v.labels)]
     out: dict[str, VersionQuality] = {}
-    for v in consensus(labels).values():
+    for v in sliced or verdicts:
         lab = v.latest
         if v.verdict == DISPUTED or lab.judged_version is None or lab.flagged is None:
             continue
-        q = out.setdefault(lab.judged_version, VersionQuality(lab.judged_version))
+        q = out.setdefault(lab.judged_version, VersionQuality(lab.judged_version, random_slice=bool(sliced)))
         q.reviewed += 1
         defect = v.verdict == "defect"
         if lab.flagged:
@@ -103,7 +109,7 @@ def log_quality(category: str, labels: list[Label] | None = None) -> tuple[str, 
             metrics = {}
             for version, q in quality.items():
                 for key, value in q.as_dict().items():
-                    if key != "version" and not (isinstance(value, float) and math.isnan(value)):
+                    if key not in ("version", "random_slice") and not (isinstance(value, float) and math.isnan(value)):
                         metrics[f"v{version}_{key}"] = float(value)
             metrics["n_labels"] = float(len(labels))
             mlflow.log_metrics(metrics)

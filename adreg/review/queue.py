@@ -1,10 +1,11 @@
 """The review queue of one category: what ``adreg serve --capture`` kept, in the order a reviewer sees it.
 
 A capture folder holds ``<capture_dir>/<category>/{flagged,ok}/<YYYYMMDD>/<HHMMSS-micro>-v<version>-<rand>.png``
-(``adreg.pyfunc.capture``). The queue is every flagged capture, newest first, then a deterministic sample of the
-passed ones (a seeded hash of the relative path below ``sample_rate``: the same images on every reload, in every
-process), newest first. Listing reads directory entries only; an entry's sidecar and sha256 are read for the page
-asked for, never for the whole queue, so a folder of 10,000 captures pages without touching image bytes.
+(``adreg.pyfunc.capture``). The order is the queue's strategy (``adreg.review.selection``: ``informative`` by
+default, ``newest``, ``random``), each entry with the reason it is where it is, and the same on every reload and in
+every process. The ``newest`` and ``random`` orders come from directory entries only; ``informative`` also reads
+the captures' small JSON sidecars (once per capture: cached), never image bytes; an entry's sha256 is read for the
+page asked for, never for the whole queue.
 
 Which entries are labelled comes from the tracking store's labels (``adreg.registry.labels``): joined by sha256
 for the entries of a page (authoritative: a file whose bytes changed is not the image that was labelled), and
@@ -23,6 +24,8 @@ from pathlib import Path
 from adreg.errors import DataError
 from adreg.integrity import sha256_file
 from adreg.registry.labels import Verdict, read_sidecar
+from adreg.review.selection import (DEFAULT_RANDOM_SHARE, DEFAULT_STRATEGY, REASONS, check_share, check_strategy,
+                                    in_random_slice, order)
 
 VERDICT_FOLDERS = ("flagged", "ok")  # flagged first
 IMAGE_SUFFIXES = (".png", ".jpg")
@@ -46,6 +49,7 @@ class Entry:
     time: str  # HHMMSS-micro from the name ('' when the name is not a capture name)
     version: str | None
     sidecar: dict | None = field(default=None, repr=False)
+    reason: str = ""  # why the queue put it where it is (adreg.review.selection.REASONS)
 
     @property
     def sort_key(self) -> tuple[str, str, str]:
@@ -68,7 +72,9 @@ class Entry:
         return {"rel": self.rel, "verdict": self.verdict, "day": self.day,
                 "version": self.version if version is None else str(version),
                 "score": _number(side.get("score")), "threshold": _number(side.get("threshold")),
-                "alias": side.get("alias"), "at": side.get("at") or _name_time(self.day, self.time)}
+                "alias": side.get("alias"), "at": side.get("at") or _name_time(self.day, self.time),
+                "normal_percentile": _number(side.get("normal_percentile")),
+                "reason": self.reason, "why": REASONS.get(self.reason, "")}
 
 
 def _number(value) -> float | None:
@@ -105,12 +111,6 @@ def file_sha256(path: Path) -> str | None:
             _sha_cache.clear()
         _sha_cache[key] = digest
     return digest
-
-
-def sampled(rel: str, rate: float, seed: int = 0) -> bool:
-    """Whether a passed capture is in the review sample: a seeded hash of its relative path below ``rate``."""
-    h = hashlib.sha256(f"adreg-review-sample:{seed}:{rel}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2 ** 64 < rate
 
 
 def _dirs(folder: Path) -> list[os.DirEntry]:
@@ -170,14 +170,6 @@ class Filters:
                 and (self.verdict is None or e.verdict == self.verdict))
 
 
-def ordered(entries: list[Entry], sample_rate: float, seed: int = 0) -> list[Entry]:
-    """Flagged captures newest first, then the sampled passed ones newest first."""
-    flagged = sorted((e for e in entries if e.verdict == "flagged"), key=lambda e: e.sort_key, reverse=True)
-    passed = sorted((e for e in entries if e.verdict == "ok" and sampled(e.rel, sample_rate, seed)),
-                    key=lambda e: e.sort_key, reverse=True)
-    return flagged + passed
-
-
 @dataclass
 class Page:
     """One page of the queue: ``entries`` (offset..offset+limit of ``total``), the queue's versions and days
@@ -195,7 +187,8 @@ class Page:
 class ReviewQueue:
     """The queue of one category under ``capture_dir``; rescanned on each ``page`` call (directory listing only)."""
 
-    def __init__(self, capture_dir: Path, category: str, sample_rate: float = 0.1, seed: int = 0):
+    def __init__(self, capture_dir: Path, category: str, sample_rate: float = 0.1, seed: int = 0,
+                 strategy: str = DEFAULT_STRATEGY, random_share: float = DEFAULT_RANDOM_SHARE):
         if not 0.0 <= float(sample_rate) <= 1.0:
             raise DataError(f"sample rate {sample_rate} is not between 0 and 1")
         self.capture_dir = Path(capture_dir).resolve()
@@ -203,11 +196,28 @@ class ReviewQueue:
         self.root = self.capture_dir / category
         self.sample_rate = float(sample_rate)
         self.seed = int(seed)
+        self.strategy = check_strategy(strategy)
+        self.random_share = check_share(random_share)
 
     def entries(self, filters: Filters = Filters()) -> tuple[list[Entry], list[Entry]]:
-        """(the whole queue in review order, the part ``filters`` keeps)."""
-        queue = ordered(scan(self.root), self.sample_rate, self.seed)
+        """(the whole queue in review order, each entry with its ``reason``; the part ``filters`` keeps)."""
+        queue = []
+        for e, reason in order(scan(self.root), self.strategy, sample_rate=self.sample_rate, seed=self.seed,
+                               random_share=self.random_share):
+            e.reason = reason
+            queue.append(e)
         return queue, [e for e in queue if filters.keep(e)]
+
+    def selection(self, entry: Entry, reason: str | None = None) -> dict:
+        """What a label of ``entry`` records about how it was chosen: ``selection`` (``random`` for the random
+        slice, decided here from the capture's path and the seed; else the ``reason`` the page showed) and
+        ``random_share`` (the slice's share: its inclusion probability)."""
+        if in_random_slice(entry.rel, self.random_share, self.seed):
+            return {"selection": "random", "random_share": self.random_share}
+        reason = reason or entry.reason or "manual"
+        if reason == "random" or (reason not in REASONS and reason not in ("group", "manual")):
+            raise DataError(f"{reason!r} is not a reason the queue gives ({', '.join(REASONS)}) ")
+        return {"selection": reason, "random_share": self.random_share}
 
     def page(self, filters: Filters = Filters(), offset: int = 0, limit: int = 50,
              labelled_paths: set[str] | None = None) -> Page:

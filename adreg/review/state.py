@@ -26,6 +26,7 @@ from adreg.registry import labels as labels_mod
 from adreg.review.journal import JOURNAL_DIR, Journal, RetryLoop
 from adreg.review.overlays import Overlays
 from adreg.review.queue import ReviewQueue
+from adreg.review.selection import DEFAULT_RANDOM_SHARE, DEFAULT_STRATEGY
 
 AUTH_TTL_S = 60
 DOWN_RECHECK_S = 1.0
@@ -62,7 +63,8 @@ class ReviewState:
     the journal and its retry loop, the overlays and the credentials the store accepted."""
 
     def __init__(self, categories: list[str], capture_dir: Path, sample_rate: float, seed: int, device: str,
-                 tracking_uri: str | None, retry_s: float):
+                 tracking_uri: str | None, retry_s: float, strategy: str = DEFAULT_STRATEGY,
+                 random_share: float = DEFAULT_RANDOM_SHARE):
         if not categories:
             raise DataError("give at least one category to review")
         for c in categories:
@@ -71,7 +73,8 @@ class ReviewState:
         if not self.capture_dir.is_dir():
             raise DataError(f"{capture_dir}: no such capture folder (adreg serve --capture DIR writes one)")
         self.categories = list(dict.fromkeys(categories))
-        self.queues = {c: ReviewQueue(self.capture_dir, c, sample_rate, seed) for c in self.categories}
+        self.queues = {c: ReviewQueue(self.capture_dir, c, sample_rate, seed, strategy, random_share)
+                       for c in self.categories}
         self.journal = Journal(self.capture_dir / JOURNAL_DIR)
         self.overlays = Overlays(device)
         self.retry = RetryLoop(lambda: self.replay(blocking=True), retry_s)
@@ -142,10 +145,11 @@ class ReviewState:
             return labels_mod.consensus(labels_mod.read_labels(category))
 
     def record(self, category: str, path: Path, verdict: str, sha: str, mask: bytes | None,
-               reviewer: str | None, at: str, creds):
+               reviewer: str | None, at: str, creds, selection: dict | None = None):
+        """Record one label; ``selection``: how the queue chose the image (``ReviewQueue.selection``)."""
         with self.session(creds):
             return labels_mod.record_label(category, path, verdict, mask=mask, expected_sha256=sha, source="review",
-                                           at=at, reviewer=None if creds else reviewer)
+                                           at=at, reviewer=None if creds else reviewer, **(selection or {}))
 
     def replay_entry(self, entry: dict, mask: bytes | None) -> bool:
         """Record one journaled label; False when its authenticated user's credentials are not known yet."""
@@ -163,7 +167,7 @@ class ReviewState:
         if not path.resolve().is_relative_to(self.queues[category].root):
             raise DataError(f"{path} is not inside the capture folder")
         self.record(category, path, entry["verdict"], entry["sha256"], mask, entry.get("reviewer"), entry["at"],
-                    creds)
+                    creds, entry.get("selection"))
         return True
 
     def replay(self, blocking: bool = False) -> int:

@@ -1,0 +1,147 @@
+"""Which captures the review queue shows first (adreg.review.selection) on real bottle captures written by the
+registered version's own served model (loaded in-process with capture on), and the random slice that honest
+figures rest on: recorded with each label, the production set's evaluation side and ``adreg quality`` read only
+it."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from adreg.errors import DataError
+from adreg.images import file_to_b64
+from adreg.integrity import sha256_file
+from adreg.registry import labels, tracking
+from adreg.review import selection
+from adreg.review.quality import production_quality
+from adreg.review.queue import ReviewQueue
+
+DEFECTS = ["broken_large/000.png", "broken_large/001.png", "contamination/000.png", "contamination/001.png"]
+
+
+@pytest.fixture(scope="module")
+def store(registered_bottle, tmp_path_factory):
+    """A copy of the session store (labels written here reach no other test)."""
+    tmp = tmp_path_factory.mktemp("selection-store")
+    src = sqlite3.connect(registered_bottle["uri"][len("sqlite:///"):])
+    dst = sqlite3.connect(tmp / "mlflow.db")
+    src.backup(dst)
+    src.close()
+    dst.close()
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("ADREG_HOME", str(tmp / "home"))
+    tracking.configure(uri)
+    yield {"uri": uri, "version": str(registered_bottle["version"]), "shot": Path(registered_bottle["result"].shots[0])}
+    mp.undo()
+    mlflow.set_tracking_uri(None)
+
+
+def _capture(model, paths: list[Path], folder: Path) -> None:
+    """Score ``paths`` with the served model (capture on, rate 1) and wait until every capture is written."""
+    before = len(list(folder.rglob("*.json")))
+    out = model.predict(pd.DataFrame({"image": [file_to_b64(p) for p in paths]}))
+    assert (out["error"] == "").all()
+    deadline = time.monotonic() + 60
+    while len(list(folder.rglob("*.json"))) < before + len(paths) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.01)  # distinct capture times for the next request
+
+
+@pytest.fixture(scope="module")
+def captured(store, bottle_dir, tmp_path_factory):
+    """The line as the served model captures it: bottle's 20 test goods (the 1-shot version flags some: false
+    alarms), four strong defects, the learned shot three times, then the passed good the version covers least
+    sent three more times (a batch of near-duplicates of a novel good). {sha256 -> what it is}."""
+    folder = tmp_path_factory.mktemp("captures")
+    model = mlflow.pyfunc.load_model("models:/adreg-bottle@production", model_config={
+        "device": "cpu", "capture_dir": str(folder), "capture_rate": 1.0, "registered_model": "adreg-bottle",
+        "model_version": store["version"]})  # what `adreg serve` tells the model it serves
+    goods = sorted((bottle_dir / "test" / "good").glob("*.png"))
+    defects = [bottle_dir / "test" / d for d in DEFECTS]
+    _capture(model, goods + defects + [store["shot"]] * 3, folder)
+    root = folder / "bottle"
+    passed = [ReviewQueue(folder, "bottle").entry(p.relative_to(root).as_posix()) for p in (root / "ok").rglob("*.png")]
+    novel = max(passed, key=lambda e: e.load_sidecar()["novelty"] / e.load_sidecar()["threshold"])
+    _capture(model, [novel.path] * 3, folder)
+    what = {sha256_file(p): "good" for p in goods} | {sha256_file(p): "defect" for p in defects}
+    what[sha256_file(store["shot"])] = "shot"
+    what[sha256_file(novel.path)] = "novel"
+    return {"dir": folder, "what": what}
+
+
+def kinds(entries, what):
+    return [what[sha256_file(e.path)] for e in entries]
+
+
+def test_captures_carry_what_the_queue_ranks_by(captured):
+    side = labels.read_sidecar(next((captured["dir"] / "bottle").rglob("*.png")))
+    assert {"score", "threshold", "normal_percentile", "novelty", "embedding"} <= set(side)
+    emb = selection.signals(ReviewQueue(captured["dir"], "bottle").entry(
+        next((captured["dir"] / "bottle").rglob("*.png")).relative_to(captured["dir"] / "bottle").as_posix())).embedding
+    assert emb is not None and emb.ndim == 1 and abs(float(np.linalg.norm(emb)) - 1) < 0.01
+
+
+def test_informative_shows_a_false_alarm_and_a_novel_good_before_near_duplicates(captured):
+    what = captured["what"]
+    q = ReviewQueue(captured["dir"], "bottle", strategy="informative", random_share=0.0)
+    entries, _ = q.entries()
+    order = kinds(entries, what)
+    flagged = [e for e in entries if e.verdict == "flagged"]
+    assert any(what[sha256_file(e.path)] == "good" for e in flagged), "the 1-shot version flags no test good"
+    # flags nearest the threshold first: the first is a false alarm, and the order is by |log(score/threshold)|
+    closeness = [abs(np.log(selection.signals(e).ratio)) for e in flagged]
+    assert closeness == sorted(closeness) and order[0] == "good" and entries[0].reason == "threshold"
+    # passes: the novel good once, near the top; its three copies and the shot's copies after every other pass
+    passed = [(e, k) for e, k in zip(entries, order) if e.verdict == "ok"]
+    assert passed[0][1] == "novel" and passed[0][0].reason == "novel"
+    copies = [i for i, (e, k) in enumerate(passed) if k in ("novel", "shot")][1:]
+    shot_first = next(i for i, (e, k) in enumerate(passed) if k == "shot")
+    later = [i for i in copies if i != shot_first]
+    assert len(later) == 5 and min(later) > max(i for i, (e, k) in enumerate(passed) if k == "good")
+    assert all(passed[i][0].reason == "duplicate" for i in later)
+    assert sum(1 for _, k in passed[:5] if k == "novel") == 1
+    # the newest order shows the batch of copies together, one after another
+    newest = kinds(ReviewQueue(captured["dir"], "bottle", sample_rate=1.0, strategy="newest",
+                               random_share=0.0).entries()[0], what)
+    at = [i for i, k in enumerate(newest) if k == "novel"]
+    assert len(at) == 4 and at[:3] == list(range(at[0], at[0] + 3))  # the batch of three in a row
+
+
+def test_the_random_slice_is_mixed_in_recorded_and_the_only_evaluation_side(captured, store):
+    what = captured["what"]
+    q = ReviewQueue(captured["dir"], "bottle", strategy="informative", random_share=0.25, seed=3)
+    entries, _ = q.entries()
+    in_slice = [selection.in_random_slice(e.rel, 0.25, 3) for e in entries]
+    assert [e.reason == "random" for e in entries] == in_slice
+    assert 2 <= sum(in_slice) <= 16
+    assert all(entries[i].reason == "random" for i in range(3, len(entries), 4)[:sum(in_slice)])  # every 4th
+    assert {e.rel for e, s in zip(entries, in_slice) if s} != {e.rel for e in ReviewQueue(
+        captured["dir"], "bottle", random_share=0.25, seed=4).entries()[0] if e.reason == "random"}
+    # a reviewer labels the first 16 the queue shows, by the truth
+    for e in entries[:16]:
+        truth = what[sha256_file(e.path)]
+        labels.record_label("bottle", e.path, "defect" if truth == "defect" else "good", reviewer="ann",
+                            **q.selection(e, e.reason))
+    recorded = {lab.sha256: lab for lab in labels.read_labels("bottle")}
+    slice_shas = {sha256_file(e.path) for e, s in zip(entries[:16], in_slice[:16]) if s}
+    assert {sha for sha, lab in recorded.items() if lab.selection == "random"} == slice_shas
+    assert all(lab.random_share == 0.25 for lab in recorded.values())
+    prod = labels.production_set("bottle")
+    assert prod.random_slice and set(prod.sample_sha256) == slice_shas
+    chosen_goods = {sha for sha, lab in recorded.items() if lab.verdict == "good" and sha not in slice_shas}
+    assert set(prod.grow_sha256) == chosen_goods
+    chosen_defects = sum(1 for sha, lab in recorded.items() if lab.verdict == "defect" and sha not in slice_shas)
+    assert prod.n_chosen_defects == chosen_defects and "random slice" in prod.describe()
+    quality = production_quality("bottle")[store["version"]]
+    assert quality.random_slice and quality.reviewed == len(slice_shas)
+    # a label the page sends with a reason the queue never gives is refused; a random check cannot be claimed
+    with pytest.raises(DataError):
+        q.selection(next(e for e, s in zip(entries, in_slice) if not s), "random")
