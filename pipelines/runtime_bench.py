@@ -1,15 +1,19 @@
-"""Backbone runtimes side by side on the CPU: torch eager vs ONNX Runtime vs OpenVINO, in one run.
+"""Backbone runtimes side by side on the CPU: torch eager vs ONNX Runtime vs OpenVINO f32 vs OpenVINO INT8, in one run.
 
     python -m pipelines.runtime_bench --datasets bottle,mtd --threads 2 --rounds 5
 
 Per dataset: one SubspaceAD fit (1 shot, seed 0, the benchmark's dataset settings), its backbone exported
 (adreg.backbones.export), then the same saved detector loaded three times (runtime torch / onnxruntime /
-openvino, ``threads`` each). Accuracy: image and pixel AUROC of each runtime on the full test set, and the
+openvino, ``threads`` each), and a copy of it with the OpenVINO IR quantized to INT8 the way ``adreg export
+--runtime openvino-int8`` does (NNCF, calibrated on the fit's own shots and their augmented copies:
+``adreg.registry.export.training_views``; its threshold is not re-derived here: AUROC does not depend on it). Accuracy: image and pixel AUROC of each runtime on the full test set, and the
 largest relative score difference to torch. Speed: ``--n-images`` decoded test images scored with
 ``AnomalyDetector.predict`` (PIL in, scores + maps out: resize, normalise, backbone, head, smoothing;
 no PNG decode) at batch 1 and 8, and the backbone alone (``AnomalyDetector.extract`` on the same chunks
 as ``predict``, including resize and normalise: torch one image per pass on the CPU, an exported backbone
-up to its ``cpu_batch``) on the same images. The variants are interleaved in ``--rounds`` rounds (rotating order) and
+up to its ``cpu_batch``) on the same images; ``pyfunc ms`` = the served pyfunc model
+(``adreg.pyfunc.served.AnomalyDetectorModel`` with the runtime in its model_config) on requests of ``batch`` rows
+of base64 PNGs (decode, resize, normalise, backbone, head, map, encoding of the answer; no HTTP). The variants are interleaved in ``--rounds`` rounds (rotating order) and
 each figure is the median over rounds, so load from other processes hits all of them alike.
 Writes runtime_bench.md / .json to --out; --update-docs writes the page docs/benchmarks/runtime.md whole.
 """
@@ -20,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -29,26 +34,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adreg.backbones.export import export_backbone
+from adreg.backbones.export import export_backbone, quantize_export
 from adreg.detector import AnomalyDetector
 from adreg.evaluation import evaluate
 from adreg.fitting import FitOptions, fit_category
 from adreg.images import load_image
 
 ABOUT = (
-    "Backbone runtimes side by side on the CPU: torch eager, ONNX Runtime and OpenVINO. Per dataset one SubspaceAD "
+    "Backbone runtimes side by side on the CPU: torch eager, ONNX Runtime, OpenVINO f32 and OpenVINO INT8. Per "
+    "dataset one SubspaceAD "
     "fit by the product (`adreg.fitting.fit_category`: 1 shot, seed 0, the benchmark's dataset settings: bottle "
     "blocks 4 + 10; MTD blocks 7 + 10, flips x8, top 0.1%; EfficientNet-Lite0 at 320 px), its backbone exported "
     "(`adreg.backbones.export`), and the same saved detector loaded once per runtime, each with the given "
-    "threads. `ms / image` = decoded image in, score + map out (`AnomalyDetector.predict`: resize, normalise, "
+    "threads; `openvino-int8` is a copy whose OpenVINO IR is quantized as `adreg export --runtime openvino-int8` "
+    "does (NNCF 3.4 post-training quantization, full bias correction, calibrated on the fit's own shot and the "
+    "augmented copies its fit made: 31 views on bottle, 9 on MTD; served with runtime openvino). `ms / image` = decoded image in, score + map out (`AnomalyDetector.predict`: resize, normalise, "
     "backbone, head, smoothing; no PNG decode) at batch 1 and 8; `backbone ms` = `AnomalyDetector.extract` on "
     "the same chunks as `predict` (incl. resize + normalise: torch one image per pass on the CPU, an exported "
     "backbone up to its `cpu_batch`); `rest ms` = the difference (head + post-processing; a difference of two "
-    "timings). The runtimes are interleaved in rounds (rotating order), each figure the median over rounds. "
+    "timings); `pyfunc ms` = the served pyfunc model (`AnomalyDetectorModel`, the runtime in its model_config) "
+    "on requests of `batch` base64 PNG rows (PNG decode, resize, normalise, backbone, head, map, answer; no HTTP). "
+    "The runtimes are interleaved in rounds (rotating order), each figure the median over rounds. "
     "Image / pixel AUROC of each runtime on the test set (`adreg.evaluation.evaluate`) and the largest relative "
-    "score difference to torch."
+    "score difference to torch; `vs f32` = images / s of INT8 over OpenVINO f32 (model, and pyfunc)."
 )
-RUNTIMES = ("torch", "onnxruntime", "openvino")
+#: variant name -> (runtime it is loaded with, which folder: the f32 export or its INT8 copy)
+VARIANTS = {"torch": ("torch", "f32"), "onnxruntime": ("onnxruntime", "f32"), "openvino": ("openvino", "f32"),
+            "openvino-int8": ("openvino", "int8")}
+RUNTIMES = tuple(VARIANTS)
 # the benchmark's per-dataset settings (pipelines/benchmark.py DATASET_SETTINGS)
 SETTINGS = {"bottle": {}, "mtd": {"augment": "hflip,vflip", "aug_count": 8, "layers": [7, 10], "top_fraction": 0.001}}
 
@@ -59,7 +72,24 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _served(folder: Path, runtime: str, threads: int):
+    """The served pyfunc model around a detector folder, as MLflow would load it (no logging, no HTTP)."""
+    import mlflow
+
+    from adreg.pyfunc.served import DEFAULT_MODEL_CONFIG, AnomalyDetectorModel
+
+    model = AnomalyDetectorModel()
+    model.load_context(mlflow.pyfunc.PythonModelContext(
+        {"detector": str(folder)}, {**DEFAULT_MODEL_CONFIG, "runtime": runtime, "threads": threads, "device": "cpu"}))
+    return model
+
+
 def bench_dataset(dataset: str, args, tmp: Path) -> list[dict]:
+    import pandas as pd
+
+    from adreg.images import file_to_b64
+    from adreg.registry.export import training_views
+
     os.environ.setdefault("ADREG_PROGRESS", "0")
     opts = FitOptions(category=dataset, k_shot=1, seed=0, device="cpu", **SETTINGS.get(dataset, {}))
     result = fit_category(opts, show_progress=False)
@@ -67,18 +97,35 @@ def bench_dataset(dataset: str, args, tmp: Path) -> list[dict]:
     t0 = time.perf_counter()
     export_backbone(result.detector.backbone, folder, "openvino")  # writes the ONNX graph and the OpenVINO IR
     export_s = time.perf_counter() - t0
-    dets = {rt: AnomalyDetector.load(folder, device="cpu", runtime=rt, threads=args.threads) for rt in RUNTIMES}
+    int8_folder = tmp / f"{dataset}-int8"
+    shutil.copytree(folder, int8_folder)
+    views = training_views(list(result.shots), int8_folder)
+    t0 = time.perf_counter()
+    quant = quantize_export(int8_folder, views, f"{len(views)} views of the fit's {len(result.shots)} shot(s)")
+    quantize_s = time.perf_counter() - t0
+    folders = {"f32": folder, "int8": int8_folder}
+    dets = {v: AnomalyDetector.load(folders[f], device="cpu", runtime=rt, threads=args.threads)
+            for v, (rt, f) in VARIANTS.items()}
+    served = {v: _served(folders[f], rt, args.threads) for v, (rt, f) in VARIANTS.items()}
     torch.set_num_threads(args.threads)
     test = result.data.test
     if args.max_test:  # an evenly spaced subset keeps good and defective images
         test = test[:: max(1, len(test) // args.max_test)][: args.max_test]
     evals = {rt: evaluate(det, test, det.threshold.value, show_progress=False) for rt, det in dets.items()}
     ref = evals["torch"].scores
-    images = [load_image(s.path) for s in test[:: max(1, len(test) // args.n_images)][: args.n_images]]
-    for det in dets.values():  # warm-up: first calls allocate and pick kernels
+    timed = test[:: max(1, len(test) // args.n_images)][: args.n_images]
+    images = [load_image(s.path) for s in timed]
+    frame = pd.DataFrame({"image": [file_to_b64(s.path) for s in timed]})
+    for v, det in dets.items():  # warm-up: first calls allocate and pick kernels
         det.batch_size = 8
         det.predict(images[:8])
         det.extract(images[:1])
+        served[v].predict(None, frame.iloc[:8])
+
+    def pyfunc(model, bs):
+        for i in range(0, len(frame), bs):
+            out = model.predict(None, frame.iloc[i:i + bs])
+            assert (out["error"] == "").all(), out["error"].tolist()
     times: dict[tuple, list[float]] = {}
     order = list(RUNTIMES)
     for r in range(args.rounds):
@@ -90,6 +137,7 @@ def bench_dataset(dataset: str, args, tmp: Path) -> list[dict]:
                 times.setdefault((rt, bs, "model"), []).append(_timed(lambda: det.predict(images)) / len(images))
                 times.setdefault((rt, bs, "backbone"), []).append(  # as predict runs it (det.backbone_batch)
                     _timed(lambda: [det.extract(images[i:i + bs]) for i in range(0, len(images), bs)]) / len(images))
+                times.setdefault((rt, bs, "pyfunc"), []).append(_timed(lambda: pyfunc(served[rt], bs)) / len(images))
     rows = []
     for rt in RUNTIMES:
         m = evals[rt].metrics
@@ -97,33 +145,48 @@ def bench_dataset(dataset: str, args, tmp: Path) -> list[dict]:
         for bs in (1, 8):
             model_ms = 1000 * statistics.median(times[(rt, bs, "model")])
             backbone_ms = 1000 * statistics.median(times[(rt, bs, "backbone")])
+            pyfunc_ms = 1000 * statistics.median(times[(rt, bs, "pyfunc")])
             rows.append({"dataset": dataset, "runtime": rt, "batch": bs, "ms_per_image": model_ms,
+                         "pyfunc_ms_per_image": pyfunc_ms,
                          "images_per_s": 1000 / model_ms, "backbone_ms": backbone_ms,
                          "backbone_share": backbone_ms / model_ms, "rest_ms": model_ms - backbone_ms,
                          "image_auroc": m["image_auroc"], "pixel_auroc": m.get("pixel_auroc", float("nan")),
                          "max_rel_score_diff": diff, "n_test": len(test), "n_timed": len(images),
-                         "export_seconds": export_s})
-    base = {r["batch"]: r["images_per_s"] for r in rows if r["runtime"] == "torch"}
+                         "export_seconds": export_s, "quantize_seconds": quantize_s,
+                         "n_calibration_views": len(views), "n_fake_quantize": quant["quantization"]["n_fake_quantize"],
+                         "int8_feature_relative_error": quant["int8_relative_error"]})
+    base = {r["batch"]: r for r in rows if r["runtime"] == "torch"}
+    f32 = {r["batch"]: r for r in rows if r["runtime"] == "openvino"}
     for r in rows:
-        r["speedup"] = r["images_per_s"] / base[r["batch"]]
+        r["speedup"] = r["images_per_s"] / base[r["batch"]]["images_per_s"]
+        r["pyfunc_speedup"] = base[r["batch"]]["pyfunc_ms_per_image"] / r["pyfunc_ms_per_image"]
+        if r["runtime"] == "openvino-int8":
+            ref = f32[r["batch"]]
+            r["vs_f32"] = ref["ms_per_image"] / r["ms_per_image"]
+            r["pyfunc_vs_f32"] = ref["pyfunc_ms_per_image"] / r["pyfunc_ms_per_image"]
+            r["image_auroc_vs_f32"] = r["image_auroc"] - ref["image_auroc"]
+            r["pixel_auroc_vs_f32"] = r["pixel_auroc"] - ref["pixel_auroc"]
     return rows
 
 
 def markdown(rows: list[dict], args) -> str:
-    lines = ["| dataset | runtime | batch | ms / image | images / s | vs torch | backbone ms (share) | rest ms "
-             "| image AUROC | pixel AUROC | max rel. score diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | runtime | batch | ms / image | images / s | vs torch | vs f32 | backbone ms (share) | rest ms "
+             "| pyfunc ms / image | pyfunc vs torch | pyfunc vs f32 | image AUROC | pixel AUROC | max rel. score diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        vs = f"{r['vs_f32']:.2f}x" if "vs_f32" in r else ""
+        pvs = f"{r['pyfunc_vs_f32']:.2f}x" if "pyfunc_vs_f32" in r else ""
         lines.append(f"| {r['dataset']} | {r['runtime']} | {r['batch']} | {r['ms_per_image']:.1f} | "
-                     f"{r['images_per_s']:.1f} | {r['speedup']:.2f}x | {r['backbone_ms']:.1f} "
-                     f"({100 * r['backbone_share']:.0f}%) | {r['rest_ms']:.1f} | {r['image_auroc']:.4f} | "
+                     f"{r['images_per_s']:.1f} | {r['speedup']:.2f}x | {vs} | {r['backbone_ms']:.1f} "
+                     f"({100 * r['backbone_share']:.0f}%) | {r['rest_ms']:.1f} | {r['pyfunc_ms_per_image']:.1f} | "
+                     f"{r['pyfunc_speedup']:.2f}x | {pvs} | {r['image_auroc']:.4f} | "
                      f"{r['pixel_auroc']:.4f} | {r['max_rel_score_diff']:.1e} |")
     first = rows[0]
     lines.append("")
     lines.append(f"SubspaceAD 1-shot seed 0, EfficientNet-Lite0 320 px; {args.threads} threads, "
                  f"{first['n_timed']} test images timed per dataset, median of {args.rounds} interleaved rounds; "
                  "AUROC on "
-                 f"{' / '.join(str(r['n_test']) for r in rows[::6])} test images; "
+                 f"{' / '.join(str(r['n_test']) for r in rows[::2 * len(RUNTIMES)])} test images; "
                  f"{platform.processor() or platform.machine()}, "
                  f"{os.cpu_count()} cores visible. ms / image: decoded image in, score + map out "
                  "(`AnomalyDetector.predict`); rest = ms / image - backbone (resize, normalise, head, smoothing).")

@@ -75,17 +75,35 @@ def _copy_run_artifacts(source_run_id: str, dst: Path, skip: tuple[str, ...] = (
 
 
 # -- INT8 --------------------------------------------------------------------------------------------------
-def calibration_views(run_id: str, detector_dir: Path) -> tuple[list, str]:
-    """The version's own good training views to calibrate INT8 on, and a sentence saying where they came from.
-
-    The run's training manifest (role ``train``) names the images; those on this machine whose sha256 is the
-    recorded one are used, each with the augmented copies the detector makes (its settings and seed). When none
-    is, the small copies of training images stored in the model's ``reference/`` folder are used instead (and
-    the sentence says so); when there are none either, a DataError: no other data is ever used."""
+def training_views(paths: list, detector_dir: Path, n_training: int | None = None) -> list:
+    """The views the fit of the detector in ``detector_dir`` made of the good images ``paths``: each image, then
+    the augmented copies its augmentation settings and seed make (copies per image as for a model holding
+    ``n_training`` goods, default ``len(paths)``), at most ``MAX_CALIBRATION_VIEWS`` evenly spaced, each resized
+    to the backbone's input size (what preprocessing does first), so memory stays small."""
     from PIL import Image
 
     from adreg.augment import adaptive_copies, iter_views, parse_augmentations
     from adreg.detector import decode
+
+    cfg = json.loads((Path(detector_dir) / "config.json").read_text())
+    aug = cfg["augmentation"]
+    kinds = parse_augmentations(aug["augment"])
+    copies = adaptive_copies(aug["aug_count"], aug["aug_views"], n_training or len(paths)) if kinds else 0
+    total = len(paths) * (1 + copies)
+    step = max(1.0, total / MAX_CALIBRATION_VIEWS)
+    keep = {int(i * step) for i in range(min(total, MAX_CALIBRATION_VIEWS))}
+    side = int(cfg["backbone"]["image_size"])
+    return [v.resize((side, side), Image.BILINEAR)
+            for k, v in enumerate(iter_views(paths, kinds, copies, aug["seed"], decode)) if k in keep]
+
+
+def calibration_views(run_id: str, detector_dir: Path) -> tuple[list, str]:
+    """The version's own good training views to calibrate INT8 on, and a sentence saying where they came from.
+
+    The run's training manifest (role ``train``) names the images; those on this machine whose sha256 is the
+    recorded one are used (``training_views``). When none is, the small copies of training images stored in the
+    model's ``reference/`` folder are used instead (and the sentence says so); when there are none either, a
+    DataError: no other data is ever used."""
     from adreg.integrity import sha256_file
     from adreg.reference import REFERENCE_DIR, read_reference
     from adreg.registry import lineage, manifest
@@ -93,8 +111,6 @@ def calibration_views(run_id: str, detector_dir: Path) -> tuple[list, str]:
     entries = manifest.training(lineage.run_manifest(run_id)["images"])
     found = [Path(e["path"]) for e in entries
              if Path(e["path"]).is_file() and (not e.get("sha256") or sha256_file(e["path"]) == e["sha256"])]
-    aug = json.loads((Path(detector_dir) / "config.json").read_text())["augmentation"]
-    kinds = parse_augmentations(aug["augment"])
     if found:
         source = (f"{len(found)} training image(s) of the version" +
                   (f" ({len(entries) - len(found)} of its {len(entries)} not on this machine or changed)"
@@ -111,15 +127,7 @@ def calibration_views(run_id: str, detector_dir: Path) -> tuple[list, str]:
         source = (f"{len(stored)} stored reference copy(ies) (160 px) of the version's training images: its "
                   f"{len(entries)} training image(s) are not on this machine")
         print(f"adreg export: INT8 calibrated on {source}", file=sys.stderr)
-    # the copies per image the model's fit made (adreg.detector.AnomalyDetector.aug_copies), from its seed
-    copies = adaptive_copies(aug["aug_count"], aug["aug_views"], len(entries) or len(found)) if kinds else 0
-    total = len(found) * (1 + copies)
-    step = max(1.0, total / MAX_CALIBRATION_VIEWS)
-    keep = {int(i * step) for i in range(min(total, MAX_CALIBRATION_VIEWS))}
-    side = int(json.loads((Path(detector_dir) / "config.json").read_text())["backbone"]["image_size"])
-    # kept views are resized at once to the backbone's input size (what preprocessing does), so memory stays small
-    views = [v.resize((side, side), Image.BILINEAR)
-             for k, v in enumerate(iter_views(found, kinds, copies, aug["seed"], decode)) if k in keep]
+    views = training_views(found, detector_dir, len(entries) or len(found))
     return views, f"{len(views)} views of {source}"
 
 
