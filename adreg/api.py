@@ -283,7 +283,7 @@ def rollback(category: str, alias: str = "production", reason: str = "", *,
 
 
 def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: bool = False, review_seed: int = 0,
-           from_alias: str = "production", from_version=None,
+           covered_from: str | Path | None = None, from_alias: str = "production", from_version=None,
            include_suspects: bool = False, second_look: bool = True, holdout: int | None = None,
            min_calibration: int = 20, seed: int = 0, register: bool = False, promote: str | None = None, reason: str = "", policy=None,
            device: str = "auto", tracking_uri: str | None = None, show_progress: bool = True) -> UpdateOutcome:
@@ -301,6 +301,11 @@ def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: b
     defaults to 20 new goods, and to 0 with ``from_reviews`` alone: every reviewed good is learned from and the
     threshold is recalibrated on the parent's calibration images (``adreg threshold`` sets it from the line).
 
+    ``covered_from``: a capture folder (``adreg serve --capture``); also grow with its passed captures that the
+    parent judged and scored below its median normal image, unreviewed (``adreg.review.selection.covered_goods``:
+    goods the parent already covers; never a labelled image or one of the review queue's random slice, seeded
+    by ``review_seed``). How many it took is recorded (``covered_goods`` in the lineage).
+
     Returns:
         ``UpdateOutcome``: ``version``, ``run_id``, ``model_uri``, ``promoted``, ``gate`` and ``result`` (what
         was added, skipped, held out).
@@ -314,6 +319,8 @@ def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: b
     _store(tracking_uri)
     folders = [add_good] if isinstance(add_good, (str, Path)) else list(add_good)
     files, extra = [], {}
+    if covered_from is not None:
+        files, extra = _covered(category, covered_from, from_version, from_alias, review_seed)
     if from_reviews:
         from adreg.registry.labels import production_set
 
@@ -321,14 +328,14 @@ def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: b
         if not prod.grow:
             raise DataError(f"no reviewed goods to grow {category!r} with: the {prod.describe()} puts none on the "
                             "grow side; review more captures (adreg review / adreg label)")
-        files = [str(p) for p in prod.grow]
+        files += [str(p) for p in prod.grow]
         include_suspects = True  # reviewed goods are confirmed goods, false alarms above all
-        extra = {"review_labels": prod.digest, "review_split_seed": review_seed,
-                 "review_goods": len(prod.grow)}
-    elif not folders:
-        raise DataError("give at least one --add-good folder of good images, or --from-reviews")
+        extra.update({"review_labels": prod.digest, "review_split_seed": review_seed,
+                      "review_goods": len(prod.grow)})
+    elif not folders and not files:
+        raise DataError("give at least one --add-good folder of good images, --from-reviews or --covered-from")
     if holdout is None:
-        holdout = 0 if from_reviews and not folders else 20
+        holdout = 0 if (from_reviews or covered_from is not None) and not folders else 20
     opts = UpdateOptions(category=category, add_good=[str(f) for f in folders], add_files=files,
                          lineage_extra=extra, from_alias=from_alias,
                          from_version=from_version, include_suspects=include_suspects,
@@ -336,6 +343,22 @@ def update(category: str, add_good: Sequence[str] | str = (), *, from_reviews: b
                          min_calibration=min_calibration, seed=seed, device=device)
     return update_version(opts, register=register, promote=promote, policy=_policy(policy), reason=reason,
                           show_progress=show_progress)
+
+
+def _covered(category: str, capture_dir, from_version, from_alias: str, seed: int) -> tuple[list[str], dict]:
+    """The unreviewed passed captures the parent covers (``update(covered_from=...)``) and what the lineage
+    records of them."""
+    from adreg.integrity import sha256_file
+    from adreg.registry.labels import read_labels
+    from adreg.registry.resolve import resolve
+    from adreg.review.selection import covered_goods
+
+    if not Path(capture_dir).is_dir():
+        raise DataError(f"capture folder {capture_dir} does not exist (adreg serve --capture DIR writes it)")
+    parent = resolve(category, from_version, from_alias).version
+    labelled = {lab.sha256 for lab in read_labels(category)}
+    paths = [p for p in covered_goods(capture_dir, category, parent, seed=seed) if sha256_file(p) not in labelled]
+    return [str(p) for p in paths], {"covered_goods": len(paths), "covered_from": str(Path(capture_dir).resolve())}
 
 
 def history(category: str, *, tracking_uri: str | None = None) -> list[dict]:

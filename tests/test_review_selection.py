@@ -145,3 +145,25 @@ def test_the_random_slice_is_mixed_in_recorded_and_the_only_evaluation_side(capt
     # a label the page sends with a reason the queue never gives is refused; a random check cannot be claimed
     with pytest.raises(DataError):
         q.selection(next(e for e, s in zip(entries, in_slice) if not s), "random")
+
+
+def test_goods_the_version_covers_are_learned_without_review_and_counted(captured, store):
+    import adreg
+
+    root = captured["dir"] / "bottle"
+    covered = selection.covered_goods(captured["dir"], "bottle", store["version"])
+    assert covered, "the version scored no passed capture below its median normal image"
+    for p in covered:
+        side = labels.read_sidecar(p)
+        assert side["normal_percentile"] < 50 and not side["is_anomaly"] and str(side["version"]) == store["version"]
+        assert not selection.in_random_slice(p.relative_to(root).as_posix(), selection.DEFAULT_RANDOM_SHARE, 0)
+    assert selection.covered_goods(captured["dir"], "bottle", "999") == []  # judged by another version: not taken
+    labelled = {lab.sha256 for lab in labels.read_labels("bottle")}  # what the slice test's reviewer labelled
+    assert labelled & {sha256_file(p) for p in covered}, "no covered capture was labelled: nothing to leave out"
+    expected = [p for p in covered if sha256_file(p) not in labelled]
+    out = adreg.update("bottle", covered_from=captured["dir"], from_version=store["version"], device="cpu",
+                       show_progress=False)
+    assert out.result.sources["covered_goods"] == len(expected)
+    learned = {sha256_file(p) for p in out.result.added + out.result.calibration_images}
+    assert not learned & labelled  # a labelled capture (a reviewed defect above all) is never learned unreviewed
+    assert len(out.result.added) + len(out.result.duplicates) == len(expected)

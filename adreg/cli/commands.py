@@ -425,6 +425,7 @@ def _print_update(out) -> None:
 
 def cmd_update(args) -> int:
     out = _api().update(args.category, args.add_good, from_reviews=args.from_reviews, review_seed=args.review_seed,
+                        covered_from=args.covered_from,
                         from_alias=args.from_alias, from_version=args.from_version,
                         include_suspects=args.include_suspects, second_look=args.second_look,
                         holdout=args.holdout,
@@ -432,6 +433,9 @@ def cmd_update(args) -> int:
                         promote=args.promote, reason=args.reason or "", policy=_policy(args), device=args.device,
                         tracking_uri=args.tracking_uri)
     _print_update(out)
+    if args.covered_from:
+        print(f"  learned without review: {out.result.sources.get('covered_goods', 0)} passed capture(s) of "
+              f"{args.covered_from} that version {out.result.parent_version} scored below its median normal image")
     if out.version:
         print(f"registered {out.registered_name} version {out.version} (parent: version {out.result.parent_version})")
     if out.gate is not None:

@@ -312,7 +312,11 @@ def _add_update_commands(sub) -> None:
                    help="also grow with the reviewed goods (false alarms included) on the grow side of the "
                         "production set's seeded split; the labels' digest goes into the lineage")
     p.add_argument("--review-seed", type=int, default=0,
-                   help="seed of the split of reviewed goods into grown-on and evaluated-on (default 0)")
+                   help="seed of the split of reviewed goods into grown-on and evaluated-on, and of the review "
+                        "queue's random slice (default 0)")
+    p.add_argument("--covered-from", metavar="DIR",
+                   help="a capture folder: also grow with its unreviewed passed captures that the parent scored "
+                        "below its median normal image (goods it already covers; never the random slice)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--from", dest="from_alias", default="production", metavar="ALIAS",
                        help="grow the version this alias points at (default production)")

@@ -73,6 +73,7 @@ class UpdateResult(FitResult):
     manifest_entries: list[dict] = field(default_factory=list)  # read by adreg.registry.lineage
     n_parent_training: int = 0
     seconds: float = 0.0
+    sources: dict = field(default_factory=dict)  # where the new goods came from (UpdateOptions.lineage_extra)
 
     def metrics(self) -> dict[str, float]:
         out = super().metrics()
@@ -193,7 +194,7 @@ def prepare_update(opts: UpdateOptions, show_progress: bool = True) -> UpdateRes
     data = CategoryData(train=[Path(e["path"]) for e in training_entries], test=list(eval_samples),
                         source=eval_source)
     return UpdateResult(
-        options=fit_opts, detector=detector, data=data, shots=[Path(e["path"]) for e in training_entries],
+        sources=dict(opts.lineage_extra), options=fit_opts, detector=detector, data=data, shots=[Path(e["path"]) for e in training_entries],
         calibration_source=grown.calibration_source, evaluation=grown.evaluation, calibration=grown.calibration,
         parent_model=name, parent_version=version, parent_run_id=mv.run_id, parent_threshold=grown.parent_threshold,
         parent_metrics=dict(parent_run.data.metrics), added=[paths[i] for i in train_idx],

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -227,3 +228,26 @@ def order(entries: list, strategy: str = DEFAULT_STRATEGY, *, sample_rate: float
     idx, dup = k_center(np.array([sig[id(e)].novelty for e in pool]), [sig[id(e)].embedding for e in pool])
     ranked = [(pool[i], "duplicate" if d else "novel") for i, d in zip(idx, dup)] + [(e, "novel") for e in tail]
     return _interleave(random_part, _alternate([(e, "threshold") for e in flagged], ranked), share)
+
+
+#: a passed capture below this normal percentile of the version that judged it is learned without review
+COVERED_PERCENTILE = 50.0
+
+
+def covered_goods(capture_dir, category: str, version: str, *, seed: int = 0,
+                  random_share: float = DEFAULT_RANDOM_SHARE, below: float = COVERED_PERCENTILE) -> list:
+    """Passed captures of ``category`` that ``version`` judged and scored below its median normal image
+    (``normal_percentile`` < ``below``): goods the version already covers, learned without a person's review
+    (``adreg update --covered-from``). The random slice is never among them: its images stay unlearned so their
+    labels can evaluate. Returns their paths, oldest first."""
+    from adreg.review.queue import scan
+
+    out = []
+    for e in sorted(scan(Path(capture_dir).resolve() / category), key=lambda e: e.sort_key):
+        if e.verdict != "ok" or in_random_slice(e.rel, random_share, seed):
+            continue
+        side = e.load_sidecar()
+        pct = _number(side.get("normal_percentile"))
+        if str(side.get("version")) == str(version) and pct is not None and pct < below:
+            out.append(e.path)
+    return out
