@@ -7,9 +7,13 @@ to promote; its own download, load and verification in the server). In file orde
 metadata and readiness, a good and a defective image with a corrupt row, bounded requests, a promotion followed.
 """
 
+import argparse
 import base64
 import dataclasses
 import io
+import json
+import subprocess
+import sys
 
 import mlflow
 import numpy as np
@@ -175,3 +179,72 @@ def test_a_promotion_is_followed(client, store, images):
     assert result.as_numpy("model_version")[0].decode() == store["v2"]
     assert result.as_numpy("threshold")[0] == pytest.approx(store["t1"])
     assert result.as_numpy("model_alias")[0] == b"production" and result.as_numpy("is_anomaly")[0]
+
+
+def _server_args(argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed by the V2 server's own parser, in a child process (kserve's gRPC protos and
+    tritonclient.grpc's share symbol names, so one process cannot import both)."""
+    code = ("import json, sys; from adreg.pyfunc.v2 import build_parser; "
+            "print(json.dumps(vars(build_parser().parse_args(sys.argv[1:]))))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return argparse.Namespace(**json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _contract(annotation: str) -> dict[str, str]:
+    return dict(item.split(":") for item in annotation.split(","))
+
+
+def test_deployment_manifests_match_the_served_model(client, server, store):
+    """deploy/kserve and deploy/seldon (docs/guides/fleet-serving.md) against the live V2 server: no cluster here."""
+    from pathlib import Path
+
+    import yaml
+
+    from adreg.pyfunc.served import DEFAULT_MODEL_CONFIG
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    live = client.get_model_metadata(MODEL)
+    live_inputs = {i["name"]: i["datatype"] for i in live["inputs"]}
+    live_outputs = {o["name"]: o["datatype"] for o in live["outputs"]}
+
+    isvc = yaml.safe_load((deploy / "kserve" / "inferenceservice.yaml").read_text())
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["protocolVersion"] == "v2"
+    (container,) = predictor["containers"]
+    assert container["command"] == ["python", "-m", "adreg.pyfunc.v2"]
+    args = _server_args(container["args"])  # the flags the server really takes
+    env = {e["name"]: e["value"] for e in container["env"]}
+    config = json.loads(env["SERVING_MODEL_CONFIG"])
+    assert set(config) <= set(DEFAULT_MODEL_CONFIG)
+    name = isvc["metadata"]["name"]
+    assert name == args.model_name == config["registered_model"] == live["name"] == MODEL
+    assert args.model_uri == f"models:/{name}@{config['follow_alias']}" and config["follow_alias"] == "production"
+    assert args.host == "0.0.0.0"  # inside a pod, unlike the 127.0.0.1 default
+    (port,) = container["ports"]
+    assert port["containerPort"] == args.http_port == container["readinessProbe"]["httpGet"]["port"] \
+        == container["livenessProbe"]["httpGet"]["port"]
+    for probe in ("readinessProbe", "livenessProbe"):  # the probe paths answer on the live server
+        path = container[probe]["httpGet"]["path"]
+        assert requests.get(server.url + path, timeout=30).status_code == 200, path
+    assert container["readinessProbe"]["httpGet"]["path"] == f"/v2/models/{name}/ready"
+    notes = isvc["metadata"]["annotations"]
+    assert notes["adreg.io/model-name"] == name
+    assert _contract(notes["adreg.io/inputs"]) == live_inputs
+    served_outputs = {k: v for k, v in live_outputs.items() if k != "anomaly_map" or config.get("return_map")}
+    assert _contract(notes["adreg.io/outputs"]) == served_outputs  # this server runs with --return-map
+
+    model = yaml.safe_load((deploy / "seldon" / "model.yaml").read_text())
+    assert (model["apiVersion"], model["kind"]) == ("mlops.seldon.io/v1alpha1", "Model")
+    notes = model["metadata"]["annotations"]
+    version = notes["adreg.io/registered-version"]
+    assert model["metadata"]["name"] == notes["adreg.io/model-name"] == live["name"]
+    assert model["spec"]["storageUri"].endswith(f"/{live['name']}/{version}/model")
+    assert "mlflow" in model["spec"]["requirements"]
+    assert _contract(notes["adreg.io/inputs"]) == live_inputs
+    assert _contract(notes["adreg.io/outputs"]) == served_outputs
+    # Seldon's MLflow runtime exposes the version's signature: the same input and output names
+    signature = mlflow.models.get_model_info(f"models:/{MODEL}/{store['v1']}").signature
+    assert set(signature.inputs.input_names()) == set(live_inputs)
+    assert set(_contract(notes["adreg.io/outputs"])) <= set(signature.outputs.input_names())

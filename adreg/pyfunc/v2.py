@@ -261,7 +261,8 @@ def serve(model: V2Model, host: str, http_port: int, grpc_port: int | None, body
     server.start([model])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The server's command line (KServe's own flags, read by KServe from the same line, pass through)."""
     parser = argparse.ArgumentParser(prog="python -m adreg.pyfunc.v2",
                                      description="serve a registered adreg model over the Open Inference Protocol")
     parser.add_argument("--model_uri", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, a folder")
@@ -270,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http_port", type=int, default=8080)
     parser.add_argument("--grpc_port", type=int, default=8081)
     parser.add_argument("--enable_grpc", default="false", help="true: also serve gRPC on --grpc_port")
-    args, _ = parser.parse_known_args(argv)  # KServe reads its own flags from the same command line
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = build_parser().parse_known_args(argv)
     config = json.loads(os.environ.get("SERVING_MODEL_CONFIG") or "{}")
     model = V2Model(args.model_name, args.model_uri, config)
     model.load()
