@@ -75,6 +75,15 @@ def test_int8_export_registers_serves_and_is_gated(bottle_fit, tracking_uri, cap
     assert not (folder / "exported" / "backbone.onnx").exists()
     with pytest.raises(ConfigError, match="INT8 OpenVINO IR.*runtime 'openvino'"):
         AnomalyDetector.load(folder, runtime="onnxruntime")
+    # a router's loader shares one backbone per spec and runtime, never an INT8 one with an f32 one
+    from adreg.backbones.export import export_backbone
+
+    f32_dir = bottle_fit.detector.save(folder.parent / "f32")
+    export_backbone(bottle_fit.detector.backbone, f32_dir, "openvino")
+    backbones: dict = {}
+    a, b, c = (AnomalyDetector.load(d, backbones=backbones, runtime="openvino") for d in (f32_dir, folder, folder))
+    assert a.backbone is not b.backbone and b.backbone is c.backbone and len(backbones) == 2
+    assert (a.backbone.export_precision, b.backbone.export_precision) == ("f32", "int8")
 
     # metrics re-evaluated (not the source's copied), close to f32; a threshold of its own, with the source's rule
     source, int8 = client.get_run(logged.run_id).data.metrics, run.data.metrics
