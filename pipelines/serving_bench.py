@@ -16,6 +16,12 @@ as version 2; then, against real `adreg serve bottle` processes on 127.0.0.1 (de
 * latency with capture on (rate 1.0: every image written) vs off (<= 1.05x), two servers, alternately.
 
 Writes serving_follow.json / .md to --out; --update-docs writes the page docs/benchmarks/serving.md whole.
+
+``--protocols`` instead measures the Open Inference Protocol against MLflow's ``/invocations`` in one run: one
+`adreg serve bottle` and one `adreg serve bottle --protocol v2` on the same version, the same images, one image
+per request, at 1, 4 and 16 concurrent clients, the wire formats measured in turn within each round (target: V2
+p50 within 1.2x of /invocations p50). Writes serving_protocols.json / .md; --update-docs replaces only the page's
+protocol section.
 """
 
 from __future__ import annotations
@@ -153,11 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2, help="alternations for the shadow and capture comparisons")
     p.add_argument("--quick", action="store_true", help="reduced setting: small fit, 3 cycles, 24 requests")
     p.add_argument("--update-docs", action="store_true", help="write docs/benchmarks/serving.md")
+    p.add_argument("--protocols", action="store_true",
+                   help="only V2 (adreg serve --protocol v2) vs /invocations: p50/p99/throughput at 1, 4, 16 clients")
+    p.add_argument("--clients", default="1,4,16", help="--protocols: concurrency levels (default 1,4,16)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.protocols:
+        return protocols_main(args, argv)
     if args.quick:
         args.cycles, args.requests, args.rounds = 3, 24, 1
     os.environ.setdefault("ADREG_PROGRESS", "0")
@@ -242,6 +253,111 @@ def main(argv=None) -> int:
         path = write_page("serving", "Serving follows the registry", ABOUT, setting + "\n\n" + md,
                           command_line("pipelines.serving_bench", argv), machine=machine_line("cpu"))
         print(f"wrote {path}")
+    return 0
+
+
+PROTOCOLS_BEGIN, PROTOCOLS_END = "<!-- protocols: pipelines.serving_bench --protocols -->", "<!-- /protocols -->"
+KINDS = {"invocations": "MLflow `/invocations` (dataframe_split JSON)", "v2-json": "V2 REST, JSON (BYTES as base64)",
+         "v2-binary": "V2 REST, binary tensor extension"}
+
+
+def compare_protocols(uri: str, store: Path, images: list[str], clients_levels: list[int], requests_n: int,
+                      rounds: int) -> dict:
+    """/invocations and V2 servers of the same version; each round measures every wire format in turn."""
+    from serving.loadtest import load_kind, protocol_bodies, summarize
+
+    specs = protocol_bodies(images, "adreg-bottle")
+    mlflow_srv = Server(uri, "bottle", store / "serve-mlflow.log")
+    v2_srv = Server(uri, "bottle", store / "serve-v2.log", "--protocol", "v2")
+    servers = [mlflow_srv, v2_srv]
+    try:
+        for srv in servers:
+            srv.wait()
+        url = {"invocations": mlflow_srv.url, "v2-json": v2_srv.url, "v2-binary": v2_srv.url}
+        for kind, spec in specs.items():  # warm up: every image once, one client
+            load_kind(url[kind], kind, spec, 1, len(images), 300)
+        runs: dict = {(k, c): [] for k in specs for c in clients_levels}
+        for r in range(rounds):
+            for clients in clients_levels:
+                order = list(specs) if r % 2 == 0 else list(reversed(specs))  # neither always goes first
+                for kind in order:
+                    run = load_kind(url[kind], kind, specs[kind], clients, requests_n, 600)
+                    runs[(kind, clients)].append(run)
+                    print(kind, clients, {k: v for k, v in summarize([run]).items()}, flush=True)
+        rss = {"invocations_mib": mlflow_srv.rss_mib(), "v2_mib": v2_srv.rss_mib()}
+    finally:
+        for srv in servers:
+            srv.stop()
+    rows = [{"kind": k, "clients": c, **summarize(runs[(k, c)])} for c in clients_levels for k in specs]
+    return {"rows": rows, "rounds": rounds, "requests_per_run": requests_n, "rss": rss, "images": len(images)}
+
+
+def protocols_markdown(res: dict) -> str:
+    by = {(r["kind"], r["clients"]): r for r in res["rows"]}
+    lines = ["| wire format | clients | requests | p50 ms | p99 ms | req/s | p50 vs /invocations | target <= 1.2x |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        base = by[("invocations", r["clients"])]["p50_ms"]
+        ratio = r["p50_ms"] / base
+        mark = "" if r["kind"] == "invocations" else ("met" if ratio <= 1.2 else "**missed**")
+        lines.append(f"| {KINDS[r['kind']]} | {r['clients']} | {r['requests']} | {r['p50_ms']:.0f} | "
+                     f"{r['p99_ms']:.0f} | {r['throughput_rps']:.2f} | {ratio:.2f}x | {mark} |")
+    errors = sum(r["errors"] for r in res["rows"])
+    rss = res["rss"]
+    lines += ["", f"{errors} failed requests. Resident memory of the server process groups after the run: "
+                  f"/invocations {rss['invocations_mib']:.0f} MiB, V2 {rss['v2_mib']:.0f} MiB."]
+    return "\n".join(lines) + "\n"
+
+
+def write_protocols_section(section: str, page: Path | None = None) -> Path:
+    """Replace (or append) the protocol section of docs/benchmarks/serving.md; the rest of the page is kept."""
+    from pipelines.benchmark import DOCS
+
+    page = Path(page or Path(DOCS) / "serving.md")
+    text = page.read_text() if page.exists() else "# Serving\n"
+    block = f"{PROTOCOLS_BEGIN}\n{section.rstrip()}\n{PROTOCOLS_END}\n"
+    if PROTOCOLS_BEGIN in text and PROTOCOLS_END in text:
+        head, rest = text.split(PROTOCOLS_BEGIN, 1)
+        text = head + block + rest.split(PROTOCOLS_END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    page.write_text(text)
+    return page
+
+
+def protocols_main(args, argv) -> int:
+    import datetime
+
+    from adreg.data import default_category_dir
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("ADREG_PROGRESS", "0")
+    store = Path(tempfile.mkdtemp(prefix="adreg-protocol-bench-"))
+    prep = prepare(store, args.quick)
+    test_dir = default_category_dir("bottle") / "test"
+    images = [base64.b64encode(q.read_bytes()).decode() for q in sorted(test_dir.rglob("*.png"))[:16]]
+    levels = [int(c) for c in args.clients.split(",")]
+    res = compare_protocols(prep["uri"], store, images, levels, args.requests, args.rounds)
+    (out / "serving_protocols.json").write_text(json.dumps(res, indent=2))
+    md = protocols_markdown(res)
+    (out / "serving_protocols.md").write_text(md)
+    print(md)
+    if args.update_docs:
+        from pipelines.benchmark import command_line, machine_line
+
+        section = "\n".join([
+            "## Open Inference Protocol (V2) vs /invocations", "",
+            f"One `adreg serve bottle` (MLflow's scoring server) and one `adreg serve bottle --protocol v2` (KServe "
+            f"0.21's model server) serving version {prep['v1']} of the same store, on 127.0.0.1 at once; "
+            f"{len(images)} bottle test images in turn, one image per request, base64 in every wire format; "
+            f"{args.requests} requests per wire format and concurrency level in each of {args.rounds} rounds, "
+            "the formats measured in turn within a round (the order reversed every other round); p50 / p99 over "
+            "the pooled latencies of the rounds, throughput = answers / wall time.", "",
+            f"- Machine: {machine_line('cpu')}",
+            f"- Command: `{command_line('pipelines.serving_bench', argv)}`",
+            f"- Date: {datetime.date.today().isoformat()}", "", md])
+        print(f"wrote {write_protocols_section(section)}")
     return 0
 
 

@@ -10,6 +10,9 @@ for a plant with 8 products, all on the same backbone), bundles them into the ro
 * REST overhead: one client, batch of 8 images, REST vs in-process ``predict`` of the same model;
 * resident memory (whole process group) of N single-category servers vs one router, N = 1, 4, 8.
 
+``protocol_bodies`` / ``load_kind`` / ``summarize`` compare MLflow's ``/invocations`` with the Open Inference
+Protocol (``adreg serve --protocol v2``) on the same images: ``python -m pipelines.serving_bench --protocols``.
+
 Every loop is bounded by a request count and a time limit; all servers bind 127.0.0.1 and are stopped.
 """
 
@@ -109,6 +112,90 @@ def rest_overhead(url: str, category: str, batch: list[str], rounds: int = 10) -
 
 def body(columns: list[str], rows: list[list[str]]) -> dict:
     return {"dataframe_split": {"columns": columns, "data": rows}}
+
+
+# -- MLflow's /invocations vs the Open Inference Protocol (adreg serve --protocol v2) ------------------------------
+JSON = {"Content-Type": "application/json"}
+
+
+def protocol_bodies(images_b64: list[str], model: str) -> dict[str, dict]:
+    """Request bodies, one image each, the same images, per wire format: MLflow's ``/invocations``
+    (``dataframe_split`` JSON), V2 JSON (a BYTES tensor of base64 text) and V2 with the binary tensor extension
+    (the same base64 text as raw tensor bytes after the JSON header: KServe 0.21 takes only UTF-8 text in a
+    BYTES tensor over REST; raw image bytes go over gRPC)."""
+    import struct
+
+    v2_path = f"/v2/models/{model}/infer"
+    out = {"invocations": {"path": "/invocations", "headers": JSON,
+                           "bodies": [json.dumps(body(["image"], [[img]])).encode() for img in images_b64]},
+           "v2-json": {"path": v2_path, "headers": JSON,
+                       "bodies": [json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                                          "data": [img]}]}).encode() for img in images_b64]}}
+    binary = []
+    for img in images_b64:
+        raw = img.encode("ascii")
+        head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                       "parameters": {"binary_data_size": 4 + len(raw)}}]}).encode()
+        binary.append((head + struct.pack("<I", len(raw)) + raw, len(head)))
+    out["v2-binary"] = {"path": v2_path, "bodies": [b for b, _ in binary],
+                        "headers": [{"Content-Type": "application/octet-stream",
+                                     "Inference-Header-Content-Length": str(n)} for _, n in binary]}
+    return out
+
+
+def row_error(kind: str, resp) -> str | None:
+    """None when the answer scored its image, else why not (status, or the row's error)."""
+    if resp.status_code != 200:
+        return f"HTTP {resp.status_code}: {resp.text[:200]}"
+    data = resp.json()
+    if kind == "invocations":
+        err = data["predictions"][0]["error"]
+    else:
+        err = next(o["data"][0] for o in data["outputs"] if o["name"] == "error")
+    return err or None
+
+
+def load_kind(url: str, kind: str, spec: dict, clients: int, max_requests: int, max_seconds: float) -> dict:
+    """``load`` for one wire format of ``protocol_bodies``: latencies (s), wall time and errors."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(max_requests))
+    deadline = time.monotonic() + max_seconds
+    bodies, headers = spec["bodies"], spec["headers"]
+
+    def worker():
+        session = requests.Session()
+        while time.monotonic() < deadline:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            h = headers[i % len(bodies)] if isinstance(headers, list) else headers
+            t0 = time.perf_counter()
+            try:
+                err = row_error(kind, session.post(url + spec["path"], data=bodies[i % len(bodies)], headers=h,
+                                                   timeout=120))
+            except Exception as exc:  # noqa: BLE001 - counted
+                err = repr(exc)
+            with lock:
+                (errors.append(err) if err else latencies.append(time.perf_counter() - t0))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"latencies": latencies, "errors": errors, "wall_s": time.perf_counter() - t0}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """p50 / p99 over the pooled latencies of ``runs``; throughput = answers / wall time."""
+    lat = sorted(x for r in runs for x in r["latencies"])
+    q = statistics.quantiles(lat, n=100) if len(lat) > 1 else lat * 99
+    return {"requests": len(lat), "errors": sum(len(r["errors"]) for r in runs), "p50_ms": q[49] * 1000,
+            "p99_ms": q[98] * 1000, "throughput_rps": len(lat) / sum(r["wall_s"] for r in runs)}
 
 
 def main(argv=None) -> int:
