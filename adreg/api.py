@@ -605,10 +605,13 @@ def whoami(category: str | None = None, *, tracking_uri: str | None = None) -> d
 
 # -- reviews: labels, the production set, quality, threshold from the line ------------------------------------
 def label(category: str, files: Sequence[str] | str, verdict: str, *, mask: str | None = None,
-          reviewer: str | None = None, tracking_uri: str | None = None) -> list[Label]:
+          reviewer: str | None = None, selection: str = "manual", random_share: float | None = None,
+          tracking_uri: str | None = None) -> list[Label]:
     """Record a review label (``good``, ``defect`` or ``skip``) for each image file (``mask``: a defect region
     image, for one defect). Each label is its own record in the tracking store (``adreg.registry.labels``);
-    a capture's sidecar supplies what the line's model said about the image.
+    a capture's sidecar supplies what the line's model said about the image. ``selection`` / ``random_share``:
+    how the image was chosen (``Label.selection``; a script working through ``ReviewQueue`` passes
+    ``queue.selection(entry)``, so labels of the random slice evaluate as the review page's do).
 
     Returns:
         ``adreg.registry.labels.Label`` records, one per file.
@@ -627,7 +630,8 @@ def label(category: str, files: Sequence[str] | str, verdict: str, *, mask: str 
     if mask is not None and len(files) != 1:
         raise DataError("--mask draws the region of one defect: label one file with it")
     _store(tracking_uri)
-    return [record_label(category, f, verdict, mask=mask, reviewer=reviewer) for f in files]
+    return [record_label(category, f, verdict, mask=mask, reviewer=reviewer, selection=selection,
+                         random_share=random_share) for f in files]
 
 
 def labels(category: str, *, tracking_uri: str | None = None) -> list[Label]:

@@ -1,29 +1,34 @@
-"""Review-loop benchmark: capture -> review -> update + threshold from the line, round after round, on MTD.
+"""Review-loop benchmark: capture -> review -> update + threshold from the line, round after round, on MTD,
+one arm per review-queue strategy.
 
-    python -m pipelines.review_loop --rounds 3 --budget 50 --seeds 0 --out bench-results/review-loop --update-docs
+    python -m pipelines.review_loop --rounds 3 --budget 50 --strategies informative,newest,random --seeds 0 \
+        --out bench-results/review-loop --update-docs
 
-The product path throughout, in a temporary sqlite store: ``adreg.fit`` (8-shot RAD, the README's MTD
-settings: blocks 7+10, flips x8, top 0.1%), then per round
+The product path throughout, in temporary sqlite stores: ``adreg.fit`` (8-shot RAD, the README's MTD
+settings: blocks 7+10, flips x8, top 0.1%), then, for each strategy in its own copy of the store, per round
 
 1. **the line**: the next ``--line`` images of a stream (the seeded MTD split's training goods that are not
-   shots, mixed with half of the defective tiles, ``--defect-rate`` of the stream) are scored by the current
-   version and written into a capture folder with the sidecars ``adreg serve --capture`` writes;
-2. **review**: a budget of ``--budget`` images in the review queue's order (``adreg.review.queue``: flagged
-   first, newest first, then a seeded sample, ``--sample-rate``, of the passed ones) is labelled by a simulated reviewer
-   who knows the truth (the dataset's labels; a defect's region is its ground-truth mask) through
-   ``adreg.label``, the records every reviewer writes;
-3. **update + threshold**: ``adreg.update(from_reviews=True)`` grows the version with the reviewed goods on the
-   grow side of the seeded split (false alarms included), then ``adreg.threshold`` sets the threshold on the
-   production set once it holds 10 reviewed defects and 20 evaluation-side goods.
+   shots, mixed with half of the defective tiles, ``--defect-rate`` of the stream) are scored by the arm's
+   current version through its served pyfunc model with capture on (what ``adreg serve --capture`` writes:
+   score, threshold, normal percentile, novelty, embedding);
+2. **review**: the next ``--budget`` unreviewed captures in the review queue's order for the strategy
+   (``adreg.review.queue`` / ``adreg.review.selection``, its random slice included) are labelled by a
+   simulated reviewer who knows the truth (the dataset's labels; a defect's region is its ground-truth mask)
+   through ``adreg.label`` with the queue's selection record, as the review page does;
+3. **update + threshold**: ``adreg.update(from_reviews=True, covered_from=<captures>)`` grows the version with
+   the reviewed goods off the random slice (false alarms included) and the unreviewed passed captures it
+   scored below its median normal image, then ``adreg.threshold`` sets the threshold on the random slice
+   once it holds 10 reviewed defects and 20 goods.
 
-The control arm grows the same starting version with the same number of goods per round, drawn at random
-from the same line images (``adreg.update(add_good=...)``), threshold as the update sets it.
+The control arm grows the same starting version with as many goods per round as the first strategy's arm
+learned, drawn at random from the same line images (``adreg.update(add_good=...)``).
 
 Measured after every round on a fixed evaluation set the loop never sees (the split's 100 test goods and the
 other half of the defective tiles): image AUROC, the false-alarm rate at 90% recall (the share of good tiles
 scored at or above the score that catches 90% of the defects; threshold-free) and the false-alarm rate and
-recall at the version's own threshold. Target (issue #25): after 3 rounds of 50 reviews the false-alarm rate
-at 90% recall is at most half the 8-shot model's.
+recall at the version's own threshold. Targets (issue #34): informative halves the false-alarm rate at 90%
+recall after 3 rounds of 50 reviews, beats as many random goods by 0.1, and keeps the false alarms at the
+threshold at or below the first version's.
 """
 
 from __future__ import annotations
@@ -66,25 +71,26 @@ def measure(detector, samples) -> dict:
             "recall_at_threshold": ev.metrics["test_recall"]}
 
 
-def capture(detector, version: str, paths: list[Path], root: Path, start: int) -> list[tuple[Path, Path, bool]]:
-    """Score ``paths`` with the version and write them as captures; returns (capture, original, flagged)."""
-    from adreg.images import load_image
+def capture(category: str, version: str, paths: list[Path], capture_dir: Path, uri: str) -> dict[str, Path]:
+    """Score ``paths`` with the registered version's served model (in-process, capture on, every image kept),
+    as `adreg serve --capture` does; returns {sha256 of the image: original path}."""
+    import mlflow
+    import pandas as pd
 
-    out = []
-    for i, p in enumerate(paths):
-        score = float(detector.predict([load_image(p)]).scores[0])
-        flagged = score > detector.threshold.value
-        n = start + i
-        folder = root / "mtd" / ("flagged" if flagged else "ok") / "20261201"
-        folder.mkdir(parents=True, exist_ok=True)
-        dst = folder / f"{n // 3600:02d}{n // 60 % 60:02d}{n % 60:02d}-{n:06d}-v{version}-{n:04x}{p.suffix.lower()}"
-        shutil.copyfile(p, dst)
-        dst.with_suffix(".json").write_text(json.dumps({
-            "score": score, "threshold": detector.threshold.value, "is_anomaly": flagged, "model": "adreg-mtd",
-            "version": version, "alias": "production", "at": f"2026-12-01T{n // 3600 % 24:02d}:{n // 60 % 60:02d}:"
-                                                              f"{n % 60:02d}+00:00"}))
-        out.append((dst, p, flagged))
-    return out
+    from adreg.images import file_to_b64
+    from adreg.integrity import sha256_file
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/adreg-{category}/{version}", model_config={
+        "device": "cpu", "capture_dir": str(capture_dir), "capture_rate": 1.0, "capture_max_mib": 1 << 20,
+        "registered_model": f"adreg-{category}", "model_version": version})
+    before = len(list(capture_dir.rglob("*.json"))) if capture_dir.is_dir() else 0
+    for start in range(0, len(paths), 16):
+        model.predict(pd.DataFrame({"image": [file_to_b64(p) for p in paths[start:start + 16]]}))
+    deadline = time.monotonic() + 120
+    while len(list(capture_dir.rglob("*.json"))) < before + len(paths) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {sha256_file(p): p for p in paths}
 
 
 def has_region(sample) -> bool:
@@ -94,20 +100,31 @@ def has_region(sample) -> bool:
     return sample.mask_path is not None and bool((np.asarray(Image.open(sample.mask_path).convert("L")) > 127).any())
 
 
-def review_order(capture_dir: Path, captured, done: set, budget: int, sample_rate: float, seed: int) -> list:
-    """The next ``budget`` captures not yet reviewed, in the review page's order (``adreg.review.queue``:
-    flagged newest first, then the seeded sample of the passed ones)."""
+def review_next(capture_dir: Path, category: str, done: set, budget: int, strategy: str, sample_rate: float,
+                seed: int) -> list:
+    """The next ``budget`` captures not yet reviewed, in the review page's order for ``strategy``
+    (``adreg.review.queue`` / ``adreg.review.selection``), with the queue that chose them."""
     from adreg.review.queue import ReviewQueue
 
-    by_path = {str(c[0].resolve()): c for c in captured}
-    queue, _ = ReviewQueue(capture_dir, "mtd", sample_rate=sample_rate, seed=seed).entries()
-    return [by_path[str(e.path)] for e in queue if str(e.path) in by_path and str(e.path) not in done][:budget]
+    q = ReviewQueue(capture_dir, category, sample_rate=sample_rate, seed=seed, strategy=strategy)
+    return [(e, q) for e in q.entries()[0] if str(e.path) not in done][:budget]
+
+
+def copy_store(src: Path, dst: Path) -> str:
+    import sqlite3
+
+    a, b = sqlite3.connect(src), sqlite3.connect(dst)
+    a.backup(b)
+    a.close()
+    b.close()
+    return f"sqlite:///{dst}"
 
 
 def run_seed(seed: int, rounds: int, budget: int, line: int, defect_rate: float, sample_rate: float,
-             work: Path) -> list[dict]:
+             strategies: list[str], work: Path) -> list[dict]:
     import adreg
     from adreg.data import mtd_split, default_category_dir
+    from adreg.integrity import sha256_file
 
     data = mtd_split(default_category_dir("mtd"))
     rng = random.Random(seed)
@@ -126,7 +143,8 @@ def run_seed(seed: int, rounds: int, budget: int, line: int, defect_rate: float,
         take_defect = pool_defects and rng.random() < defect_rate
         stream.append(pool_defects.pop() if take_defect else pool_goods.pop())
     truth = {s.path: s for s in line_defects}
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    base_db = work / "mlflow.db"
+    uri = f"sqlite:///{base_db}"
     os.environ["ADREG_HOME"] = str(work / "home")
     t0 = time.perf_counter()
     fit = adreg.fit("mtd", train_dir=str(shots_dir), seed=seed, register=True, tracking_uri=uri,
@@ -134,49 +152,70 @@ def run_seed(seed: int, rounds: int, budget: int, line: int, defect_rate: float,
     rows = [{"seed": seed, "arm": "both", "round": 0, "reviewed": 0, "goods_added": 0, "defects_reviewed": 0,
              "version": fit.version, "seconds": time.perf_counter() - t0, **measure(fit.detector, evaluation)}]
     print(json.dumps(rows[-1]), flush=True)
-    loop_v, random_v = str(fit.version), str(fit.version)
-    reviewed_total = defects_total = 0
+    grown_by_round: dict[int, int] = {}
+    for strategy in strategies:  # each arm in its own copy of the store: its own labels, versions, captures
+        arm_dir = work / strategy
+        arm_dir.mkdir()
+        arm_uri = copy_store(base_db, arm_dir / "mlflow.db")
+        os.environ["ADREG_HOME"] = str(arm_dir / "home")
+        capture_dir = arm_dir / "capture"
+        version, done, reviewed_total, defects_total, grown_total = str(fit.version), set(), 0, 0, 0
+        for r in range(1, rounds + 1):
+            t0 = time.perf_counter()
+            original = capture("mtd", version, stream[(r - 1) * line:r * line], capture_dir, arm_uri)
+            in_slice = 0
+            for entry, q in review_next(capture_dir, "mtd", done, budget, strategy, sample_rate, seed):
+                s = truth.get(original[sha256_file(entry.path)])
+                chosen = q.selection(entry, entry.reason)
+                in_slice += chosen["selection"] == "random"
+                if s is None:
+                    adreg.label("mtd", entry.path, "good", reviewer="sim", tracking_uri=arm_uri, **chosen)
+                else:
+                    adreg.label("mtd", entry.path, "defect", mask=str(s.mask_path) if has_region(s) else None,
+                                reviewer="sim", tracking_uri=arm_uri, **chosen)
+                    defects_total += 1
+                done.add(str(entry.path))
+                reviewed_total += 1
+            up = adreg.update("mtd", from_reviews=True, covered_from=capture_dir, review_seed=seed,
+                              from_version=version, register=True, device="cpu", tracking_uri=arm_uri,
+                              show_progress=False)
+            version = str(up.version)
+            grown = len(up.result.added) + len(up.result.calibration_images)
+            covered = int(up.result.sources.get("covered_goods", 0))
+            grown_total += grown
+            rule = "update"
+            try:
+                th = adreg.threshold("mtd", from_version=version, tracking_uri=arm_uri, device="cpu")
+                version, rule = str(th.version), "threshold from the line"
+            except adreg.errors.DataError as exc:
+                print(f"{strategy} round {r}: no threshold from the line yet ({exc})", flush=True)
+            det = adreg.load("mtd", version=version, device="cpu", tracking_uri=arm_uri)
+            if strategy == strategies[0]:
+                grown_by_round[r] = grown
+            rows.append({"seed": seed, "arm": strategy, "round": r, "reviewed": reviewed_total,
+                         "goods_added": grown_total, "covered_goods": covered, "random_slice_reviewed": in_slice,
+                         "defects_reviewed": defects_total, "version": version, "rule": rule,
+                         "seconds": time.perf_counter() - t0, **measure(det, evaluation)})
+            print(json.dumps(rows[-1]), flush=True)
+
+    # control: the same starting version grown by as many random goods of the same line as the first arm grew
+    os.environ["ADREG_HOME"] = str(work / "home")
+    random_v, grown_total = str(fit.version), 0
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
-        det = adreg.load("mtd", version=loop_v, device="cpu", tracking_uri=uri)
         batch = stream[(r - 1) * line:r * line]
-        captured = capture(det, loop_v, batch, work / "capture", (r - 1) * line)
-        for cap, orig, _ in review_order(work / "capture", captured, set(), budget, sample_rate, seed):
-            s = truth.get(orig)
-            if s is None:
-                adreg.label("mtd", cap, "good", reviewer="sim", tracking_uri=uri)
-            else:
-                adreg.label("mtd", cap, "defect", mask=str(s.mask_path) if has_region(s) else None, reviewer="sim",
-                            tracking_uri=uri)
-                defects_total += 1
-            reviewed_total += 1
-        up = adreg.update("mtd", from_reviews=True, from_version=loop_v, register=True, device="cpu",
-                          tracking_uri=uri, show_progress=False)
-        loop_v, grown = str(up.version), len(up.result.added) + len(up.result.calibration_images)
-        rule = "update"
-        try:
-            th = adreg.threshold("mtd", from_version=loop_v, tracking_uri=uri, device="cpu")
-            loop_v, rule = str(th.version), "threshold from the line"
-        except adreg.errors.DataError as exc:
-            print(f"round {r}: no threshold from the line yet ({exc})", flush=True)
-        det = adreg.load("mtd", version=loop_v, device="cpu", tracking_uri=uri)
-        rows.append({"seed": seed, "arm": "review loop", "round": r, "reviewed": reviewed_total,
-                     "goods_added": grown, "defects_reviewed": defects_total, "version": loop_v, "rule": rule,
-                     "seconds": time.perf_counter() - t0, **measure(det, evaluation)})
-        print(json.dumps(rows[-1]), flush=True)
-
-        t0 = time.perf_counter()
         pick = [p for p in batch if p not in truth]
         random.Random(seed * 1000 + r).shuffle(pick)
         folder = work / f"random-{r}"
         folder.mkdir()
-        for p in pick[:grown]:
+        for p in pick[:grown_by_round.get(r, 0)]:
             os.symlink(p, folder / p.name)
         up = adreg.update("mtd", str(folder), from_version=random_v, register=True, device="cpu", tracking_uri=uri,
-                          show_progress=False)
+                          holdout=0, show_progress=False)
         random_v = str(up.version)
+        grown_total += len(up.result.added)
         det = adreg.load("mtd", version=random_v, device="cpu", tracking_uri=uri)
-        rows.append({"seed": seed, "arm": "random goods", "round": r, "reviewed": 0, "goods_added": grown,
+        rows.append({"seed": seed, "arm": "random goods", "round": r, "reviewed": 0, "goods_added": grown_total,
                      "defects_reviewed": 0, "version": random_v, "rule": "update",
                      "seconds": time.perf_counter() - t0, **measure(det, evaluation)})
         print(json.dumps(rows[-1]), flush=True)
@@ -184,61 +223,77 @@ def run_seed(seed: int, rounds: int, budget: int, line: int, defect_rate: float,
 
 
 def page(rows: list[dict], args, seconds: float) -> str:
+    strategies = args.strategies.split(",")
+    arms = strategies + ["random goods"]
+
     def agg(arm, r, key):
-        vals = [x[key] for x in rows if x["round"] == r and x["arm"] in (arm, "both")]
+        vals = [x[key] for x in rows if x["round"] == r and x["arm"] in (arm, "both") and key in x]
         if not vals:
             return ""
         mean = statistics.mean(vals)
         return f"{mean:.3f}" + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "")
 
+    def count(arm, r, key):
+        vals = [x.get(key, 0) for x in rows if x["round"] == r and x["arm"] == arm]
+        return round(statistics.mean(vals)) if vals else ""
+
     seeds = sorted({x["seed"] for x in rows})
     lines = ["# Review-loop benchmark", "",
              "What reviewing the line's captures buys on a hard product: MTD, 8-shot RAD grown by rounds of "
-             "capture -> review -> `adreg update --from-reviews` + `adreg threshold`, against growing the same "
-             "version with the same number of random goods. Everything goes through the product's API in a "
-             "sqlite store (see `pipelines/review_loop.py` for the protocol).", "",
+             "capture -> review -> `adreg update --from-reviews --covered-from` + `adreg threshold --from-reviews`, "
+             "one arm per review-queue strategy (`adreg review --strategy`), against growing the same version with "
+             "as many random goods. Everything goes through the product's code in sqlite stores: the registered "
+             "version's served model captures the line (in-process, capture on), a simulated reviewer who knows "
+             "the truth labels the next images of the queue in the page's order with the queue's own selection "
+             "record (see `pipelines/review_loop.py`).", "",
              f"Command: `python -m pipelines.review_loop --rounds {args.rounds} --budget {args.budget} --line "
-             f"{args.line} --defect-rate {args.defect_rate} --sample-rate {args.sample_rate} --seeds {','.join(map(str, seeds))} --update-docs`; "
-             f"2-core CPU, no GPU; {date.today().isoformat()}; {seconds / 60:.0f} min.", "",
-             f"Evaluation set (never reviewed): the split's 100 test goods + half of the 392 defective tiles. "
-             f"Line: {args.line} images per round, {args.defect_rate:.0%} defective (the other half of the "
-             f"defects). Review budget: {args.budget} images per round, flagged first.", "",
-             "| round | arm | reviewed | goods added | image AUROC | false alarms at 90% recall | false alarms at "
-             "threshold | recall at threshold |", "|---|---|---|---|---|---|---|---|"]
+             f"{args.line} --defect-rate {args.defect_rate} --sample-rate {args.sample_rate} --strategies "
+             f"{args.strategies} --seeds {','.join(map(str, seeds))} --update-docs`; 2-core CPU, no GPU; "
+             f"{date.today().isoformat()}; {seconds / 60:.0f} min.", "",
+             f"Evaluation set (never reviewed, never learned): the split's 100 test goods + half of the 392 defective "
+             f"tiles. Line: {args.line} images per round, {args.defect_rate:.0%} defective (the other half of the "
+             f"defects). Review budget: {args.budget} images per round; a fifth of every strategy's queue is its "
+             "random slice (`--random-share 0.2`). Goods learned: reviewed goods off the random slice, plus the "
+             "unreviewed passed captures the version scored below its median normal image (`--covered-from`; "
+             "column *covered*, per round).", "",
+             "| round | arm | reviewed | of them random slice | goods learned (total) | covered | image AUROC | "
+             "false alarms at 90% recall | false alarms at threshold | recall at threshold |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in range(args.rounds + 1):
-        for arm in (("both",) if r == 0 else ("review loop", "random goods")):
+        for arm in (("both",) if r == 0 else arms):
             sel = [x for x in rows if x["round"] == r and x["arm"] == arm]
             if not sel:
                 continue
             name = "8-shot fit" if r == 0 else arm
-            lines.append(f"| {r} | {name} | {round(statistics.mean(x['reviewed'] for x in sel))} | "
-                         f"{round(statistics.mean(x['goods_added'] for x in sel))} | "
+            lines.append(f"| {r} | {name} | {count(arm, r, 'reviewed')} | {count(arm, r, 'random_slice_reviewed')} | "
+                         f"{count(arm, r, 'goods_added')} | {count(arm, r, 'covered_goods')} | "
                          f"{agg(arm, r, 'image_auroc')} | {agg(arm, r, 'far_at_90_recall')} | "
                          f"{agg(arm, r, 'far_at_threshold')} | {agg(arm, r, 'recall_at_threshold')} |")
     base = statistics.mean(x["far_at_90_recall"] for x in rows if x["round"] == 0)
-    last = [x["far_at_90_recall"] for x in rows if x["round"] == args.rounds and x["arm"] == "review loop"]
-    if last:
-        end = statistics.mean(last)
-        met = end <= base / 2
-        lines += ["", f"Target: false-alarm rate at 90% recall after {args.rounds} rounds of {args.budget} reviews "
-                      f"at most half the 8-shot model's ({base:.3f} -> at most {base / 2:.3f}): "
-                      + (f"**met** ({end:.3f})." if met else
-                         f"**missed** ({end:.3f}, {end / base:.0%} of the 8-shot figure; the target needs "
-                         f"{base / 2:.3f})."), ""]
-        grown = sum(x["goods_added"] for x in rows if x["arm"] == "review loop") / len(seeds)
-        rand = statistics.mean(x["far_at_90_recall"] for x in rows
-                               if x["round"] == args.rounds and x["arm"] == "random goods")
-        defects = statistics.mean(x["defects_reviewed"] for x in rows
-                                  if x["round"] == args.rounds and x["arm"] == "review loop")
-        lines += [f"What the figures say: in {args.rounds} rounds the loop grew the model with {grown:.0f} reviewed "
-                  f"goods (of {args.rounds * args.budget} reviews, {defects:.0f} were defects, and half of the reviewed "
-                  f"goods stay on the evaluation side of the split); the same number of random goods from the same "
-                  f"line brings the false-alarm rate at 90% recall to {rand:.3f}, the loop to {end:.3f}: the reviewed "
-                  "goods (false alarms first) teach the model more than as many random ones, and the threshold from "
-                  "the line raises recall at the threshold. Halving the false-alarm rate at 90% recall takes more "
-                  "goods than three rounds of 50 reviews grow: on MTD the growth benchmark needs about 256 learned "
-                  "goods for image AUROC 0.87-0.93 (docs/benchmarks/growth.md), the loop here holds 8 + "
-                  f"{grown:.0f}.", ""]
+    base_far = statistics.mean(x["far_at_threshold"] for x in rows if x["round"] == 0)
+
+    def final(arm, key):
+        vals = [x[key] for x in rows if x["round"] == args.rounds and x["arm"] == arm]
+        return statistics.mean(vals) if vals else float("nan")
+
+    rand = final("random goods", "far_at_90_recall")
+    lines += ["", "## Targets (issue #34)", "",
+              f"- Informative halves the false-alarm rate at 90% recall after {args.rounds} x {args.budget} reviews "
+              f"({base:.3f} -> at most {base / 2:.3f}) and beats as many random goods by at least 0.1; the false "
+              f"alarms at the operating threshold stay at or below the first version's ({base_far:.3f}).", ""]
+    for arm in strategies:
+        end, far = final(arm, "far_at_90_recall"), final(arm, "far_at_threshold")
+        halved = end <= base / 2
+        beats = rand - end >= 0.1
+        lines.append(f"- **{arm}**: {end:.3f} at 90% recall ({end / base:.0%} of the 8-shot figure): halving "
+                     + ("**met**" if halved else f"**missed** by {end - base / 2:.3f}")
+                     + f"; against random goods ({rand:.3f}): "
+                     + ("**met**" if beats else f"**missed** ({rand - end:+.3f}, the target is +0.100)")
+                     + f"; false alarms at the threshold {far:.3f} "
+                     + ("(at or below the first version's)." if far <= base_far + 1e-9 else
+                        f"(**above** the first version's {base_far:.3f})."))
+    lines += ["", "Not run in this table: seeds beyond those listed, and ELPV mono (the issue asks for 3 seeds on "
+                  "MTD and ELPV); run them with `--seeds 0,1,2` (and a data switch still to add for ELPV).", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -250,6 +305,8 @@ def main(argv=None) -> int:
     ap.add_argument("--defect-rate", type=float, default=0.1)
     ap.add_argument("--sample-rate", type=float, default=0.3,
                     help="share of passed captures the review queue samples after the flags (adreg review --sample-rate)")
+    ap.add_argument("--strategies", default="informative,newest",
+                    help="review-queue strategies, one arm each (adreg review --strategy)")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--out", default="bench-results/review-loop")
     ap.add_argument("--update-docs", action="store_true")
@@ -262,7 +319,7 @@ def main(argv=None) -> int:
     for seed in (int(s) for s in args.seeds.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             rows += run_seed(seed, args.rounds, args.budget, args.line, args.defect_rate, args.sample_rate,
-                             Path(tmp))
+                             args.strategies.split(","), Path(tmp))
     keys = sorted({k for r in rows for k in r})
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, keys)

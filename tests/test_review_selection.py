@@ -167,3 +167,45 @@ def test_goods_the_version_covers_are_learned_without_review_and_counted(capture
     learned = {sha256_file(p) for p in out.result.added + out.result.calibration_images}
     assert not learned & labelled  # a labelled capture (a reviewed defect above all) is never learned unreviewed
     assert len(out.result.added) + len(out.result.duplicates) == len(expected)
+
+
+def test_a_confirmed_false_alarm_offers_its_look_alikes_as_one_group_in_the_browser(captured, store):
+    import requests
+
+    from adreg.review.app import build_app
+    from tests.test_review_app import CHROMIUM, message, open_page, select, serve
+
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
+    what, root = captured["what"], captured["dir"] / "bottle"
+    false_alarm = next(p for p in sorted((root / "flagged").rglob("*.png")) if what[sha256_file(p)] == "good")
+    fa_rel = false_alarm.relative_to(root).as_posix()
+    before = {(lab.sha256, lab.run_id) for lab in labels.read_labels("bottle")}
+    app = build_app(["bottle"], captured["dir"], tracking_uri=store["uri"], retry_s=0.5, random_share=0.0)
+    with serve(app) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = open_page(browser, url, reviewer="carl")
+            select(page, fa_rel)
+            page.keyboard.press("g")
+            message(page, f"labelled {fa_rel} good")
+            page.wait_for_selector("#group:not([hidden])")
+            group = [img.get_attribute("data-rel") for img in page.locator("#group-tiles img").all()]
+            assert 1 <= len(group) <= selection.GROUP_SIZE and "same as this?" in page.text_content("#group-note")
+            assert all(rel.startswith("ok/") for rel in group)
+            page.keyboard.press("a")  # one key labels the group
+            message(page, f"labelled {len(group)} good, the same as {fa_rel}")
+            assert page.is_hidden("#group")
+            # a group whose bytes changed since the page showed them is refused, nothing recorded
+            bad = requests.post(url + "/api/label-group", json={"category": "bottle", "anchor": fa_rel,
+                                "rels": group[:1], "sha256s": ["0" * 64], "reviewer": "carl"}, timeout=30)
+            assert bad.status_code == 409
+        finally:
+            browser.close()
+    new = [lab for lab in labels.read_labels("bottle") if (lab.sha256, lab.run_id) not in before]
+    grouped = {Path(lab.path).relative_to(root.resolve()).as_posix(): lab for lab in new if lab.selection == "group"}
+    assert sorted(grouped) == sorted(group)  # one label per image of the group
+    assert all(lab.verdict == "good" and lab.user == "carl" and not lab.flagged for lab in grouped.values())
+    assert [lab.selection for lab in new if lab.path == str(false_alarm.resolve())] == ["threshold"]

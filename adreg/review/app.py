@@ -17,9 +17,13 @@ Routes (every one behind HTTP Basic credentials where the store authenticates; t
 * ``GET /api/overlay?category=&rel=``: the image with its anomaly map blended in, computed by the version that
   judged it; a JSON error saying why when that version cannot be loaded, with the status of the reason (503
   store down, 403 refused, 404 not registered, 422 otherwise), asked again on the next request;
-* ``POST /api/label``: ``{category, rel, verdict, sha256, mask?, reviewer?}``; refused with 409 when the file's
-  bytes are not the ``sha256`` the page showed, 403 without EDIT; checked as the store would check it and
-  journaled (202) while the store is down.
+* ``POST /api/label``: ``{category, rel, verdict, sha256, mask?, reviewer?, reason?}``; refused with 409 when
+  the file's bytes are not the ``sha256`` the page showed, 403 without EDIT; checked as the store would check
+  it and journaled (202) while the store is down; the label records how the queue chose the image;
+* ``GET /api/similar?category=&rel=``: the unlabelled passed captures nearest a capture ("same as this",
+  ``adreg.review.selection.similar``), offered after a flagged capture is confirmed good;
+* ``POST /api/label-group``: ``{category, anchor, rels, sha256s, reviewer?}``: one ``good`` label per image of
+  a "same as this" group (selection ``group``), each checked like a single label; never the random slice.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from adreg.errors import (AdregError, ConflictError, DataError, ImageDecodeError
 from adreg.integrity import sha256_file
 from adreg.registry import labels as labels_mod
 from adreg.review.queue import Filters, label_view, labelled_paths
-from adreg.review.selection import DEFAULT_RANDOM_SHARE, DEFAULT_STRATEGY
+from adreg.review.selection import DEFAULT_RANDOM_SHARE, DEFAULT_STRATEGY, GROUP_SIZE
 from adreg.review.state import ReviewState
 
 STATIC = Path(__file__).parent / "static"
@@ -55,6 +59,14 @@ def _now() -> str:
 
 
 # -- request bodies --------------------------------------------------------------------------------------
+class GroupIn(BaseModel):
+    category: str
+    anchor: str
+    rels: list[str]
+    sha256s: list[str]
+    reviewer: str | None = None
+
+
 class LabelIn(BaseModel):
     category: str
     rel: str
@@ -253,6 +265,60 @@ def build_app(categories: list[str], capture_dir: Path, *, sample_rate: float = 
         except AdregError as exc:
             raise _http_error(exc) from None
         return Response(png, media_type="image/png")
+
+    @app.get("/api/similar")
+    def similar(request: Request, category: str, rel: str):
+        creds = request.state.creds
+        _find(state, category, rel)
+        q = _queue(state, category)
+        verdicts = {}
+        if state.store_problem() is None:
+            with contextlib.suppress(AdregError):
+                verdicts = state.verdicts(category, creds)
+        group = q.similar(q.entry(rel), labelled_paths(verdicts))
+        return {"anchor": rel, "entries": [{**e.summary(), "sha256": e.sha256} for e in group]}
+
+    @app.post("/api/label-group")
+    def label_group(request: Request, body: GroupIn):
+        creds = request.state.creds
+        q = _queue(state, body.category)
+        _find(state, body.category, body.anchor)
+        try:
+            if not body.rels or len(body.rels) != len(body.sha256s) or len(body.rels) > GROUP_SIZE:
+                raise DataError(f"a group is 1-{GROUP_SIZE} captures, each with the sha256 the page showed")
+            reviewer = clean_reviewer(body.reviewer)
+            items = []
+            for rel, sha in zip(body.rels, body.sha256s):
+                path = _find(state, body.category, rel)
+                if not SHA_RE.match(sha or ""):
+                    raise DataError("each image of the group must carry the sha256 the page showed")
+                selection = q.selection(q.entry(rel), "group")
+                if selection["selection"] != "group":
+                    raise DataError(f"{rel} is a random check: label it on its own")
+                labels_mod.check_label(path, "good", expected_sha256=sha)
+                items.append((rel, path, sha, selection))
+        except DataError as exc:
+            raise HTTPException(400, str(exc)) from None
+        except AdregError as exc:
+            raise _http_error(exc) from None
+        at, done, journaled = _now(), [], 0
+        for rel, path, sha, selection in items:
+            problem = state.store_problem()
+            if problem is None:
+                try:
+                    done.append(state.record(body.category, path, "good", sha, None, reviewer, at, creds,
+                                             selection).as_dict())
+                    continue
+                except StoreUnreachable:
+                    pass
+                except AdregError as exc:
+                    raise _http_error(exc) from None
+            state.journal.add({"category": body.category, "path": str(path), "rel": rel, "verdict": "good",
+                               "sha256": sha, "reviewer": reviewer, "auth_user": state.user_of(creds), "at": at,
+                               "selection": selection}, None)
+            journaled += 1
+        return JSONResponse({"recorded": len(done), "journaled": journaled, "labels": done,
+                             **_status(state, creds, state.store_problem())}, status_code=202 if journaled else 200)
 
     @app.post("/api/label")
     def label(request: Request, body: LabelIn):

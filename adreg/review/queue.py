@@ -25,7 +25,7 @@ from adreg.errors import DataError
 from adreg.integrity import sha256_file
 from adreg.registry.labels import Verdict, read_sidecar
 from adreg.review.selection import (DEFAULT_RANDOM_SHARE, DEFAULT_STRATEGY, REASONS, check_share, check_strategy,
-                                    in_random_slice, order)
+                                    in_random_slice, order, similar)
 
 VERDICT_FOLDERS = ("flagged", "ok")  # flagged first
 IMAGE_SUFFIXES = (".png", ".jpg")
@@ -207,6 +207,11 @@ class ReviewQueue:
             e.reason = reason
             queue.append(e)
         return queue, [e for e in queue if filters.keep(e)]
+
+    def similar(self, entry: Entry, exclude: set[str] = frozenset()) -> list[Entry]:
+        """The "same as this" group of ``entry`` (``adreg.review.selection.similar``); ``exclude``: resolved
+        paths of labelled captures."""
+        return similar(scan(self.root), entry, seed=self.seed, random_share=self.random_share, exclude=exclude)
 
     def selection(self, entry: Entry, reason: str | None = None) -> dict:
         """What a label of ``entry`` records about how it was chosen: ``selection`` (``random`` for the random

@@ -251,3 +251,33 @@ def covered_goods(capture_dir, category: str, version: str, *, seed: int = 0,
         if str(side.get("version")) == str(version) and pct is not None and pct < below:
             out.append(e.path)
     return out
+
+
+#: at most this many captures in a "same as this" group
+GROUP_SIZE = 8
+
+
+def similar(entries: list, anchor, k: int = GROUP_SIZE, *, seed: int = 0,
+            random_share: float = DEFAULT_RANDOM_SHARE, exclude: set[str] = frozenset()) -> list:
+    """The ``k`` passed captures nearest ``anchor`` (pooled embeddings), for a "same as this" group: offered
+    after a reviewer confirms a flagged capture good, labelled with one key. Only the nearer half of the passed
+    captures qualify (distance at most the median), never the random slice (its images are labelled one by
+    one), never ``anchor`` itself or a path in ``exclude`` (labelled ones); empty when the anchor has no
+    embedding. Nearest first."""
+    import numpy as np
+
+    target = signals(anchor).embedding
+    if target is None:
+        return []
+    scored = []
+    for e in entries:
+        if e.verdict != "ok" or str(e.path) == str(anchor.path) or str(e.path) in exclude \
+                or in_random_slice(e.rel, random_share, seed):
+            continue
+        emb = signals(e).embedding
+        if emb is not None and emb.shape == target.shape:
+            scored.append((float(np.linalg.norm(emb - target)), e.rel, e))
+    if not scored:
+        return []
+    limit = float(np.median([d for d, _, _ in scored]))
+    return [e for d, _, e in sorted(scored, key=lambda t: t[:2]) if d <= limit][:k]
