@@ -4,7 +4,8 @@ independent V2 clients (Triton's `tritonclient.http`, and `tritonclient.grpc` fo
 ONE real server (`adreg serve` as a child process in its own process group, 127.0.0.1) serves this module's
 sqlite store: v1 = the session's bottle fit, v2 = the same logged model registered again (a second version
 to promote; its own download, load and verification in the server). In file order:
-metadata and readiness, a good and a defective image with a corrupt row, bounded requests, a promotion followed.
+metadata and readiness, a good and a defective image with a corrupt row, bounded requests, a promotion followed,
+and the KServe / Seldon manifests of deploy/ checked against the live server.
 """
 
 import argparse
