@@ -672,26 +672,29 @@ def quality(category: str, log: bool = True, *, tracking_uri: str | None = None)
 
 
 def threshold(category: str, *, from_alias: str = "production", from_version=None,
-              target_false_alarm_rate: float | None = None, review_seed: int = 0, register: bool = True,
-              promote: str | None = None, reason: str = "", policy=None, device: str = "auto",
-              tracking_uri: str | None = None) -> ThresholdOutcome:
-    """A new version = the parent with its threshold chosen on the reviewed production set (F1-optimal, or
-    the lowest meeting ``target_false_alarm_rate`` on the reviewed goods); registered with its lineage and,
-    with ``promote``, gated like any other (``adreg.review.threshold``).
+              target_false_alarm_rate: float | None = None, rule: str = "false_alarm", review_seed: int = 0,
+              register: bool = True, promote: str | None = None, reason: str = "", policy=None,
+              device: str = "auto", tracking_uri: str | None = None) -> ThresholdOutcome:
+    """A new version = the parent with its threshold chosen on the reviewed production set (the review queue's
+    random slice where there is one): the lowest meeting ``target_false_alarm_rate`` on the reviewed goods (by
+    default the parent's own rate there: no more false alarms, all the recall that allows), or the F1 optimum
+    with ``rule="f1"``; registered with its lineage and, with ``promote``, gated like any other
+    (``adreg.review.threshold``).
 
     Returns:
         ``ThresholdOutcome``: ``version``, ``run_id``, ``model_uri``, ``promoted``, ``gate``, and the parent's and
         the new threshold with the figures ``before`` and ``after`` on the reviewed images.
 
     Raises:
-        DataError: fewer than 10 reviewed defects or 20 evaluation-side reviewed goods.
+        DataError: fewer than 10 reviewed defects or 20 evaluation-side reviewed goods; a threshold whose
+            false-alarm rate on the reviewed goods lies above the parent's 95% interval.
     """
     from adreg.review.threshold import threshold_from_reviews
 
     _store(tracking_uri)
     return threshold_from_reviews(category, from_alias=from_alias, from_version=from_version,
-                                  target_false_alarm_rate=target_false_alarm_rate, review_seed=review_seed,
-                                  register=register, promote=promote, policy=_policy(policy), reason=reason,
+                                  target_false_alarm_rate=target_false_alarm_rate, rule=rule,
+                                  review_seed=review_seed, register=register, promote=promote, policy=_policy(policy), reason=reason,
                                   device=device)
 
 

@@ -178,12 +178,18 @@ def test_threshold_from_the_line_and_quality_per_version(widget):
         with pytest.raises(DataError, match="at least 10 reviewed defects and 20"):
             adreg.threshold("widget", from_version=widget["version"], tracking_uri=uri)
         return
+    # a threshold that would flag far more reviewed goods than the parent does is refused, nothing logged
+    with pytest.raises(DataError, match="refused"):
+        adreg.threshold("widget", from_version=widget["version"], target_false_alarm_rate=0.6, device="cpu",
+                        tracking_uri=uri)
     out = adreg.threshold("widget", from_version=widget["version"], device="cpu", tracking_uri=uri)
-    assert out.rule == "f1_optimal" and out.version
+    assert out.rule == "target_false_alarm" and out.version
     assert out.details["production_labels"] == prod.digest
     before, after = out.details["before"], out.details["after"]
-    f1 = lambda r: 2 * r["precision"] * r["recall"] / (r["precision"] + r["recall"] or 1)  # noqa: E731
-    assert f1(after) >= f1(before) - 1e-9  # F1-optimal on the set it was chosen on
+    # by default: no more false alarms on the reviewed goods than the parent, all the recall that allows
+    assert after["false_alarm_rate"] <= before["false_alarm_rate"] + 1e-9
+    assert after["recall"] >= before["recall"] - 1e-9
+    assert out.details["target_rate"] == pytest.approx(before["false_alarm_rate"])
     det = adreg.load("widget", version=out.version, device="cpu", tracking_uri=uri)
     assert det.threshold.value == pytest.approx(out.threshold) and det.threshold.value != out.parent_threshold
     q = adreg.quality("widget", tracking_uri=uri)

@@ -563,8 +563,8 @@ def cmd_quality(args) -> int:
 
 def cmd_threshold(args) -> int:
     out = _api().threshold(args.category, from_alias=args.from_alias, from_version=args.from_version,
-                           target_false_alarm_rate=args.target_false_alarm, review_seed=args.review_seed,
-                           promote=args.promote, reason=args.reason or "", policy=_policy(args), device=args.device,
+                           target_false_alarm_rate=args.target_false_alarm, rule=args.rule,
+                           review_seed=args.review_seed, promote=args.promote, reason=args.reason or "", policy=_policy(args), device=args.device,
                            tracking_uri=args.tracking_uri)
     if args.json:
         _json_out({"category": args.category, "parent_version": out.parent_version, "version": out.version,

@@ -403,7 +403,11 @@ def _add_review_commands(sub) -> None:
                        help="start from the version this alias points at (default production)")
     which.add_argument("--from-version", help="start from this version")
     p.add_argument("--target-false-alarm", type=float, metavar="RATE",
-                   help="the lowest threshold flagging at most this share of reviewed goods (default: F1-optimal)")
+                   help="the lowest threshold flagging at most this share of reviewed goods (default: the parent's "
+                        "own share there)")
+    p.add_argument("--rule", choices=["false_alarm", "f1"], default="false_alarm",
+                   help="false_alarm (default: at --target-false-alarm) or f1 (the F1 optimum); either is refused "
+                        "when it flags more reviewed goods than the parent's 95%% interval allows")
     p.add_argument("--review-seed", type=int, default=0, help="seed of the reviewed goods' split (default 0)")
     p.add_argument("--promote", metavar="ALIAS", help="promote the new version through the gate")
     p.add_argument("--reason", help="recorded with the promotion")

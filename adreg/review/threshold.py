@@ -71,20 +71,44 @@ class ThresholdOutcome(derive.VersionOutcome):
         return self.details["after"]
 
 
-def choose_threshold(good_scores, defect_scores, target_false_alarm_rate: float | None = None):
-    """F1-optimal on the reviewed images, or the lowest threshold meeting a false-alarm rate."""
-    if target_false_alarm_rate is None:
+RULES = ("false_alarm", "f1")
+
+
+def choose_threshold(good_scores, defect_scores, target_false_alarm_rate: float | None = None,
+                     rule: str = "false_alarm", parent_threshold: float | None = None):
+    """The lowest threshold meeting a false-alarm rate on the reviewed goods (``rule="false_alarm"``; the rate
+    defaults to the parent's own on them: no more false alarms, all the recall that allows), or the F1
+    optimum (``rule="f1"``, on request)."""
+    if rule not in RULES:
+        raise DataError(f"threshold rule {rule!r} is one of {', '.join(RULES)}")
+    if rule == "f1":
         return f1_optimal(good_scores, defect_scores)
-    return target_false_alarm(good_scores, defect_scores, target_false_alarm_rate)
+    if target_false_alarm_rate is None:
+        good = np.asarray(good_scores, dtype=np.float64)
+        target_false_alarm_rate = float((good > parent_threshold).mean()) if good.size else 0.0
+    return target_false_alarm(good_scores, defect_scores, min(target_false_alarm_rate, 1 - 1e-9))
+
+
+def false_alarm_bound(flagged: int, goods: int, confidence: float = 0.95) -> float:
+    """Upper end of the Wilson interval of a false-alarm rate of ``flagged`` / ``goods`` (scipy): how far the
+    parent's rate on the reviewed goods could lie, given how many there are."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(int(flagged), int(goods)).proportion_ci(confidence, method="wilson").high)
 
 
 def threshold_from_reviews(category: str, *, from_alias: str = "production", from_version=None,
-                           target_false_alarm_rate: float | None = None, review_seed: int = 0,
+                           target_false_alarm_rate: float | None = None, rule: str = "false_alarm",
+                           review_seed: int = 0,
                            register: bool = True, promote: str | None = None, policy=None, reason: str = "",
                            device: str = "auto", show_progress: bool = False) -> ThresholdOutcome:
     """Log (and with ``register`` register; with ``promote`` gate and promote) a copy of the parent version
-    whose threshold is set on the production set. Raises ``DataError`` with fewer than ``MIN_DEFECTS``
-    reviewed defects or ``MIN_GOODS`` reviewed goods on the evaluation side."""
+    whose threshold is set on the production set (``choose_threshold``: by default at the parent's false-alarm
+    rate on the reviewed goods, or ``target_false_alarm_rate``; ``rule="f1"`` for the F1 optimum). Raises
+    ``DataError`` with fewer than ``MIN_DEFECTS`` reviewed defects or ``MIN_GOODS`` reviewed goods on the
+    evaluation side, and refuses a threshold whose false-alarm rate on those goods lies above the parent's
+    95% interval (``false_alarm_bound``): the line would stop for good parts more often than the evidence
+    says it does today."""
     t0 = time.perf_counter()
     ref = resolve(category, from_version, from_alias)
     prod = production_set(category, seed=review_seed)
@@ -99,7 +123,14 @@ def threshold_from_reviews(category: str, *, from_alias: str = "production", fro
     scores = score_samples(detector, prod.samples, show_progress)[0]  # image scores only: no pixel metrics needed
     labels = np.array([s.label for s in prod.samples])
     good, bad = scores[labels == 0], scores[labels == 1]
-    new = choose_threshold(good, bad, target_false_alarm_rate)
+    new = choose_threshold(good, bad, target_false_alarm_rate, rule, parent_threshold)
+    flagged_before, flagged_after = int((good > parent_threshold).sum()), int((good > new.value).sum())
+    bound = false_alarm_bound(flagged_before, len(good))
+    if flagged_after / len(good) > bound:
+        raise DataError(f"the {new.rule} threshold {new.value:.4g} flags {flagged_after} of the {len(good)} reviewed "
+                        f"goods on the {prod.describe()}, the parent's {parent_threshold:.4g} flags {flagged_before} "
+                        f"(its 95% interval reaches {bound:.1%}): refused; set --target-false-alarm at or below "
+                        f"{bound:.3f}, or review more")
     new.details.update({"source": prod.describe(), "production_labels": prod.digest,
                         "parent_version": ref.version, "parent_threshold": parent_threshold,
                         "before": rates_at(labels, scores, parent_threshold),
