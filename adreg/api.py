@@ -351,13 +351,14 @@ def _covered(category: str, capture_dir, from_version, from_alias: str, seed: in
     from adreg.integrity import sha256_file
     from adreg.registry.labels import read_labels
     from adreg.registry.resolve import resolve
-    from adreg.review.selection import covered_goods
+    from adreg.review.queue import ReviewQueue
 
     if not Path(capture_dir).is_dir():
         raise DataError(f"capture folder {capture_dir} does not exist (adreg serve --capture DIR writes it)")
     parent = resolve(category, from_version, from_alias).version
     labelled = {lab.sha256 for lab in read_labels(category)}
-    paths = [p for p in covered_goods(capture_dir, category, parent, seed=seed) if sha256_file(p) not in labelled]
+    paths = [e.path for e in ReviewQueue(Path(capture_dir), category, seed=seed).covered(parent)
+             if sha256_file(e.path) not in labelled]
     return [str(p) for p in paths], {"covered_goods": len(paths), "covered_from": str(Path(capture_dir).resolve())}
 
 

@@ -160,9 +160,10 @@ def run_seed(seed: int, rounds: int, budget: int, line: int, defect_rate: float,
         os.environ["ADREG_HOME"] = str(arm_dir / "home")
         capture_dir = arm_dir / "capture"
         version, done, reviewed_total, defects_total, grown_total = str(fit.version), set(), 0, 0, 0
-        for r in range(1, rounds + 1):
+        original: dict[str, Path] = {}  # sha256 of a capture -> the dataset image (every round's: the queue
+        for r in range(1, rounds + 1):  # shows earlier rounds' unreviewed captures too)
             t0 = time.perf_counter()
-            original = capture("mtd", version, stream[(r - 1) * line:r * line], capture_dir, arm_uri)
+            original.update(capture("mtd", version, stream[(r - 1) * line:r * line], capture_dir, arm_uri))
             in_slice = 0
             for entry, q in review_next(capture_dir, "mtd", done, budget, strategy, sample_rate, seed):
                 s = truth.get(original[sha256_file(entry.path)])

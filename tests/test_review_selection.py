@@ -151,13 +151,13 @@ def test_goods_the_version_covers_are_learned_without_review_and_counted(capture
     import adreg
 
     root = captured["dir"] / "bottle"
-    covered = selection.covered_goods(captured["dir"], "bottle", store["version"])
+    covered = [e.path for e in ReviewQueue(captured["dir"], "bottle").covered(store["version"])]
     assert covered, "the version scored no passed capture below its median normal image"
     for p in covered:
         side = labels.read_sidecar(p)
         assert side["normal_percentile"] < 50 and not side["is_anomaly"] and str(side["version"]) == store["version"]
         assert not selection.in_random_slice(p.relative_to(root).as_posix(), selection.DEFAULT_RANDOM_SHARE, 0)
-    assert selection.covered_goods(captured["dir"], "bottle", "999") == []  # judged by another version: not taken
+    assert ReviewQueue(captured["dir"], "bottle").covered("999") == []  # judged by another version: not taken
     labelled = {lab.sha256 for lab in labels.read_labels("bottle")}  # what the slice test's reviewer labelled
     assert labelled & {sha256_file(p) for p in covered}, "no covered capture was labelled: nothing to leave out"
     expected = [p for p in covered if sha256_file(p) not in labelled]

@@ -25,7 +25,7 @@ from adreg.errors import DataError
 from adreg.integrity import sha256_file
 from adreg.registry.labels import Verdict, read_sidecar
 from adreg.review.selection import (DEFAULT_RANDOM_SHARE, DEFAULT_STRATEGY, REASONS, check_share, check_strategy,
-                                    in_random_slice, order, similar)
+                                    covered_goods, in_random_slice, order, similar)
 
 VERDICT_FOLDERS = ("flagged", "ok")  # flagged first
 IMAGE_SUFFIXES = (".png", ".jpg")
@@ -207,6 +207,10 @@ class ReviewQueue:
             e.reason = reason
             queue.append(e)
         return queue, [e for e in queue if filters.keep(e)]
+
+    def covered(self, version: str) -> list[Entry]:
+        """The passed captures ``version`` already covers (``adreg.review.selection.covered_goods``)."""
+        return covered_goods(scan(self.root), version, seed=self.seed, random_share=self.random_share)
 
     def similar(self, entry: Entry, exclude: set[str] = frozenset()) -> list[Entry]:
         """The "same as this" group of ``entry`` (``adreg.review.selection.similar``); ``exclude``: resolved

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -234,22 +233,20 @@ def order(entries: list, strategy: str = DEFAULT_STRATEGY, *, sample_rate: float
 COVERED_PERCENTILE = 50.0
 
 
-def covered_goods(capture_dir, category: str, version: str, *, seed: int = 0,
-                  random_share: float = DEFAULT_RANDOM_SHARE, below: float = COVERED_PERCENTILE) -> list:
-    """Passed captures of ``category`` that ``version`` judged and scored below its median normal image
-    (``normal_percentile`` < ``below``): goods the version already covers, learned without a person's review
-    (``adreg update --covered-from``). The random slice is never among them: its images stay unlearned so their
-    labels can evaluate. Returns their paths, oldest first."""
-    from adreg.review.queue import scan
-
+def covered_goods(entries: list, version: str, *, seed: int = 0, random_share: float = DEFAULT_RANDOM_SHARE,
+                  below: float = COVERED_PERCENTILE) -> list:
+    """The passed captures among ``entries`` (``adreg.review.queue.Entry`` s) that ``version`` judged and scored
+    below its median normal image (``normal_percentile`` < ``below``): goods the version already covers,
+    learned without a person's review (``adreg update --covered-from``, ``ReviewQueue.covered``). The random
+    slice is never among them: its images stay unlearned so their labels can evaluate. Oldest first."""
     out = []
-    for e in sorted(scan(Path(capture_dir).resolve() / category), key=lambda e: e.sort_key):
+    for e in sorted(entries, key=lambda e: e.sort_key):
         if e.verdict != "ok" or in_random_slice(e.rel, random_share, seed):
             continue
         side = e.load_sidecar()
         pct = _number(side.get("normal_percentile"))
         if str(side.get("version")) == str(version) and pct is not None and pct < below:
-            out.append(e.path)
+            out.append(e)
     return out
 
 
