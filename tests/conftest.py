@@ -29,6 +29,7 @@ LONG_MODULES = ("test_lifecycle.py",   # 278
                 "test_tune.py",        # 120
                 "test_serving_v2.py",  # new: about 100 alone
                 "test_review_selection.py",  # new: about 90 alone
+                "test_int8.py",        # new: about 92 alone
                 "test_api.py",         # 96
                 "test_governance.py",  # 92
                 "test_reviews.py",     # 71
