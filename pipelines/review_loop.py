@@ -257,7 +257,7 @@ def page(rows: list[dict], args, seconds: float) -> str:
              "random slice (`--random-share 0.2`). Goods learned: reviewed goods off the random slice, plus the "
              "unreviewed passed captures the version scored below its median normal image (`--covered-from`; "
              "column *covered*, per round).", "",
-             "| round | arm | reviewed | of them random slice | goods learned (total) | covered | image AUROC | "
+             "| round | arm | reviewed (total) | random slice (round) | goods learned (total) | covered (round) | image AUROC | "
              "false alarms at 90% recall | false alarms at threshold | recall at threshold |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in range(args.rounds + 1):
