@@ -209,3 +209,18 @@ def test_a_confirmed_false_alarm_offers_its_look_alikes_as_one_group_in_the_brow
     assert sorted(grouped) == sorted(group)  # one label per image of the group
     assert all(lab.verdict == "good" and lab.user == "carl" and not lab.flagged for lab in grouped.values())
     assert [lab.selection for lab in new if lab.path == str(false_alarm.resolve())] == ["threshold"]
+
+
+def test_a_capture_whose_sidecar_is_not_written_yet_is_read_again(tmp_path):
+    import json
+
+    day = tmp_path / "bottle" / "ok" / "20261207"
+    day.mkdir(parents=True)
+    img = day / "101500-000001-v1-ab12.png"
+    img.write_bytes(b"\x89PNG\r\n\x1a\n")  # the capture writer writes the image, then its sidecar
+    q = ReviewQueue(tmp_path, "bottle")
+    first = selection.signals(q.entry("ok/20261207/101500-000001-v1-ab12.png"))
+    assert np.isnan(first.ratio) and first.embedding is None
+    img.with_suffix(".json").write_text(json.dumps({"score": 2.0, "threshold": 4.0, "novelty": 1.0}))
+    again = selection.signals(q.entry("ok/20261207/101500-000001-v1-ab12.png"))
+    assert again.ratio == 0.5 and again.novelty == 0.25

@@ -100,9 +100,8 @@ _SIGNAL_CACHE_MAX = 50_000
 
 def signals(entry) -> Signals:
     """The ranking signals of a queue entry (``adreg.review.queue.Entry``), cached by path: a capture's sidecar
-    is written once with its image and never changes."""
-    import numpy as np
-
+    is written once with its image and never changes (a capture whose sidecar is not written yet is read again
+    next time)."""
     from adreg.pyfunc.capture import decode_embedding
 
     key = str(entry.path)
@@ -115,6 +114,8 @@ def signals(entry) -> Signals:
     ratio = score / threshold if score is not None and threshold else float("nan")
     got = Signals(ratio, novelty / threshold if novelty is not None and threshold else ratio,
                   decode_embedding(side.get("embedding")))
+    if not side:  # the image is written before its sidecar: do not remember a half-written capture
+        return got
     with _signal_lock:
         if len(_signal_cache) >= _SIGNAL_CACHE_MAX:
             _signal_cache.clear()
