@@ -170,6 +170,8 @@ def test_goods_the_version_covers_are_learned_without_review_and_counted(capture
 
 
 def test_a_confirmed_false_alarm_offers_its_look_alikes_as_one_group_in_the_browser(captured, store):
+    import asyncio
+
     import requests
 
     from adreg.review.app import build_app
@@ -184,18 +186,27 @@ def test_a_confirmed_false_alarm_offers_its_look_alikes_as_one_group_in_the_brow
     fa_rel = false_alarm.relative_to(root).as_posix()
     before = {(lab.sha256, lab.run_id) for lab in labels.read_labels("bottle")}
     app = build_app(["bottle"], captured["dir"], tracking_uri=store["uri"], retry_s=0.5, random_share=0.0)
+    slow = {"queue_s": 0.0}
+
+    @app.middleware("http")
+    async def slow_queue(request, call_next):  # a slow store: the queue's refresh after a label takes 2 s
+        if request.url.path == "/api/queue":
+            await asyncio.sleep(slow["queue_s"])
+        return await call_next(request)
+
     with serve(app) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
         try:
             page = open_page(browser, url, reviewer="carl")
             select(page, fa_rel)
+            slow["queue_s"] = 2.0
             page.keyboard.press("g")
             message(page, f"labelled {fa_rel} good")
             page.wait_for_selector("#group:not([hidden])")
             group = [img.get_attribute("data-rel") for img in page.locator("#group-tiles img").all()]
             assert 1 <= len(group) <= selection.GROUP_SIZE and "same as this?" in page.text_content("#group-note")
             assert all(rel.startswith("ok/") for rel in group)
-            page.keyboard.press("a")  # one key labels the group
+            page.keyboard.press("a")  # one key labels the group, even while the queue is still refreshing
             message(page, f"labelled {len(group)} good, the same as {fa_rel}")
             assert page.is_hidden("#group")
             # a group whose bytes changed since the page showed them is refused, nothing recorded
