@@ -189,6 +189,14 @@ def _recalibrate(detector: AnomalyDetector, paths: list[Path], cal_idx: list[int
     return calibration, source
 
 
+def contamination_guard(scores, threshold: float, include_suspects: bool = False) -> tuple[list[int], list[int]]:
+    """The guard of an update: (indices kept, indices suspect) of new good images scored by the current model.
+    A suspect scores above ``threshold`` (the model's own); it is kept only with ``include_suspects``."""
+    suspects = [i for i, s in enumerate(scores) if s > threshold]
+    keep = [i for i, s in enumerate(scores) if include_suspects or s <= threshold]
+    return keep, suspects
+
+
 def grow_detector(detector: AnomalyDetector, paths: list[Path], *, include_suspects: bool = False,
                   second_look: bool = True, holdout: int = 20, min_calibration: int = 20, seed: int = 0,
                   parent_calibration: list[dict] = (), parent_label: str = "the parent",
@@ -199,8 +207,8 @@ def grow_detector(detector: AnomalyDetector, paths: list[Path], *, include_suspe
     Images are decoded lazily, a batch (scoring) or a chunk (learning) at a time, never all at once, so
     memory is bounded by the model, a chunk and the evaluation set, not by the number of new goods.
 
-    * contamination guard: images the detector itself scores above its threshold are suspects, held out
-      unless ``include_suspects``;
+    * contamination guard (``contamination_guard``): images the detector itself scores above its threshold
+      are suspects, held out unless ``include_suspects``;
     * of the accepted images, ``holdout`` (at most half) are held out, the rest are learned from
       (``AnomalyDetector.update``);
     * the threshold is recalibrated by the detector's own rule on the held-out new goods, plus the parent's
@@ -221,8 +229,7 @@ def grow_detector(detector: AnomalyDetector, paths: list[Path], *, include_suspe
         raise DataError("no new images to grow with; nothing registered")
     parent_threshold = float(detector.threshold.value)
     parent_scores = detector.predict(paths, show_progress=show_progress).scores
-    suspect_idx = [i for i, s in enumerate(parent_scores) if s > parent_threshold]
-    keep = [i for i, s in enumerate(parent_scores) if include_suspects or s <= parent_threshold]
+    keep, suspect_idx = contamination_guard(parent_scores, parent_threshold, include_suspects)
     if not keep:
         raise DataError(f"all {len(paths)} new image(s) score above {parent_label}'s threshold "
                         f"{parent_threshold:.4g} (suspected defects); check them, or pass --include-suspects "
