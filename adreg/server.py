@@ -78,6 +78,61 @@ def check_v2_installed() -> None:
         raise ConfigError(f"--protocol v2 needs KServe's model server, which is not installed: {V2_INSTALL}")
 
 
+def wait_http(url: str, timeout: float, process: subprocess.Popen | None = None, interval: float = 0.5,
+              accept=lambda status: status == 200) -> bool:
+    """Poll ``url`` until it answers a status ``accept`` takes (200 by default): True; False when ``timeout``
+    seconds pass first or ``process`` (the server, when given) exits."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return False
+        try:
+            if accept(requests.get(url, timeout=2).status_code):
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(interval)
+    return False
+
+
+def signal_group(process: subprocess.Popen, signum: int) -> None:
+    """Send ``signum`` to the process group ``process`` leads (nothing when it is gone)."""
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def reap_group(process: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """Wait for every process of the group ``process`` leads to be gone; SIGKILL what is left after ``grace``
+    seconds (a server's worker may outlive its parent by a moment while it finishes requests)."""
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            os.killpg(process.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        if time.monotonic() > deadline:
+            signal_group(process, signal.SIGKILL)
+            return
+        time.sleep(0.2)
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = STOP_GRACE_S,
+                       signum: int = signal.SIGTERM) -> int | None:
+    """Stop the process group ``process`` leads (started with ``process_group=0`` or ``start_new_session``):
+    ``signum`` (SIGTERM) to the whole group, SIGKILL to what is left after ``grace`` s; the leader's exit code."""
+    signal_group(process, signum)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    reap_group(process, grace)
+    return process.poll()
+
+
 def serve_env(tracking_uri: str, model_config: dict) -> dict:
     """Environment of `mlflow models serve`: the store, and SERVING_MODEL_CONFIG (keys of the served
     model's DEFAULT_MODEL_CONFIG: device, follow_alias, poll_seconds, shadow_alias, capture_*, max_*, ...)."""
@@ -143,57 +198,23 @@ class Server:
     def wait_ready(self, timeout: float = 300.0) -> "Server":
         """Wait until ``/health`` (V2: ``/v2/models/<name>/ready``) answers 200; ``ConfigError`` if the process
         exits or ``timeout`` passes."""
-        import requests
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        if self.process is None or not wait_http(self.url + self.ready_path, timeout, self.process):
             if self.process is None or self.process.poll() is not None:
                 rc = None if self.process is None else self.process.returncode
                 raise ConfigError(f"the server for {self.model_uri} exited (code {rc}) before it was ready")
-            try:
-                if requests.get(self.url + self.ready_path, timeout=2).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        raise ConfigError(f"the server for {self.model_uri} was not ready on {self.url} within {timeout:g} s")
-
-    def _signal_group(self, signum: int) -> None:
-        try:
-            os.killpg(self.process.pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def _reap_group(self, grace: float = STOP_GRACE_S) -> None:
-        """Wait for every process of the group to be gone; SIGKILL what is left after ``grace`` seconds
-        (the uvicorn worker may outlive mlflow by a moment while it finishes requests)."""
-        deadline = time.monotonic() + grace
-        while True:
-            try:
-                os.killpg(self.process.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                return
-            if time.monotonic() > deadline:
-                self._signal_group(signal.SIGKILL)
-                return
-            time.sleep(0.2)
+            raise ConfigError(f"the server for {self.model_uri} was not ready on {self.url} within {timeout:g} s")
+        return self
 
     def stop(self, grace: float = STOP_GRACE_S) -> int | None:
         """SIGTERM the whole process group, SIGKILL it after ``grace`` s; returns the server's exit code."""
         if self.process is None:
             return None
-        self._signal_group(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        self._reap_group(grace)
-        return self.process.poll()
+        return stop_process_group(self.process, grace)
 
     def wait(self) -> int:
         """Wait for the server to exit by itself; returns its exit code (what is left of the group is reaped)."""
         rc = self.process.wait()
-        self._reap_group()
+        reap_group(self.process)
         return rc
 
     def run(self) -> int:
@@ -203,15 +224,15 @@ class Server:
 
         def forward(signum, _frame):
             self._stopping.append(signum)
-            self._signal_group(signum if signum != signal.SIGHUP else signal.SIGTERM)
+            signal_group(self.process, signum if signum != signal.SIGHUP else signal.SIGTERM)
 
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             rc = self.process.wait()
         finally:
             if not self._stopping:
-                self._signal_group(signal.SIGTERM)
-            self._reap_group()
+                signal_group(self.process, signal.SIGTERM)
+            reap_group(self.process)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return 0 if self._stopping else rc

@@ -11,10 +11,11 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass
-from pathlib import Path
 
 import requests
 from PIL import Image
+
+from adreg.images import encode_png_b64, file_to_b64
 
 
 @dataclass
@@ -27,11 +28,8 @@ class Result:
 
 
 def _encode(image) -> str:
-    if isinstance(image, Image.Image):
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        return base64.b64encode(buf.getvalue()).decode("ascii")
-    return base64.b64encode(Path(image).read_bytes()).decode("ascii")
+    """A PIL image as base64 PNG, a path as its file's bytes in base64."""
+    return encode_png_b64(image) if isinstance(image, Image.Image) else file_to_b64(image)
 
 
 class AdregClient:

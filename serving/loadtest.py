@@ -11,7 +11,7 @@ for a plant with 8 products, all on the same backbone), bundles them into the ro
 * resident memory (whole process group) of N single-category servers vs one router, N = 1, 4, 8.
 
 ``protocol_bodies`` / ``load_kind`` / ``summarize`` compare MLflow's ``/invocations`` with the Open Inference
-Protocol (``adreg serve --protocol v2``) on the same images: ``python -m pipelines.serving_bench --protocols``.
+Protocol (``adreg serve --protocol v2``) on the same images: ``python -m benchmarks serving --protocols``.
 
 Every loop is bounded by a request count and a time limit; all servers bind 127.0.0.1 and are stopped.
 """
@@ -19,7 +19,6 @@ Every loop is bounded by a request count and a time limit; all servers bind 127.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import statistics
@@ -32,6 +31,7 @@ from pathlib import Path
 import requests
 
 from adreg.data import default_category_dir
+from adreg.images import file_to_b64
 from serving.process import Server
 
 
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     store = Path(tempfile.mkdtemp(prefix="adreg-loadtest-"))
     uri, names = prepare_store(store, args.categories)
     test_dir = default_category_dir("bottle") / "test"
-    images = [base64.b64encode(p.read_bytes()).decode() for p in sorted(test_dir.rglob("*.png"))[:32]]
+    images = [file_to_b64(p) for p in sorted(test_dir.rglob("*.png"))[:32]]
     results: dict = {"latency": [], "overhead": {}, "memory": []}
     servers: list[Server] = []
     try:

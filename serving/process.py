@@ -1,6 +1,8 @@
 """`adreg serve` as a child process on 127.0.0.1: start, wait until ready, measure, stop.
 
-Used by the load test and by the end-to-end tests, so both start and stop servers the same way.
+Used by the load test, the benchmarks and the end-to-end tests, so all start and stop servers the same way.
+``free_port`` is defined here (only the tools and the tests need one); waiting for HTTP and stopping a process
+group are the product's own (``adreg.server.wait_http``, ``adreg.server.stop_process_group``).
 """
 
 from __future__ import annotations
@@ -13,25 +15,14 @@ import sys
 import time
 from pathlib import Path
 
-import requests
+from adreg.server import stop_process_group, wait_http
 
 
 def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (the OS's pick, released at once)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def stop_process_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the whole process group (CLI, mlflow, uvicorn worker); SIGKILL after 30 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 class Server:
@@ -52,16 +43,10 @@ class Server:
     def wait(self, timeout: float = 240) -> None:
         """Until /ping (V2: /v2/health/ready) answers; RuntimeError (with the log's tail) if the server exits
         or times out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited early:\n" + self.log_tail())
-            try:
-                if requests.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
+        if wait_http(f"{self.url}{self.ready_path}", timeout, self.proc):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError("server exited early:\n" + self.log_tail())
         raise RuntimeError(f"server on {self.url} did not come up:\n" + self.log_tail())
 
     def log_tail(self, chars: int = 3000) -> str:

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
@@ -16,7 +15,8 @@ from adreg import cli
 from adreg.registry.resolve import get_model
 from adreg.registry import derive, events, governance, lifecycle, tracking, versions
 from adreg.registry.governance import PermissionDenied
-from serving.process import free_port, stop_process_group
+from adreg.server import stop_process_group, wait_http
+from serving.process import free_port
 
 ADMIN = ("admin", "admin-pass-0123456789")
 USERS = {"editor": "editor-pass-0123456789", "manager": "manager-pass-0123456789",
@@ -47,18 +47,9 @@ def auth_server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     mp = pytest.MonkeyPatch()
     try:
-        deadline = time.monotonic() + 420  # a loaded 2-core CI machine starts it slowly
-        while True:
-            if proc.poll() is not None:
-                pytest.fail("mlflow server exited:\n" + (tmp / "server.log").read_text()[-3000:])
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:  # not listening yet, or busy starting
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mlflow server did not come up:\n" + (tmp / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
+        if not wait_http(f"{url}/health", 420, proc):  # a loaded 2-core CI machine starts it slowly
+            what = "exited" if proc.poll() is not None else "did not come up"
+            pytest.fail(f"mlflow server {what}:\n" + (tmp / "server.log").read_text()[-3000:])
         for user, password in USERS.items():
             r = requests.post(f"{url}/api/2.0/mlflow/users/create", json={"username": user, "password": password},
                               auth=ADMIN, timeout=120)  # password hashing is slow on a loaded CPU

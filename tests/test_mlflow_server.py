@@ -3,17 +3,16 @@
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
-import requests
 
 from adreg.images import file_to_b64, load_image
 from adreg.registry import derive, lifecycle, tracking
-from serving.process import free_port, stop_process_group
+from adreg.server import stop_process_group, wait_http
+from serving.process import free_port
 
 
 @pytest.fixture()
@@ -28,17 +27,9 @@ def mlflow_server(tmp_path, monkeypatch):
                                      MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))  # adreg runs no server jobs
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail("mlflow server exited:\n" + (tmp_path / "server.log").read_text()[-3000:])
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not come up:\n" + (tmp_path / "server.log").read_text()[-3000:])
+        if not wait_http(f"{url}/health", 120, proc):
+            what = "exited" if proc.poll() is not None else "did not come up"
+            pytest.fail(f"mlflow server {what}:\n" + (tmp_path / "server.log").read_text()[-3000:])
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         tracking.configure(url)
         yield url, tmp_path / "server-artifacts"

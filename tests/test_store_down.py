@@ -1,7 +1,6 @@
 """A store that is down (an http server, a PostgreSQL server, a sqlite path that cannot be created): every
 command says so in one line within seconds and exits 2 - no traceback, no minutes of retries."""
 
-import socket
 import subprocess
 import sys
 import time
@@ -9,12 +8,7 @@ import time
 import pytest
 
 from adreg.cli import main
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens once the socket is closed
+from serving.process import free_port as _closed_port  # nothing listens on it
 
 
 STORES = {

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
-from serving.process import free_port, stop_process_group
+from adreg.server import stop_process_group, wait_http
+from serving.process import free_port
 from tests.conftest import DATA_ROOT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,19 +95,12 @@ def _serve(body: str, cwd: Path, env: dict, url: str, log_path: Path) -> subproc
     with open(log_path, "w") as log:
         proc = subprocess.Popen(["bash", "-c", body], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    deadline = time.monotonic() + 240
-    while True:
-        if proc.poll() is not None:
-            pytest.fail("the server exited:\n" + log_path.read_text()[-3000:])
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return proc
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            stop_process_group(proc)
-            pytest.fail("the server did not come up:\n" + log_path.read_text()[-3000:])
-        time.sleep(0.5)
+    if wait_http(f"{url}/ping", 240, proc):
+        return proc
+    if proc.poll() is not None:
+        pytest.fail("the server exited:\n" + log_path.read_text()[-3000:])
+    stop_process_group(proc)
+    pytest.fail("the server did not come up:\n" + log_path.read_text()[-3000:])
 
 
 def test_tutorial_runs_as_written(tmp_path):
