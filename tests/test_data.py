@@ -77,6 +77,42 @@ def test_corrupt_tiny_and_truncated_images(tmp_path, bottle_dir):
     assert load_image(gray).mode == "RGB" and load_image(gray).size == (50, 40)
 
 
+def test_every_kind_of_png_decodes_to_the_pixels_pillow_gives(bottle_dir):
+    """8-bit RGB / grayscale PNGs take libpng (imagecodecs) on the request path, the rest Pillow: same pixels."""
+    import io
+
+    from adreg.images import _fast_png, decode_image_bytes
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+
+    def png(img, **kw):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", **kw)
+        return buf.getvalue()
+
+    kinds = {
+        "bottle": (bottle_dir / "test" / "broken_large" / "000.png").read_bytes(),
+        "rgb": png(Image.fromarray(rgb)),
+        "gray": png(Image.fromarray(rgb[..., 0])),
+        "gray with transparency": png(Image.fromarray(rgb[..., 0]), transparency=7),
+        "rgb with transparency": png(Image.fromarray(rgb), transparency=(1, 2, 3)),
+        "rgba": png(Image.fromarray(np.dstack([rgb, rgb[..., :1]]))),
+        "palette": png(Image.fromarray(rgb).quantize(16)),
+        "gray 16-bit": png(Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)),
+    }
+    for kind, data in kinds.items():
+        want = Image.open(io.BytesIO(data))
+        want = np.asarray(want.convert("RGB"))
+        got = decode_image_bytes(data, kind)
+        assert got.mode == "RGB" and np.array_equal(np.asarray(got), want), kind
+    # the fast path is taken where it should be (else the request path silently slows down)
+    assert _fast_png(kinds["bottle"], "bottle", 10 ** 8) is not None
+    assert _fast_png(kinds["gray"], "gray", 10 ** 8) is not None
+    assert _fast_png(kinds["palette"], "palette", 10 ** 8) is None
+    assert _fast_png(kinds["bottle"], "bottle", 1000) is None  # over the pixel limit: Pillow's message
+
+
 def test_mask_of_wrong_size_is_reported(tmp_path, bottle_dir):
     (tmp_path / "test" / "crack").mkdir(parents=True)
     (tmp_path / "test" / "good").mkdir()

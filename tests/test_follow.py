@@ -130,6 +130,10 @@ def test_capture_keeps_the_rate_and_the_budget(server, bottle_dir, images):
     sidecar = json.loads(first[0].with_suffix(".json").read_text())
     assert {"score", "threshold", "is_anomaly", "model", "version", "alias", "at"} <= set(sidecar)
     assert sidecar["model"] == "adreg-bottle" and sidecar["alias"] == "production"
+    # the review signals are computed for the sampled rows only, each row's own (half of each request here)
+    sides = [json.loads(p.with_suffix(".json").read_text()) for p in first]
+    assert all({"novelty", "embedding", "normal_percentile"} <= set(x) for x in sides)
+    assert len({x["embedding"] for x in sides}) == len(sides)
     assert all(p.parent.parent.name in ("ok", "flagged") for p in first)
     assert (Image.open(first[0]).size[0]) <= 96  # the image as it was sent
     # 8 full-size images (~0.5 MB each): 4 sampled; the budget keeps the newest, oldest (small) go first

