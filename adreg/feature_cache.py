@@ -5,7 +5,7 @@ backbone and each image's pixels: the benchmarks run the product's own code (``f
 ``AnomalyDetector``, ``evaluate``) on top of it, and only the backbone's work is cached.
 
 ``cached_features`` caches whole feature sets of derived images, for the studies that compare paths of
-their own on cached features (pipelines.growth, the preprocessing variants of pipelines.mtd_study). Its
+their own on cached features (benchmarks.growth, the preprocessing variants of benchmarks.mtd_study). Its
 key hashes everything the features depend on: the backbone spec (name, layers, image size, precision),
 each source image's path, size and modification time, and how the images were derived (augmentation
 kind, count, seed). Changing any of them is a different key; nothing is ever stale.

@@ -1,1 +1,1 @@
-"""Entry points run by MLproject and by hand: fit, evaluate, benchmark."""
+"""The MLflow project's entry points (MLproject): fit, evaluate, update. The benchmarks are in ``benchmarks``."""

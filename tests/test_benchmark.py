@@ -12,7 +12,7 @@ from adreg.augment import augment_shots
 from adreg.backbones import build_backbone
 from adreg.feature_cache import CachingBackbone, ExtractCall, cache_key, cached_features, honest_seconds
 from adreg.images import load_image
-from pipelines import benchmark
+from benchmarks import accuracy, harness
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_benchmark_row_equals_adreg_fit_of_the_same_options(bottle_fit, shared_c
     argv = ["--datasets", "bottle", "--methods", "subspace", "--shots", "1", "--seeds", "0", "--device", "cpu",
             "--timing-images", "2", "--no-pictures", "--out", str(tmp_path / "out")]
     for run in ("cold", "warm"):
-        assert benchmark.main(argv) == 0
+        assert accuracy.main(argv) == 0
         printed = capsys.readouterr().out
         (row,) = _rows(tmp_path / "out")
         assert (row["method"], row["k_shot"], row["seed"], row["calibration"]) == (
@@ -54,11 +54,11 @@ def test_benchmark_row_equals_adreg_fit_of_the_same_options(bottle_fit, shared_c
 
 def test_grid_with_per_method_seeds_and_shots_writes_tables_pictures_and_the_page(shared_cache, tmp_path,
                                                                                   monkeypatch):
-    monkeypatch.setattr(benchmark, "DOCS", tmp_path / "docs")
+    monkeypatch.setattr(harness, "DOCS", tmp_path / "docs")
     argv = ["--datasets", "bottle", "--methods", "subspace,rad", "--shots", "1", "--seeds", "0",
             "--method-seeds", '{"rad": "1"}', "--method-shots", '{"rad": "2"}', "--aug-count", "2",
             "--timing-images", "2", "--out", str(tmp_path / "out"), "--update-docs"]
-    assert benchmark.main(argv) == 0
+    assert accuracy.main(argv) == 0
     rows = _rows(tmp_path / "out")
     assert [(r["method"], r["k_shot"], r["seed"]) for r in rows] == [
         ("subspace", "1", "0"), ("rad", "2", "1")]
@@ -75,34 +75,34 @@ def test_grid_with_per_method_seeds_and_shots_writes_tables_pictures_and_the_pag
     page = (tmp_path / "docs" / "accuracy.md").read_text()
     assert page.startswith("# Accuracy")
     assert "fit_category" in page and "| bottle | rad | 2 | 1 |" in page
-    assert "Command: `python -m pipelines.benchmark --datasets bottle --methods subspace,rad" in page
+    assert "Command: `python -m benchmarks accuracy --datasets bottle --methods subspace,rad" in page
     assert f"Date: {datetime.date.today().isoformat()}" in page and f"torch {torch.__version__}" in page
 
 
 def test_page_writer_writes_the_whole_page_and_no_readme_splicing_is_left(tmp_path):
-    assert not hasattr(benchmark, "write_readme_section") and not hasattr(benchmark, "START")
-    path = benchmark.write_page("demo", "Demo", "What is measured.", "| a |\n|---|\n| 1 |", "python -m x --y",
+    assert not hasattr(accuracy, "write_readme_section") and not hasattr(accuracy, "START")
+    path = harness.write_page("demo", "Demo", "What is measured.", "| a |\n|---|\n| 1 |", "python -m x --y",
                                 docs_dir=tmp_path, machine="2 cores visible, Test CPU", date="2026-01-02")
     assert path == tmp_path / "demo.md"
     assert path.read_text() == ("# Demo\n\nWhat is measured.\n\n- Machine: 2 cores visible, Test CPU\n"
                                 "- Command: `python -m x --y`\n- Date: 2026-01-02\n\n| a |\n|---|\n| 1 |\n")
-    benchmark.write_page("demo", "Demo 2", "Other.", "| b |", "python -m x", docs_dir=tmp_path)
+    harness.write_page("demo", "Demo 2", "Other.", "| b |", "python -m x", docs_dir=tmp_path)
     text = path.read_text()
     assert text.startswith("# Demo 2\n") and "| a |" not in text and "Test CPU" not in text
-    line = benchmark.machine_line("cpu")
+    line = harness.machine_line("cpu")
     assert f"{os.cpu_count()} cores" in line and torch.__version__ in line and "device cpu" in line
-    assert benchmark.command_line("pipelines.benchmark", ["--seeds", "0", "--method-seeds", '{"a": "0"}']) == \
-        "python -m pipelines.benchmark --seeds 0 --method-seeds '{\"a\": \"0\"}'"
+    assert harness.command_line("accuracy", ["--seeds", "0", "--method-seeds", '{"a": "0"}']) == \
+        "python -m benchmarks accuracy --seeds 0 --method-seeds '{\"a\": \"0\"}'"
 
 
 def test_every_benchmark_has_update_docs_instead_of_update_readme():
-    from pipelines import batch_bench, coreset_bench, growth, runtime_bench, serving_bench
+    from benchmarks import batch, coreset, growth, runtime, serving
 
-    for module in (benchmark, coreset_bench, growth, runtime_bench):
+    for module in (accuracy, coreset, growth, runtime):
         assert module.build_parser().parse_args(["--update-docs"]).update_docs
         with pytest.raises(SystemExit):
             module.build_parser().parse_args(["--update-readme"])
-    for module in (serving_bench, batch_bench):
+    for module in (serving, batch):
         assert "--update-docs" in module.build_parser().format_help()
 
 
@@ -146,24 +146,24 @@ def test_honest_seconds_replace_cache_reads_by_the_measured_backbone_time():
 
 
 def test_each_dataset_gets_its_own_settings_unless_a_flag_overrides_them():
-    parse = benchmark.build_parser().parse_args
-    mtd = benchmark.dataset_args(parse(["--datasets", "bottle,mtd"]), "mtd")
+    parse = accuracy.build_parser().parse_args
+    mtd = accuracy.dataset_args(parse(["--datasets", "bottle,mtd"]), "mtd")
     assert (mtd.augment, mtd.aug_count, mtd.layers, mtd.top_fraction) == ("hflip,vflip", 8, "7,10", 0.001)
-    bottle = benchmark.dataset_args(parse(["--aug-count", "3"]), "bottle")
+    bottle = accuracy.dataset_args(parse(["--aug-count", "3"]), "bottle")
     assert (bottle.augment, bottle.aug_count, bottle.layers) == ("rotate", 3, None)
-    own = benchmark.dataset_args(parse(["--layers", "4", "--top-fraction", "0"]), "my-screws")
+    own = accuracy.dataset_args(parse(["--layers", "4", "--top-fraction", "0"]), "my-screws")
     assert (own.layers, own.top_fraction, own.augment) == ("4", 0.0, "rotate")
-    opts = benchmark.fit_options(mtd, "mtd", "/data/mtd", "spg", 0, 3)
+    opts = accuracy.fit_options(mtd, "mtd", "/data/mtd", "spg", 0, 3)
     assert (opts.k_shot, opts.layers, opts.aug_count, opts.method_params) == (1, [7, 10], 8, {"aux": "bottle", "seed": 3})
 
 
 def test_zero_shot_methods_run_once_at_k0_and_costly_ones_can_run_fewer_seeds_and_shots():
-    args = benchmark.build_parser().parse_args(["--shots", "1,8", "--seeds", "0,1,2",
+    args = accuracy.build_parser().parse_args(["--shots", "1,8", "--seeds", "0,1,2",
                                                 "--method-seeds", '{"foundad": "0"}',
                                                 "--method-shots", '{"foundad": "8"}'])
-    assert benchmark.shots_of(args, "spg") == [0] and benchmark.shots_of(args, "rad") == [1, 8]
-    assert benchmark.shots_of(args, "foundad") == [8] and benchmark.seeds_of(args, "foundad") == [0]
-    assert benchmark.seeds_of(args, "spg") == [0, 1, 2]
+    assert accuracy.shots_of(args, "spg") == [0] and accuracy.shots_of(args, "rad") == [1, 8]
+    assert accuracy.shots_of(args, "foundad") == [8] and accuracy.seeds_of(args, "foundad") == [0]
+    assert accuracy.seeds_of(args, "spg") == [0, 1, 2]
 
 
 def test_cache_key_changes_with_backbone_file_and_derivation(tmp_path, monkeypatch, bottle_dir):
@@ -189,7 +189,7 @@ def test_cache_key_changes_with_backbone_file_and_derivation(tmp_path, monkeypat
 
 
 def test_growth_tables_merge_runs_and_a_later_run_replaces_the_same_rows():
-    from pipelines.growth import merge_runs, summarise
+    from benchmarks.growth import merge_runs, summarise
 
     def row(method, seed, step, auroc, condition="clean"):
         return {"method": method, "condition": condition, "seed": seed, "step": step, "goods": 8 << step,
@@ -221,18 +221,18 @@ def test_fit_of_more_views_than_one_chunk_splits_into_fit_calibration_and_evalua
         for stem in stems:
             (root / dest / f"{stem}.png").symlink_to(bottle_dir / src / f"{stem}.png")
     seen = []
-    real_phase_calls = benchmark.phase_calls
+    real_phase_calls = accuracy.phase_calls
 
     def spy(*args):
         fit, evaluation = real_phase_calls(*args)
         seen.append((*args, fit, evaluation))
         return fit, evaluation
 
-    monkeypatch.setattr(benchmark, "phase_calls", spy)
+    monkeypatch.setattr(accuracy, "phase_calls", spy)
     argv = ["--datasets", "bottle", "--data", str(root), "--methods", "rad,subspace", "--shots", "3", "--seeds", "0",
             "--batch-size", "2", "--device", "cpu", "--timing-images", "2", "--no-pictures",
             "--out", str(tmp_path / "out")]
-    assert benchmark.main(argv) == 0
+    assert accuracy.main(argv) == 0
     rows = _rows(tmp_path / "out")
     assert [(r["method"], r["n_train_images"], r["calibration"]) for r in rows] == [
         ("rad", "93", "validation folder"), ("subspace", "93", "validation folder")]
@@ -251,3 +251,49 @@ def test_fit_of_more_views_than_one_chunk_splits_into_fit_calibration_and_evalua
                 real_phase_calls(wrong, det, n_test, n_cal)
         with pytest.raises(RuntimeError, match="no longer match"):
             real_phase_calls(calls, det, n_test, n_cal + 1)
+
+
+def test_python_m_benchmarks_lists_every_benchmark_and_runs_one_by_name():
+    import subprocess
+    import sys
+
+    from benchmarks import BENCHMARKS
+
+    root = harness.ROOT
+    listed = subprocess.run([sys.executable, "-m", "benchmarks"], cwd=root, capture_output=True, text=True)
+    assert listed.returncode == 0
+    lines = [ln.split()[0] for ln in listed.stdout.splitlines() if ln.startswith("  ")]
+    assert lines == list(BENCHMARKS) and len(lines) == 13
+    assert {p.stem for p in (root / "benchmarks").glob("*.py")} - {"__init__", "__main__", "harness"} == \
+        set(BENCHMARKS.values())
+    helped = subprocess.run([sys.executable, "-m", "benchmarks", "growth-product", "--help"], cwd=root,
+                            capture_output=True, text=True)
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: benchmarks growth-product")
+    unknown = subprocess.run([sys.executable, "-m", "benchmarks", "nope"], cwd=root, capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown benchmark 'nope'" in unknown.stderr
+
+
+def test_harness_sections_int_lists_settings_and_a_measured_child(tmp_path):
+    assert harness.ints("1, 2,,4") == [1, 2, 4]
+    assert harness.fit_settings("mtd") == {"augment": "hflip,vflip", "aug_count": 8, "layers": [7, 10],
+                                           "top_fraction": 0.001}
+    assert harness.fit_settings("my-screws") == harness.fit_settings("bottle") == {"augment": "rotate", "aug_count": 30}
+    page = tmp_path / "page.md"
+    harness.replace_section(page, "<!-- a -->", "<!-- /a -->", "first", "Title")
+    assert page.read_text() == "# Title\n\n<!-- a -->\nfirst\n<!-- /a -->\n"
+    page.write_text(page.read_text() + "\nkept\n")
+    harness.replace_section(page, "<!-- a -->", "<!-- /a -->", "second\n", "Title")
+    assert page.read_text() == "# Title\n\n<!-- a -->\nsecond\n<!-- /a -->\n\nkept\n"
+    res = harness.run_child(["-c", "from benchmarks.harness import child_result; child_result({'a': 1})"])
+    assert res["a"] == 1 and res["peak_rss_mib"] > 1
+    with pytest.raises(RuntimeError, match="failed"):
+        harness.run_child(["-c", "raise SystemExit(3)"])
+
+
+def test_the_growth_benchmark_guards_with_the_products_guard():
+    from adreg.fitting import contamination_guard
+    from benchmarks import growth
+
+    assert growth.contamination_guard is contamination_guard
+    assert contamination_guard([0.1, 0.5, 0.2], 0.2) == ([0, 2], [1])
+    assert contamination_guard([0.1, 0.5], 0.2, include_suspects=True) == ([0, 1], [1])

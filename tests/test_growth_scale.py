@@ -6,9 +6,6 @@ Synthetic features and small images keep the file cheap; one subprocess measures
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -21,6 +18,7 @@ from adreg.backbones.base import Features
 from adreg.detector import AnomalyDetector
 from adreg.errors import ConfigError
 from adreg.methods import build_method
+from benchmarks.harness import run_child
 
 
 def features(n: int, seed: int, grid: int = 4, widths=(8, 12)) -> Features:
@@ -199,12 +197,13 @@ def test_update_accepts_paths_decoded_lazily(tmp_path):
 
 # -- memory: a 200-good update in a subprocess --------------------------------------------------------------
 CHILD = textwrap.dedent("""
-    import json, sys
+    import sys
     import numpy as np, torch
     from PIL import Image
     from adreg.backbones.base import Features
     from adreg.detector import AnomalyDetector
     from adreg.methods import build_method
+    from benchmarks.harness import child_result, proc_status, status_bytes
 
     torch.set_num_threads(1)
 
@@ -217,11 +216,6 @@ CHILD = textwrap.dedent("""
             return Features([p], [p.mean((2, 3))])
         def to(self, device): return self
 
-    def rss_mib(key="VmRSS"):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-
     det = AnomalyDetector(Fat(), build_method(sys.argv[1], bank_budget=int(sys.argv[2])), augment="hflip",
                           aug_count=1, aug_views=0)
     det.chunk_views = int(sys.argv[3])
@@ -229,18 +223,16 @@ CHILD = textwrap.dedent("""
     det.fit([Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(4)],
             show_progress=False)
     images = [Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(200)]
-    base = rss_mib()
+    base = status_bytes(proc_status(), "VmRSS") / 2 ** 20
     report = det.update(images, show_progress=False)
-    peak = rss_mib("VmHWM")  # this process's own high-water mark (ru_maxrss survives exec: the parent's)
-    print(json.dumps({"base": base, "peak": peak, "views": report["n_views"]}))
+    child_result({"base": base, "views": report["n_views"]})  # with its own peak RSS (VmHWM)
 """)
 
 
 def _update_rss(name: str, budget: int, chunk: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, name, str(budget), str(chunk)], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    """The child's RSS before the update (``base``) and its peak (``peak``), MiB, and the views it learned."""
+    res = run_child(["-c", CHILD, name, str(budget), str(chunk)], timeout=120)
+    res["peak"] = res.pop("peak_rss_mib")
     assert res["views"] == 400
     return res
 

@@ -89,6 +89,62 @@ def test_shared_helpers_are_defined_once():
     assert not [p for p, src in text.items() if re.search(r'f"adreg-\{', src)]  # names through adreg.names
 
 
+#: the package and the folders beside it, bottom to top: a folder imports none above it
+ORDER = ("adreg", "serving", "pipelines", "benchmarks", "tests")
+#: helpers shared by the package, the tools and the tests, each defined in one place (issue 33)
+ONCE = {"free_port": "serving/process.py", "stop_process_group": "adreg/server.py", "wait_http": "adreg/server.py",
+        "file_to_b64": "adreg/images.py", "peak_rss_mib": "benchmarks/harness.py", "first_line": "adreg/errors.py",
+        "machine_line": "benchmarks/harness.py", "write_page": "benchmarks/harness.py",
+        "write_csv": "benchmarks/harness.py", "ints": "benchmarks/harness.py", "command_line": "benchmarks/harness.py",
+        "replace_section": "benchmarks/harness.py", "run_child": "benchmarks/harness.py",
+        "contamination_guard": "adreg/fitting.py"}
+
+
+def _repo_sources() -> dict[str, str]:
+    """Every .py file of the package, the tools and the tests (and the docs hooks), by repository path."""
+    folders = (*ORDER, "docs")
+    return {str(p.relative_to(ROOT.parent)): p.read_text() for f in folders for p in (ROOT.parent / f).rglob("*.py")}
+
+
+def test_tools_sit_above_the_package_and_pipelines_holds_only_the_entry_points():
+    """``adreg`` imports none of the tools; ``serving`` (client, load test, server processes) no benchmark or
+    pipeline; the MLflow project's entry points (``pipelines``) no benchmark; the benchmarks are not installed."""
+    def imported(path: Path) -> set[str]:
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                out.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                out |= {a.name.split(".")[0] for a in node.names}
+        return out
+
+    for i, folder in enumerate(ORDER):
+        above = set(ORDER[i + 1:])
+        wrong = {str(p.relative_to(ROOT.parent)): sorted(imported(p) & above)
+                 for p in (ROOT.parent / folder).rglob("*.py")}
+        assert {k: v for k, v in wrong.items() if v} == {}, folder
+    assert sorted(p.stem for p in (ROOT.parent / "pipelines").glob("*.py")) == ["__init__", "evaluate", "fit", "update"]
+    mlproject = (ROOT.parent / "MLproject").read_text()
+    assert set(re.findall(r"python -m (\S+)", mlproject)) == {"pipelines.fit", "pipelines.evaluate",
+                                                                "pipelines.update", "benchmarks"}
+    import tomllib
+
+    find = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert find["include"] == ["adreg", "adreg.*"]  # benchmarks/, pipelines/ and serving/ stay out of the wheel
+
+
+def test_process_and_benchmark_helpers_are_defined_once_in_the_repository():
+    """One ``def`` of each helper in the whole repository (package, tools, tests), where ``ONCE`` says; the dead
+    code issue 33 named is gone."""
+    sources = _repo_sources()
+    for helper, home in ONCE.items():
+        defs = [p for p, src in sources.items() if re.search(rf"^\s*def {helper}\(", src, re.M)]
+        assert defs == [home], (helper, defs)
+    for dead in ("resolve_parent", "image_probability", "clear_memory", "_ints", "write_protocols_section",
+                 "update_page", "link_folder"):
+        assert not [p for p, src in sources.items() if re.search(rf"^\s*def {dead}\(", src, re.M)], dead
+
+
 def test_the_gated_metrics_are_listed_once():
     """The metrics the promotion gate judges are one tuple literal, ``adreg.statistics.GATED``: every other
     module (the registry, the CLI) reads that one."""
@@ -131,11 +187,11 @@ def _calls_that_make_versions(path: Path) -> list[str]:
 
 def test_versions_are_logged_and_registered_in_one_place():
     """Every model version is logged (``mlflow.pyfunc.log_model``) and registered (``versions.register``) by
-    ``adreg.registry.derive`` alone: in the package, the pipelines and the serving tools. The tests are left
+    ``adreg.registry.derive`` alone: in the package, the pipelines, the benchmarks and the serving tools. The tests are left
     out: some call ``versions.register`` themselves because registration is what they test (an incomplete run
     refused, concurrent registrations, a hand-made broken model, a logged model registered at a chosen
     moment)."""
-    files = [p for folder in ("adreg", "pipelines", "serving") for p in (ROOT.parent / folder).rglob("*.py")]
+    files = [p for folder in ("adreg", "pipelines", "serving", "benchmarks") for p in (ROOT.parent / folder).rglob("*.py")]
     calls = [c for p in files for c in _calls_that_make_versions(p)]
     assert calls and all(c.startswith("adreg/registry/derive.py:") for c in calls), calls
     assert len(calls) == 2, calls  # one log_model, one register

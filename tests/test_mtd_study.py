@@ -6,7 +6,7 @@ from PIL import Image, ImageDraw
 
 from adreg.backbones import build_backbone
 from adreg.images import load_image
-from pipelines import mtd_study
+from benchmarks import mtd_study
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The review loop on Magnetic-Tile-Defect, run for real and written down as a transcript with screenshots.
 
-    python -m pipelines.review_session --work /tmp/adreg-review-session --out docs/guides/review-session
+    python -m benchmarks review-session --work /tmp/adreg-review-session --out docs/guides/review-session
 
 A product with good tiles only (28 MTD goods, no test folder): ``adreg fit`` (8-shot RAD, the README's MTD
 settings) and register; then three rounds of the line:
@@ -21,20 +21,24 @@ screenshots to ``<out>/*.png``.
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import random
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import requests
 from PIL import Image
+
+from adreg.images import file_to_b64
+from adreg.server import stop_process_group, wait_http
+from benchmarks.harness import link_files, today
+from serving.process import free_port
 
 FIT_ARGS = ["--method", "rad", "--k-shot", "8", "--layers", "7", "10", "--augment", "hflip,vflip", "--aug-count",
             "8", "--top-fraction", "0.001"]
@@ -72,33 +76,14 @@ class Session:
 
 
 def stop(proc: subprocess.Popen) -> None:
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(60)
-    except Exception:  # noqa: BLE001 - last resort
-        os.killpg(proc.pid, signal.SIGKILL)
+    """SIGINT (Ctrl-C) to the command's process group, SIGKILL to what is left after 60 s."""
+    stop_process_group(proc, grace=60, signum=signal.SIGINT)
 
 
-def wait_http(url: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=5).status_code < 500:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"{url} did not come up")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def wait_up(url: str, timeout: float = 600) -> None:
+    """Until ``url`` answers without a server error; SystemExit after ``timeout`` s."""
+    if not wait_http(url, timeout, interval=1, accept=lambda status: status < 500):
+        raise SystemExit(f"{url} did not come up")
 
 
 def serve_round(s: Session, which: list[str], images: list[Path]) -> str:
@@ -118,10 +103,10 @@ def serve_round(s: Session, which: list[str], images: list[Path]) -> str:
     proc = s.background("serve", "mtd", *which, "--capture", "capture", "--capture-rate", "1", "--port", str(port),
                         "--device", "cpu", log=f"serve-{port}.log")
     try:
-        wait_http(f"http://127.0.0.1:{port}/health")
+        wait_up(f"http://127.0.0.1:{port}/health")
         flagged, versions = 0, set()
         for i in range(0, len(images), 8):
-            rows = [{"image": base64.b64encode(p.read_bytes()).decode()} for p in images[i:i + 8]]
+            rows = [{"image": file_to_b64(p)} for p in images[i:i + 8]]
             r = requests.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": rows}, timeout=600)
             r.raise_for_status()
             preds = r.json()["predictions"]
@@ -145,7 +130,7 @@ def review_round(s: Session, truth: dict, budget: int, shot_prefix: str, version
                         log=f"review-{port}.log")
     done = {"good": 0, "defect": 0, "regions": 0}
     try:
-        wait_http(f"http://127.0.0.1:{port}/api/status")
+        wait_up(f"http://127.0.0.1:{port}/api/status")
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
             page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
@@ -234,9 +219,7 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     goods = list(data.train)
     rng.shuffle(goods)
-    (work / "goods").mkdir()
-    for p in goods[:28]:
-        os.symlink(p, work / "goods" / p.name)
+    link_files(goods[:28], work / "goods")
     defects = [x for x in data.test if x.label == 1]
     rng.shuffle(defects)
     stream, pool_goods, pool_defects = [], goods[28:], list(defects)
@@ -271,7 +254,7 @@ def main(argv=None) -> int:
     s.run("status", "mtd")
     s.run("history", "mtd")
     head = ["# Review session on MTD", "",
-            f"Recorded by `python -m pipelines.review_session` on {date.today().isoformat()}, 2-core CPU, no GPU, "
+            f"Recorded by `python -m benchmarks review-session` on {today()}, 2-core CPU, no GPU, "
             f"{(time.perf_counter() - t0) / 60:.0f} min in all. The reviewer is a headless Chromium driven by "
             "Playwright that labels each capture with the dataset's truth.", ""]
     (out / "transcript.md").write_text("\n".join(head + s.lines) + "\n")

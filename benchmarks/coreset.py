@@ -1,8 +1,8 @@
 """Bank budgets (greedy coreset) for kNN and RAD, and RAD's batching, side by side in one run.
 
-    python -m pipelines.coreset_bench --datasets bottle,mtd --shots 8 --threads 2 --update-docs
+    python -m benchmarks coreset --datasets bottle,mtd --shots 8 --threads 2 --update-docs
 
-Per dataset (the benchmark's own per-dataset settings, pipelines.benchmark.DATASET_SETTINGS), one
+Per dataset (the benchmarks' per-dataset settings, benchmarks.harness.DATASET_SETTINGS), one
 k-shot draw: kNN and RAD fitted by the product's detector (``AnomalyDetector.fit``) with each bank budget
 (0 = the full bank, the baseline) and scored by ``adreg.evaluation.evaluate`` on the full test set: image /
 pixel AUROC, AUPRO, fit seconds (the method's fit, incl. the coreset selection), ms/image (prediction per
@@ -35,12 +35,12 @@ from adreg.feature_cache import CachingBackbone, honest_seconds
 from adreg.images import load_image
 from adreg.methods import build_method
 from adreg.postprocess import anomaly_maps, image_scores
-from pipelines.benchmark import _ints, command_line, dataset_args, machine_line, write_page, write_results
+from benchmarks.harness import command_line, dataset_args, ints, machine_line, write_page, write_results
 
 ABOUT = (
     "Bank budgets (greedy k-center coreset) for kNN (patches) and RAD (reference views), and RAD's batching. "
     "Per dataset one k-shot draw (seed as given) with the benchmark's per-dataset settings "
-    "(`pipelines.benchmark.DATASET_SETTINGS`); kNN and RAD fitted by the product's detector "
+    "(`benchmarks.harness.DATASET_SETTINGS`); kNN and RAD fitted by the product's detector "
     "(`AnomalyDetector.fit`) with each bank budget (full = no budget, the baseline) and scored with "
     "`adreg.evaluation.evaluate` on the test set. Columns: bank size and MiB (the fitted bank), image AUROC, "
     "pixel AUROC, AUPRO to FPR 0.3 divided by 0.3; `fit s` = the method's fit incl. the coreset selection "
@@ -144,7 +144,7 @@ def test_subset(test: list, n: int) -> list:
 
 def run_dataset(args, dataset: str) -> list[dict]:
     own = dataset_args(args, dataset)
-    raw = build_backbone(args.backbone, layers=_ints(own.layers) if own.layers else None,
+    raw = build_backbone(args.backbone, layers=ints(own.layers) if own.layers else None,
                          image_size=args.image_size)
     backbone = CachingBackbone(raw, enabled=not args.no_cache)
     data = resolve_dataset(default_category_dir(dataset))
@@ -157,8 +157,8 @@ def run_dataset(args, dataset: str) -> list[dict]:
     top = own.top_fraction if own.top_fraction is not None else 0.01
     print(f"{dataset}: {len(shots)} shots, {len(test)} of {len(data.test)} test images ({n_bad} defective), "
           f"backbone {bb_ms:.1f} ms/image", flush=True)
-    rows = bank_rows(own, dataset, "knn", _ints(args.knn_budgets), backbone, shots, test, top, bb_ms)
-    rows += bank_rows(own, dataset, "rad", _ints(args.rad_budgets), backbone, shots, test, top, bb_ms)
+    rows = bank_rows(own, dataset, "knn", ints(args.knn_budgets), backbone, shots, test, top, bb_ms)
+    rows += bank_rows(own, dataset, "rad", ints(args.rad_budgets), backbone, shots, test, top, bb_ms)
     if dataset in args.rad_timing.split(","):
         det = AnomalyDetector(backbone, build_method("rad"), sigma=args.sigma, top_fraction=top, augment=own.augment,
                               aug_count=own.aug_count, seed=args.seed).fit(shots, show_progress=False)
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for dataset in args.datasets.split(",") for r in run_dataset(args, dataset)]
-    table, command, machine = markdown(rows, args), command_line("pipelines.coreset_bench", argv), machine_line("cpu")
+    table, command, machine = markdown(rows, args), command_line("coreset", argv), machine_line("cpu")
     write_results(out, rows, table, command, machine)
     if args.update_docs:
         print(f"wrote {write_page('coreset', 'Bank budgets (coreset) and RAD batching', ABOUT, table, command, machine=machine)}")

@@ -1,7 +1,7 @@
 """Review-loop benchmark: capture -> review -> update + threshold from the line, round after round, on MTD,
 one arm per review-queue strategy.
 
-    python -m pipelines.review_loop --rounds 3 --budget 50 --strategies informative,newest,random --seeds 0 \
+    python -m benchmarks review-loop --rounds 3 --budget 50 --strategies informative,newest,random --seeds 0 \
         --out bench-results/review-loop --update-docs
 
 The product path throughout, in temporary sqlite stores: ``adreg.fit`` (8-shot RAD, the README's MTD
@@ -34,24 +34,22 @@ threshold at or below the first version's.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
 import random
-import shutil
 import statistics
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "review-loop.md"
-FIT = dict(method="rad", k_shot=8, layers=[7, 10], augment="hflip,vflip", aug_count=8, top_fraction=0.001,
-           holdout=20, device="cpu")
+from benchmarks.harness import DOCS, fit_settings, ints, link_files, today, write_csv
+
+DOC = DOCS / "review-loop.md"
+FIT = dict(method="rad", k_shot=8, **fit_settings("mtd"), holdout=20, device="cpu")  # the README's MTD settings
 
 
 def far_at_recall(scores: np.ndarray, labels: np.ndarray, recall: float = 0.9) -> float:
@@ -130,10 +128,8 @@ def run_seed(seed: int, rounds: int, budget: int, line: int, defect_rate: float,
     rng = random.Random(seed)
     goods = list(data.train)
     rng.shuffle(goods)
-    shots_dir = work / "goods"
-    shots_dir.mkdir()
-    for p in goods[:28]:  # 8 shots + 20 held out to calibrate, as a user with 28 good tiles fits
-        os.symlink(p, shots_dir / p.name)
+    # 8 shots + 20 held out to calibrate, as a user with 28 good tiles fits
+    shots_dir = link_files(goods[:28], work / "goods")
     defects = [s for s in data.test if s.label == 1]
     rng.shuffle(defects)
     line_defects, eval_defects = defects[::2], defects[1::2]
@@ -207,10 +203,7 @@ def run_seed(seed: int, rounds: int, budget: int, line: int, defect_rate: float,
         batch = stream[(r - 1) * line:r * line]
         pick = [p for p in batch if p not in truth]
         random.Random(seed * 1000 + r).shuffle(pick)
-        folder = work / f"random-{r}"
-        folder.mkdir()
-        for p in pick[:grown_by_round.get(r, 0)]:
-            os.symlink(p, folder / p.name)
+        folder = link_files(pick[:grown_by_round.get(r, 0)], work / f"random-{r}")
         up = adreg.update("mtd", str(folder), from_version=random_v, register=True, device="cpu", tracking_uri=uri,
                           holdout=0, show_progress=False)
         random_v = str(up.version)
@@ -246,11 +239,11 @@ def page(rows: list[dict], args, seconds: float) -> str:
              "as many random goods. Everything goes through the product's code in sqlite stores: the registered "
              "version's served model captures the line (in-process, capture on), a simulated reviewer who knows "
              "the truth labels the next images of the queue in the page's order with the queue's own selection "
-             "record (see `pipelines/review_loop.py`).", "",
-             f"Command: `python -m pipelines.review_loop --rounds {args.rounds} --budget {args.budget} --line "
+             "record (see `benchmarks/review_loop.py`).", "",
+             f"Command: `python -m benchmarks review-loop --rounds {args.rounds} --budget {args.budget} --line "
              f"{args.line} --defect-rate {args.defect_rate} --sample-rate {args.sample_rate} --strategies "
              f"{args.strategies} --seeds {','.join(map(str, seeds))} --update-docs`; 2-core CPU, no GPU; "
-             f"{date.today().isoformat()}; {seconds / 60:.0f} min.", "",
+             f"{today()}; {seconds / 60:.0f} min.", "",
              f"Evaluation set (never reviewed, never learned): the split's 100 test goods + half of the 392 defective "
              f"tiles. Line: {args.line} images per round, {args.defect_rate:.0%} defective (the other half of the "
              f"defects). Review budget: {args.budget} images per round; a fifth of every strategy's queue is its "
@@ -317,15 +310,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.perf_counter()
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in ints(args.seeds):
         with tempfile.TemporaryDirectory() as tmp:
             rows += run_seed(seed, args.rounds, args.budget, args.line, args.defect_rate, args.sample_rate,
                              args.strategies.split(","), Path(tmp))
-    keys = sorted({k for r in rows for k in r})
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "results.csv", rows)
     text = page(rows, args, time.perf_counter() - t0)
     (out / "results.md").write_text(text)
     if args.update_docs:

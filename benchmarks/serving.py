@@ -1,7 +1,7 @@
 """Serving follows the registry: one run, side by side (issue 18's targets).
 
-    python -m pipelines.serving_bench --out bench-results/serving-follow            # full
-    python -m pipelines.serving_bench --quick --out /tmp/serving-follow             # reduced check
+    python -m benchmarks serving --out bench-results/serving-follow            # full
+    python -m benchmarks serving --quick --out /tmp/serving-follow             # reduced check
 
 Prepares its own sqlite store: one 1-shot SubspaceAD bottle fit, logged as version 1 and (threshold x2)
 as version 2; then, against real `adreg serve bottle` processes on 127.0.0.1 (default poll interval):
@@ -27,7 +27,6 @@ protocol section.
 from __future__ import annotations
 
 import argparse
-import base64
 import copy
 import dataclasses
 import json
@@ -41,6 +40,8 @@ from pathlib import Path
 
 import requests
 
+from adreg.images import file_to_b64
+from benchmarks.harness import DOCS, command_line, ints, machine_line, replace_section, run_lines, today, write_page
 from serving.process import Server
 
 ABOUT = (
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
     from adreg.registry import versions
 
     test_dir = default_category_dir("bottle") / "test"
-    images = [base64.b64encode(q.read_bytes()).decode() for q in sorted(test_dir.rglob("*.png"))[:16]]
+    images = [file_to_b64(q) for q in sorted(test_dir.rglob("*.png"))[:16]]
     payloads = [{"dataframe_split": {"columns": ["image"], "data": [[img]]}} for img in images]
     res: dict = {"cycles": args.cycles, "requests": args.requests}
     servers: list[Server] = []
@@ -245,18 +246,16 @@ def main(argv=None) -> int:
     (out / "serving_follow.md").write_text(md)
     print(md)
     if args.update_docs:
-        from pipelines.benchmark import command_line, machine_line, write_page
-
         setting = (f"{'Reduced run (--quick: fit with 2 augmented copies and 5 held-out images)' if args.quick else 'Full run'}: "
                    f"{args.cycles} promote/rollback cycles = {2 * args.cycles} swaps, {args.requests}+ requests per "
                    f"figure, {args.rounds} alternation(s) for shadow and capture.")
         path = write_page("serving", "Serving follows the registry", ABOUT, setting + "\n\n" + md,
-                          command_line("pipelines.serving_bench", argv), machine=machine_line("cpu"))
+                          command_line("serving", argv), machine=machine_line("cpu"))
         print(f"wrote {path}")
     return 0
 
 
-PROTOCOLS_BEGIN, PROTOCOLS_END = "<!-- protocols: pipelines.serving_bench --protocols -->", "<!-- /protocols -->"
+PROTOCOLS_BEGIN, PROTOCOLS_END = "<!-- protocols: python -m benchmarks serving --protocols -->", "<!-- /protocols -->"
 KINDS = {"invocations": "MLflow `/invocations` (dataframe_split JSON)", "v2-json": "V2 REST, JSON (BYTES as base64)",
          "v2-binary": "V2 REST, binary tensor extension"}
 
@@ -309,25 +308,7 @@ def protocols_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_protocols_section(section: str, page: Path | None = None) -> Path:
-    """Replace (or append) the protocol section of docs/benchmarks/serving.md; the rest of the page is kept."""
-    from pipelines.benchmark import DOCS
-
-    page = Path(page or Path(DOCS) / "serving.md")
-    text = page.read_text() if page.exists() else "# Serving\n"
-    block = f"{PROTOCOLS_BEGIN}\n{section.rstrip()}\n{PROTOCOLS_END}\n"
-    if PROTOCOLS_BEGIN in text and PROTOCOLS_END in text:
-        head, rest = text.split(PROTOCOLS_BEGIN, 1)
-        text = head + block + rest.split(PROTOCOLS_END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    page.write_text(text)
-    return page
-
-
 def protocols_main(args, argv) -> int:
-    import datetime
-
     from adreg.data import default_category_dir
 
     out = Path(args.out)
@@ -336,16 +317,14 @@ def protocols_main(args, argv) -> int:
     store = Path(tempfile.mkdtemp(prefix="adreg-protocol-bench-"))
     prep = prepare(store, args.quick)
     test_dir = default_category_dir("bottle") / "test"
-    images = [base64.b64encode(q.read_bytes()).decode() for q in sorted(test_dir.rglob("*.png"))[:16]]
-    levels = [int(c) for c in args.clients.split(",")]
+    images = [file_to_b64(q) for q in sorted(test_dir.rglob("*.png"))[:16]]
+    levels = ints(args.clients)
     res = compare_protocols(prep["uri"], store, images, levels, args.requests, args.rounds)
     (out / "serving_protocols.json").write_text(json.dumps(res, indent=2))
     md = protocols_markdown(res)
     (out / "serving_protocols.md").write_text(md)
     print(md)
     if args.update_docs:
-        from pipelines.benchmark import command_line, machine_line
-
         section = "\n".join([
             "## Open Inference Protocol (V2) vs /invocations", "",
             f"One `adreg serve bottle` (MLflow's scoring server) and one `adreg serve bottle --protocol v2` (KServe "
@@ -354,10 +333,9 @@ def protocols_main(args, argv) -> int:
             f"{args.requests} requests per wire format and concurrency level in each of {args.rounds} rounds, "
             "the formats measured in turn within a round (the order reversed every other round); p50 / p99 over "
             "the pooled latencies of the rounds, throughput = answers / wall time.", "",
-            f"- Machine: {machine_line('cpu')}",
-            f"- Command: `{command_line('pipelines.serving_bench', argv)}`",
-            f"- Date: {datetime.date.today().isoformat()}", "", md])
-        print(f"wrote {write_protocols_section(section)}")
+            run_lines(machine_line("cpu"), command_line("serving", argv), today()), md])
+        path = replace_section(DOCS / "serving.md", PROTOCOLS_BEGIN, PROTOCOLS_END, section, "Serving")
+        print(f"wrote {path}")
     return 0
 
 

@@ -11,8 +11,8 @@ same registered model version (``models:/adreg-<category>/<version>``):
 - scaling efficiency: local[2] / (2 x local[1]),
 - memory vs job size: local[2] again on ``--big-images`` images (peak per worker must not grow).
 
-    python pipelines/batch_bench.py --images 2000 --big-images 10000          # the full run
-    python pipelines/batch_bench.py --images 120 --big-images 360 --label "reduced (shared cores)"
+    python -m benchmarks batch --images 2000 --big-images 10000          # the full run
+    python -m benchmarks batch --images 120 --big-images 360 --label "reduced (shared cores)"
 
 --update-docs writes the page docs/benchmarks/batch.md whole.
 """
@@ -23,13 +23,14 @@ import argparse
 import json
 import os
 import re
-import shlex
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from benchmarks.harness import (child_result, command_line, machine_line, peak_rss_mib, proc_status, run_child,
+                                status_bytes, write_page)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("ADREG_PROGRESS", "0")
@@ -70,21 +71,6 @@ def make_image_set(n: int, folder: Path) -> Path:
     return folder
 
 
-def _status(pid: int) -> dict:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            out[key] = value.strip()
-    except OSError:
-        pass
-    return out
-
-
-def _kib(text: str) -> int:
-    return int(text.split()[0]) * 1024 if text else 0
-
-
 class WorkerWatcher(threading.Thread):
     """Polls /proc for Spark Python workers (children of ``pyspark.daemon``) and keeps each one's peak RSS."""
 
@@ -103,15 +89,14 @@ class WorkerWatcher(threading.Thread):
             except OSError:
                 continue
             if "pyspark.daemon" in cmd or "pyspark/daemon.py" in cmd:
-                st = _status(int(entry))
-                procs[int(entry)] = st
+                procs[int(entry)] = proc_status(int(entry))
             elif "org.apache.spark.deploy.SparkSubmit" in cmd:
-                st = _status(int(entry))  # this job's JVM (driver + local executors)
-                self.jvm_peak = max(self.jvm_peak, _kib(st.get("VmHWM", "")), _kib(st.get("VmRSS", "")))
+                st = proc_status(int(entry))  # this job's JVM (driver + local executors)
+                self.jvm_peak = max(self.jvm_peak, status_bytes(st, "VmHWM"), status_bytes(st, "VmRSS"))
         daemons = {pid for pid, st in procs.items() if int(st.get("PPid", 0)) not in procs}
         for pid, st in procs.items():
             if pid not in daemons:  # a forked worker
-                self.peaks[pid] = max(self.peaks.get(pid, 0), _kib(st.get("VmHWM", "")), _kib(st.get("VmRSS", "")))
+                self.peaks[pid] = max(self.peaks.get(pid, 0), status_bytes(st, "VmHWM"), status_bytes(st, "VmRSS"))
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -120,7 +105,7 @@ class WorkerWatcher(threading.Thread):
 
 
 def run_one(args) -> dict:
-    """One engine in this (child) process; prints a JSON line."""
+    """One engine in this (child) process; its row."""
     from adreg.batch.score import ModelRef
     from adreg.names import category_of
     from adreg.registry import tracking
@@ -138,7 +123,7 @@ def run_one(args) -> dict:
 
         return {"engine": "in-process", "threads": torch.get_num_threads(), "images": res.scored,
                 "failed": res.failed, "seconds": res.seconds, "images_per_s": res.images_per_s,
-                "peak_rss_gib": _kib(_status(os.getpid()).get("VmHWM", "")) / GiB}
+                "peak_rss_gib": peak_rss_mib() / 1024}
     from adreg.batch.spark import get_spark, score_with_spark
 
     t0 = time.perf_counter()
@@ -163,16 +148,14 @@ def run_one(args) -> dict:
 
 
 def child(engine: str, images_dir: Path, args, master: str | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--one", engine, "--images-dir", str(images_dir), "--workdir", args.workdir,
+    """One engine's row, run in a child process (``run_one``)."""
+    cmd = ["-m", "benchmarks.batch", "--one", engine, "--images-dir", str(images_dir), "--workdir", args.workdir,
            "--batch-size", str(args.batch_size), "--model-name", args.model_name,
            "--model-version", args.model_version, "--tracking-uri", args.tracking_uri]
     if master:
         cmd += ["--master", master]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{engine} {master or ''} failed:\n{proc.stderr[-3000:]}")
-    row = json.loads(lines[-1])
+    row = run_child(cmd)
+    row.pop("peak_rss_mib")  # the child's own; a Spark row's peak is its largest worker's (peak_rss_gib)
     print(f"  {row['engine']:<16} {row['images']:>6} img  {row['seconds']:7.1f} s  "
           f"{row['images_per_s']:6.2f} img/s  peak {row['peak_rss_gib']:.2f} GiB"
           + (f"  JVM {row['jvm_peak_gib']:.2f} GiB, {row['partitions']} tasks" if 'jvm_peak_gib' in row else ""),
@@ -225,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args)), flush=True)
+        child_result(run_one(args))
         return 0
 
     from adreg.registry.resolve import resolve
@@ -257,12 +240,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     if args.update_docs:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo is not on the path
-        from pipelines.benchmark import machine_line, write_page
-
-        command = f"python pipelines/batch_bench.py {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip()
-        path = write_page("batch", "Batch scoring: throughput and memory", ABOUT, table, command,
-                          machine=machine_line("cpu"))
+        path = write_page("batch", "Batch scoring: throughput and memory", ABOUT, table,
+                          command_line("batch", argv), machine=machine_line("cpu"))
         print(f"wrote {path}")
     return 0
 

@@ -1,6 +1,6 @@
 """What each choice buys on Magnetic-Tile-Defect, and how many shots RAD needs to reach 0.90.
 
-    python -m pipelines.mtd_study --out bench-results/mtd-study
+    python -m benchmarks mtd-study --out bench-results/mtd-study
 
 The benchmark's MTD settings (RAD, Lite0 blocks 7+10, 320 px square resize, flips x8, image score =
 mean of the top 0.1%) are the baseline; each variant changes one thing, on the same seeded split and
@@ -15,7 +15,6 @@ on the same features, split and shots.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from dataclasses import dataclass
@@ -36,9 +35,11 @@ from adreg.images import load_image
 from adreg.methods import build_method
 from adreg.metrics import auroc, evaluate_scores
 from adreg.postprocess import anomaly_maps, image_scores
+from benchmarks.harness import fit_settings, ints, write_csv
 
-LAYERS, SIZE, TOP, SIGMA = (7, 10), 320, 0.001, 4.0
-AUGMENT, AUG_COUNT = "hflip,vflip", 8
+MTD = fit_settings("mtd")  # the benchmarks' MTD settings: blocks 7+10, flips x8, top 0.1%
+LAYERS, TOP, AUGMENT, AUG_COUNT = tuple(MTD["layers"]), MTD["top_fraction"], MTD["augment"], MTD["aug_count"]
+SIZE, SIGMA = 320, 4.0
 
 # name -> (what it changes, settings); every unnamed setting is the baseline's
 VARIANTS = {
@@ -222,7 +223,7 @@ def main(argv=None) -> int:
     backbones: dict = {}
     rows = []
     jobs = [(v, VARIANTS[v][1], 8, AUG_COUNT) for v in args.variants.split(",") if v]
-    jobs += [(f"shots-{k}", {}, k, 0) for k in (int(x) for x in args.shots_curve.split(",") if x.strip())]
+    jobs += [(f"shots-{k}", {}, k, 0) for k in ints(args.shots_curve)]
     for name, settings, k, aug_count in jobs:
         row = evaluate_variant(name, settings, data, testset, min(k, len(data.train)), args.seed, aug_count,
                                args.no_cache, backbones)
@@ -232,10 +233,7 @@ def main(argv=None) -> int:
               + f" ({row['seconds']:.0f}s)", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "study.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "study.csv", rows, list(rows[0]))
     table = markdown(rows)
     (out / "study.md").write_text(table)
     print("\n" + table)

@@ -1,6 +1,6 @@
 """Measurement behind the growth defaults: synthetic copies per real good, RAD's bank budget, layer weights.
 
-    python -m pipelines.growth_aug --out bench-results/growth-aug
+    python -m benchmarks growth-aug --out bench-results/growth-aug
 
 MTD (bundled seeded split), RAD on Lite0 blocks 7+10 (MTD's settings). Every good training tile is
 extracted once as itself and as ``--max-copies`` flip copies (one fixed RNG per tile), so a condition
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
-import sys
 import json
 import random
 import time
@@ -35,7 +33,9 @@ from adreg.data import default_category_dir, resolve_dataset
 from adreg.images import load_image
 from adreg.methods import build_method
 from adreg.metrics import evaluate_scores
-from pipelines.growth import score_features
+from benchmarks.growth import score_features
+from benchmarks.growth_product import PAGE
+from benchmarks.harness import command_line, ints, machine_line, replace_section, run_lines, today, write_csv
 
 
 def extract_half(backbone, images) -> Features:
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench-results/growth-aug")
     p.add_argument("--update-docs", action="store_true")
-    p.add_argument("--date", default=datetime.date.today().isoformat())
+    p.add_argument("--date", default=today())
     p.add_argument("--from-csv", help="re-render a results.csv instead of running")
     p.add_argument("--drop-probe", type=int, default=0, metavar="K",
                    help="instead of the sweep: what leaving K goods out costs, the K a 200-good model scores "
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     backbone = build_backbone("efficientnet-lite0", layers=[7, 10])
     kinds = ("hflip", "vflip")
     t0 = time.perf_counter()
-    goods = goods[:max(int(x) for x in args.goods.split(","))]  # only the goods some condition uses
+    goods = goods[:max(ints(args.goods))]  # only the goods some condition uses
     cache = out / f"features-seed{args.seed}-{len(goods)}-{args.max_copies}.pt"  # bench-results/ (ignored) only
     if cache.is_file():
         with torch.serialization.safe_globals([Features]):  # our own cache, of Features only
@@ -103,11 +103,11 @@ def main(argv=None) -> None:
     labels = np.array([s.label for s in data.test])
     print(f"features: {time.perf_counter() - t0:.0f} s", flush=True)
     if args.drop_probe:
-        return drop_probe(origin, test_feats, labels, backbone, args.drop_probe, int(args.budgets.split(",")[0]),
+        return drop_probe(origin, test_feats, labels, backbone, args.drop_probe, ints(args.budgets)[0],
                           args.seed)
     rows = []
-    for n_goods in [int(x) for x in args.goods.split(",")]:
-        for c in [int(x) for x in args.copies.split(",")]:
+    for n_goods in ints(args.goods):
+        for c in ints(args.copies):
             parts = [origin[i] for i in range(8)] + [copies[i] for i in range(8)]
             parts += [origin[i] for i in range(8, n_goods)]
             if c:
@@ -117,14 +117,14 @@ def main(argv=None) -> None:
                               torch.ones(n_goods - 8, dtype=torch.bool),
                               torch.zeros((n_goods - 8) * c, dtype=torch.bool)])
             whole = False  # a budget >= the views was evaluated: larger budgets give the same bank
-            for budget, selection in [(int(b), sel) for b in args.budgets.split(",")
+            for budget, selection in [(b, sel) for b in ints(args.budgets)
                                       for sel in args.selection.split(",")]:
                 if len(feats) <= budget and (selection == "equal" or whole):
                     continue  # every view kept: the bank of the row already there
                 whole = whole or len(feats) <= budget
                 feats.real = real if selection == "real-first" else None
                 for weights in json.loads(f"[{args.weights}]"):
-                    for k_image in [int(x) for x in args.k_image.split(",")]:
+                    for k_image in ints(args.k_image):
                         method = build_method("rad", bank_budget=budget, layer_weights=weights,
                                               k_image=k_image).fit(feats)
                         scores, maps = score_features(method, test_feats, backbone, 4.0, 0.001)
@@ -135,10 +135,7 @@ def main(argv=None) -> None:
                                "image_auroc": round(m["image_auroc"], 4)}
                         rows.append(row)
                         print(row, flush=True)
-    with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "results.csv", rows, list(rows[0]))
     report(rows, out, args, argv)
 
 
@@ -175,15 +172,12 @@ def report(rows: list[dict], out: Path, args, argv) -> None:
     (out / "results.md").write_text(md + "\n")
     print(md)
     if args.update_docs:
-        from pipelines.benchmark import machine_line
-        from pipelines.growth_product import update_page
-
         intro = __doc__.split(chr(10) * 2, 2)[2]
         notes = (out / "notes.md").read_text() if (out / "notes.md").is_file() else ""
-        update_page(f"## Choosing copies and the bank rule: `pipelines.growth_aug`\n\n{intro}\n"
-                    f"- Machine: {machine_line('cpu')}\n- Command: `python -m pipelines.growth_aug "
-                    f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n- Date: {args.date}\n\n{md}\n\n{notes}",
-                    begin="<!-- growth-aug:begin -->", end="<!-- growth-aug:end -->")
+        replace_section(PAGE, "<!-- growth-aug:begin -->", "<!-- growth-aug:end -->",
+                        f"## Choosing copies and the bank rule: `benchmarks.growth_aug`\n\n{intro}\n"
+                        + run_lines(machine_line("cpu"), command_line("growth-aug", argv), args.date)
+                        + f"\n{md}\n\n{notes}", "Growth")
 
 
 if __name__ == "__main__":

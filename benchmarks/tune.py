@@ -1,6 +1,6 @@
 """Benchmark of ``adreg tune`` against the default fit and the space's oracle, on the untouched test split.
 
-    python -m pipelines.tune_bench --datasets bottle,mtd,elpv --seeds 0,1,2 --shots 8 --update-docs
+    python -m benchmarks tune --datasets bottle,mtd,elpv --seeds 0,1,2 --shots 8 --update-docs
 
 Per dataset and seed, all through the product's API on a throwaway sqlite store:
 
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from adreg.data import default_category_dir, resolve_dataset
-from pipelines.benchmark import command_line, machine_line, write_csv, write_page
+from benchmarks.harness import command_line, ints, machine_line, write_csv, write_page
 
 TARGETS = {"mtd": {"synthetic": 0.85, "labelled": 0.88}, "elpv": {"synthetic": 0.95, "labelled": 0.95}}
 ABOUT = (
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                                  else (int(v) if k == "seed" else (None if v == "" else v))) for k, v in r.items()})
     with tempfile.TemporaryDirectory(prefix="adreg-tune-bench-") as tmp:
         for ds in [d for d in args.datasets.split(",") if d]:
-            for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
+            for seed in ints(args.seeds):
                 r, c = run_one(ds, seed, args.shots, Path(tmp), args.labelled)
                 rows += r
                 cands += c
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     if args.update_docs:
         path = write_page("tune", "Tuning: the chosen detector against the default and the oracle", ABOUT, body,
-                          command_line("pipelines.tune_bench", argv), machine=machine_line())
+                          command_line("tune", argv), machine=machine_line())
         print(f"wrote {path}")
     return 0
 

@@ -1,6 +1,6 @@
 """Benchmark methods x shots x seeds on real categories, one backbone, all in one run, through the product.
 
-    python -m pipelines.benchmark --datasets bottle,mtd --methods subspace,rad,knn --shots 1,2,4,8
+    python -m benchmarks accuracy --datasets bottle,mtd --methods subspace,rad,knn --shots 1,2,4,8
 
 Every row is one ``adreg.fitting.fit_category`` (what ``adreg fit`` runs: data -> shots -> augmentation ->
 features -> method fit -> threshold calibration -> ``adreg.evaluation.evaluate`` on the test set) with the
@@ -16,15 +16,9 @@ pictures (first seed) to --out, logs one MLflow run per (dataset, method, k, see
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
-import os
-import platform
-import shlex
 import statistics
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -38,17 +32,8 @@ from adreg.fitting import FitOptions, fit_category
 from adreg.images import load_image
 from adreg.methods import build_method
 from adreg.reports import save_report
+from benchmarks.harness import DOCS, command_line, dataset_args, ints, machine_line, write_page, write_results
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
-# How each bundled dataset is benchmarked unless a flag overrides it (docs/benchmarks/accuracy.md says what
-# each choice bought): bottle is photographed top-down, so any rotation is a normal view; magnetic tiles have
-# vertical grinding streaks (flips only), and their defects cover far less than 1% of a tile (deeper blocks,
-# top 0.1%).
-DATASET_SETTINGS = {
-    "bottle": {"augment": "rotate", "aug_count": 30, "layers": None, "top_fraction": None},
-    "mtd": {"augment": "hflip,vflip", "aug_count": 8, "layers": "7,10", "top_fraction": 0.001},
-}
-GENERIC_SETTINGS = DATASET_SETTINGS["bottle"]
 REPORTED = ["image_auroc", "pixel_auroc", "aupro", "image_f1_max", "fit_seconds", "ms_per_image", "state_mib"]
 
 ABOUT = (
@@ -68,25 +53,15 @@ ABOUT = (
     "table) instead of the cache read; images that missed the cache count their measured backbone time. "
     "`state MiB` = the fitted arrays the model saves. SPG is zero-shot: one row at k = 0, learned on the "
     "other dataset (the product still draws one shot, which SPG does not use). Each dataset has its own "
-    "settings (`DATASET_SETTINGS` in `pipelines/benchmark.py`; flags override them), given under the table "
+    "settings (`DATASET_SETTINGS` in `benchmarks/harness.py`; flags override them), given under the table "
     "(why MTD's: [Magnetic-Tile-Defect](../guides/data.md#magnetic-tile-defect))."
 )
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in str(text).split(",") if x.strip()]
-
-
-def dataset_args(args: argparse.Namespace, dataset: str) -> argparse.Namespace:
-    """``args`` with the dataset's own settings filled in wherever no flag was given."""
-    own = DATASET_SETTINGS.get(dataset, GENERIC_SETTINGS)
-    return argparse.Namespace(**{**vars(args), **{k: v for k, v in own.items() if getattr(args, k) is None}})
 
 
 def seeds_of(args: argparse.Namespace, method: str) -> list[int]:
     """The seeds ``method`` runs with: --seeds, or its own list from --method-seeds."""
     own = json.loads(args.method_seeds).get(method)
-    return _ints(str(own)) if own is not None else _ints(args.seeds)
+    return ints(str(own)) if own is not None else ints(args.seeds)
 
 
 def shots_of(args: argparse.Namespace, method: str) -> list[int]:
@@ -94,8 +69,8 @@ def shots_of(args: argparse.Namespace, method: str) -> list[int]:
     method (it never sees the target's images, so one row says it all), else --shots."""
     own = json.loads(args.method_shots).get(method)
     if own is not None:
-        return _ints(str(own))
-    return [0] if build_method(method).needs_auxiliary else _ints(args.shots)
+        return ints(str(own))
+    return [0] if build_method(method).needs_auxiliary else ints(args.shots)
 
 
 def state_mib(method) -> float:
@@ -122,7 +97,7 @@ def fit_options(args, dataset: str, data_dir: str, name: str, k: int, seed: int)
     if build_method(name).needs_auxiliary:
         params = {"aux": "mtd" if dataset != "mtd" else "bottle", "seed": seed, **params}
     return FitOptions(category=dataset, method=name, train_dir=data_dir, k_shot=max(k, 1), seed=seed,
-                      backbone=args.backbone, layers=_ints(args.layers) if args.layers else None,
+                      backbone=args.backbone, layers=ints(args.layers) if args.layers else None,
                       image_size=args.image_size, augment=args.augment, aug_count=args.aug_count, sigma=args.sigma,
                       top_fraction=args.top_fraction, batch_size=args.batch_size, device=args.device,
                       method_params=params)
@@ -158,7 +133,7 @@ def phase_calls(calls: list, detector, n_test: int, n_calibration: int | None = 
     if (len(sizes) < n_fit + n_eval or sizes[:len(fit_sizes)] != fit_sizes
             or sizes[len(sizes) - n_eval:] != eval_sizes or not cal_ok):
         raise RuntimeError(f"fit_category's backbone calls ({sizes}) no longer match the "
-                           "fit -> calibration -> evaluation order pipelines.benchmark.phase_calls expects")
+                           "fit -> calibration -> evaluation order benchmarks.accuracy.phase_calls expects")
     return calls[:n_fit], calls[len(calls) - n_eval:]
 
 
@@ -170,7 +145,7 @@ def run_dataset(args, dataset: str, out: Path) -> list[dict]:
     data_dir = str(data_dir)
     data = resolve_dataset(data_dir)
     device = resolve_device(args.device)
-    raw = build_backbone(args.backbone, layers=_ints(args.layers) if args.layers else None,
+    raw = build_backbone(args.backbone, layers=ints(args.layers) if args.layers else None,
                          image_size=args.image_size).to(device)
     backbone = CachingBackbone(raw, enabled=not args.no_cache)
     test = data.test
@@ -280,54 +255,6 @@ def markdown(summary: list[dict], args) -> str:
     return head + "\n".join(lines) + "\n\n" + settings_note(args) + "\n"
 
 
-# -- pages: docs/benchmarks/<name>.md, written whole --------------------------------------------------------
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux, else what platform knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_line(device: str | None = None) -> str:
-    """Cores, CPU model, torch version and threads (and the device, when given) of this machine."""
-    line = (f"{os.cpu_count()} cores visible, {cpu_model()} ({platform.machine()}), {platform.system()}; torch "
-            f"{torch.__version__}, {torch.get_num_threads()} torch threads")
-    if device:
-        line += f"; device {device}"
-        if device.startswith("cuda") and torch.cuda.is_available():
-            line += f" ({torch.cuda.get_device_name(0)})"
-    return line
-
-
-def page_text(title: str, about: str, body: str, command: str, machine: str, date: str) -> str:
-    """A benchmark page: title, what is measured (wrapped), machine, command, date, then the table(s)."""
-    about = textwrap.fill(" ".join(about.split()), 110, break_long_words=False, break_on_hyphens=False)
-    return (f"# {title}\n\n{about}\n\n- Machine: {machine}\n- Command: `{command}`\n- Date: {date}\n\n"
-            f"{body.strip()}\n")
-
-
-def write_page(name: str, title: str, about: str, body: str, command: str, docs_dir: Path | None = None,
-               machine: str | None = None, date: str | None = None) -> Path:
-    """Write ``docs/benchmarks/<name>.md`` whole (``--update-docs`` of every benchmark); returns its path."""
-    path = Path(docs_dir or DOCS) / f"{name}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = page_text(title, about, body, command, machine or machine_line(),
-                     date or datetime.date.today().isoformat())
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
-
-
-def command_line(module: str, argv: list[str] | None) -> str:
-    """The command that ran: ``python -m <module>`` and its arguments (``argv``, else this process's)."""
-    return f"python -m {module} {shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip()
-
-
 def log_to_mlflow(rows: list[dict]) -> None:
     import mlflow
 
@@ -377,28 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows as a CSV with the union of their keys as columns (sorted)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_results(out: Path, rows: list[dict], table: str, command: str = "", machine: str = "") -> None:
-    """A benchmark's outputs: ``out``/results.csv (the rows), results.md (the table, the machine and the
-    command) and the table printed."""
-    write_csv(out / "results.csv", rows)
-    tail = "".join(f"\n{label}: {value}\n" for label, value in (("Machine", machine), ("Command", f"`{command}`"))
-                   if value and value != "``")
-    (out / "results.md").write_text(table + tail)
-    print("\n" + table)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    command = command_line("pipelines.benchmark", argv)
+    command = command_line("accuracy", argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = run(args)

@@ -1,6 +1,6 @@
 """How often does the promotion gate refuse a candidate that is the same model refitted with another seed?
 
-    python -m pipelines.gate_bench --datasets bottle,mtd --seeds 20 --update-docs
+    python -m benchmarks gate --datasets bottle,mtd --seeds 20 --update-docs
 
 For each dataset: a baseline fitted with seed 0 and candidates fitted with seeds 1..N (the same method, shots
 count and settings; another draw of the shots and of their augmentation), all through the product's path
@@ -25,14 +25,13 @@ from adreg.backbones import build_backbone
 from adreg.feature_cache import CachingBackbone
 from adreg.fitting import FitOptions, fit_category
 from adreg.statistics import GATED, WORSE, evaluate_gate, from_evaluation
-from pipelines.benchmark import command_line, machine_line, write_page, write_csv
+from benchmarks.harness import command_line, fit_settings, machine_line, write_csv, write_page
 
 FLOORS = {"image_auroc": 0.90, "pixel_auroc": 0.90}
 # the benchmark's dataset settings (docs/benchmarks/accuracy.md): SubspaceAD, few shots
 SETTINGS = {
     "bottle": dict(method="subspace", k_shot=1),
-    "mtd": dict(method="subspace", k_shot=8, augment="hflip,vflip", aug_count=8, layers=[7, 10],
-                top_fraction=0.001),
+    "mtd": dict(method="subspace", k_shot=8, **fit_settings("mtd")),
 }
 
 
@@ -115,7 +114,7 @@ def main(argv=None) -> int:
         settings = "; ".join(f"{d}: {', '.join(f'{k}={v}' for k, v in s.items())}" for d, s in SETTINGS.items()
                              if d in args.datasets.split(","))
         write_page("gate", "Gate: false refusals of a refitted model", about,
-                   f"Settings: {settings}.\n\n{body}", command_line("pipelines.gate_bench", argv), machine=machine_line())
+                   f"Settings: {settings}.\n\n{body}", command_line("gate", argv), machine=machine_line())
     return 0
 
 

@@ -1,6 +1,6 @@
 """Backbone runtimes side by side on the CPU: torch eager vs ONNX Runtime vs OpenVINO f32 vs OpenVINO INT8, in one run.
 
-    python -m pipelines.runtime_bench --datasets bottle,mtd --threads 2 --rounds 5
+    python -m benchmarks runtime --datasets bottle,mtd --threads 2 --rounds 5
 
 Per dataset: one SubspaceAD fit (1 shot, seed 0, the benchmark's dataset settings), its backbone exported
 (adreg.backbones.export), then the same saved detector loaded three times (runtime torch / onnxruntime /
@@ -39,6 +39,7 @@ from adreg.detector import AnomalyDetector
 from adreg.evaluation import evaluate
 from adreg.fitting import FitOptions, fit_category
 from adreg.images import load_image
+from benchmarks.harness import command_line, fit_settings, machine_line, write_page
 
 ABOUT = (
     "Backbone runtimes side by side on the CPU: torch eager, ONNX Runtime, OpenVINO f32 and OpenVINO INT8. Per "
@@ -62,8 +63,6 @@ ABOUT = (
 VARIANTS = {"torch": ("torch", "f32"), "onnxruntime": ("onnxruntime", "f32"), "openvino": ("openvino", "f32"),
             "openvino-int8": ("openvino", "int8")}
 RUNTIMES = tuple(VARIANTS)
-# the benchmark's per-dataset settings (pipelines/benchmark.py DATASET_SETTINGS)
-SETTINGS = {"bottle": {}, "mtd": {"augment": "hflip,vflip", "aug_count": 8, "layers": [7, 10], "top_fraction": 0.001}}
 
 
 def _timed(fn) -> float:
@@ -91,7 +90,7 @@ def bench_dataset(dataset: str, args, tmp: Path) -> list[dict]:
     from adreg.registry.export import training_views
 
     os.environ.setdefault("ADREG_PROGRESS", "0")
-    opts = FitOptions(category=dataset, k_shot=1, seed=0, device="cpu", **SETTINGS.get(dataset, {}))
+    opts = FitOptions(category=dataset, k_shot=1, seed=0, device="cpu", **fit_settings(dataset))  # the benchmarks' settings
     result = fit_category(opts, show_progress=False)
     folder = result.detector.save(tmp / dataset)
     t0 = time.perf_counter()
@@ -218,10 +217,8 @@ def main(argv=None) -> int:
     (out / "runtime_bench.md").write_text(table)
     (out / "runtime_bench.json").write_text(json.dumps(rows, indent=2))
     if args.update_docs:
-        from pipelines.benchmark import command_line, machine_line, write_page
-
         path = write_page("runtime", "Fast CPU inference: exported runtimes", ABOUT, table,
-                          command_line("pipelines.runtime_bench", argv), machine=machine_line("cpu"))
+                          command_line("runtime", argv), machine=machine_line("cpu"))
         print(f"wrote {path}")
     return 0
 

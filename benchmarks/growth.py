@@ -1,6 +1,6 @@
 """Growth benchmark: start from a few shots and grow the model with updates, side by side with full refits.
 
-    python -m pipelines.growth --dataset mtd --methods rad,subspace,knn --steps 8,16,32,64,128,256 \
+    python -m benchmarks growth --dataset mtd --methods rad,subspace,knn --steps 8,16,32,64,128,256 \
         --seeds 0,1,2 --contamination 0.05 --out bench-results/growth --update-docs
 
 Per seed the good training images are shuffled once; the model is fitted on the first ``steps[0]``
@@ -13,8 +13,10 @@ compare like with like whether or not the feature cache was hit.
 
 Contamination rows (``--contamination 0.05``): the same growth with 5% defective test images mixed into
 every batch of added goods (those images leave the test set of every condition of that seed), once
-taken in blindly and once through the contamination guard (the current model scores the batch; what
-it scores above its threshold, calibrated on the validation goods with the 0.99 quantile, is held out);
+taken in blindly and once through the product's contamination guard (``adreg.fitting.contamination_guard``,
+what ``adreg update`` runs: the current model scores the batch; what it scores above its threshold, calibrated
+on the validation goods by the product's rule, ``adreg.thresholds.calibrate`` at the 0.99 quantile, is held
+out; ``adreg update``'s second look at the suspects is not modelled here);
 ``--guard-quantiles 0.99,0.9`` adds a guarded row per stricter quantile.
 
 Scoring goes through the product's ``AnomalyDetector.predict_features`` (method scores, maps, image scores)
@@ -45,12 +47,13 @@ from adreg.backbones.base import Features
 from adreg.data import default_category_dir, load_mask, resolve_dataset
 from adreg.detector import AnomalyDetector
 from adreg.feature_cache import cached_features
+from adreg.fitting import contamination_guard
 from adreg.images import load_image
 from adreg.methods import build_method
 from adreg.metrics import evaluate_scores
-from adreg.thresholds import good_quantile
-from pipelines.benchmark import (DATASET_SETTINGS, GENERIC_SETTINGS, command_line, machine_line, write_csv, write_page,
-                                 write_results)
+from adreg.thresholds import calibrate
+from benchmarks.harness import (DATASET_SETTINGS, GENERIC_SETTINGS, command_line, ints, machine_line, write_csv,
+                                write_page, write_results)
 
 ABOUT = (
     "A model grown by updates against full refits, on the dataset named under the table (MTD: its bundled seeded "
@@ -63,17 +66,14 @@ ABOUT = (
     "full refit's on the same union of images, both with feature seconds = the measured backbone time per "
     "view x the views each has to extract (the update: the new images' views; the refit: all of them). "
     "Contamination rows: defective test images (the given fraction of every added batch) mixed into the added "
-    "goods (they leave that seed's test set for every condition), taken in blindly or through the guard (the "
-    "current model scores the batch; what it scores above its threshold, the given quantile of the "
-    "calibration goods' scores, is held out); `guard held out (defects)` = images held out (of which "
+    "goods (they leave that seed's test set for every condition), taken in blindly or through the product's "
+    "guard (`adreg.fitting.contamination_guard`, what `adreg update` runs: the current model scores the batch; "
+    "what it scores above its threshold, the given quantile of the calibration goods' scores, is held out; the "
+    "second look of `adreg update` is not modelled); `guard held out (defects)` = images held out (of which "
     "defects, of the defects added). Values are mean ± std over seeds."
 )
 REPORTED = ["image_auroc", "pixel_auroc", "aupro", "state_mib", "ms_per_image", "method_ms_per_image",
             "update_seconds", "refit_seconds"]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in str(text).split(",") if x.strip()]
 
 
 class Views:
@@ -127,11 +127,11 @@ def grow(name, params, batches, views, seed, backbone_ms, test, size, sigma, top
             originals = feats[: len(paths)]  # augment_shots keeps the originals first
             cal_feats, q = guard
             cal_scores, _ = score_features(method, cal_feats, views.backbone, sigma, top)
-            threshold = good_quantile(cal_scores, q).value
+            threshold = calibrate(cal_scores, q=q).value  # the product's rule for a threshold from goods
             scores, _ = score_features(method, originals, views.backbone, sigma, top)
-            keep = [i for i, s in enumerate(scores) if s <= threshold]
-            held += len(paths) - len(keep)
-            caught += sum(1 for i, s in enumerate(scores) if s > threshold and is_defect[i])
+            keep, suspects = contamination_guard(scores, threshold)  # what adreg update holds out
+            held += len(suspects)
+            caught += sum(1 for i in suspects if is_defect[i])
             feats = feats[views.rows_of(keep, len(paths))] if keep else None
             paths = [paths[i] for i in keep]
         n_views = 0 if feats is None else len(feats)
@@ -196,7 +196,7 @@ def run(args) -> list[dict]:
     own = DATASET_SETTINGS.get(args.dataset, GENERIC_SETTINGS)
     augment = args.augment or own["augment"]
     aug_count = args.aug_count if args.aug_count is not None else own["aug_count"]
-    layers = _ints(args.layers or own["layers"] or "") or None
+    layers = ints(args.layers or own["layers"] or "") or None
     top_arg = args.top_fraction if args.top_fraction is not None else own["top_fraction"]
     data = resolve_dataset(args.data or default_category_dir(args.dataset))
     backbone = build_backbone(args.backbone, layers=layers, image_size=args.image_size)
@@ -210,9 +210,9 @@ def run(args) -> list[dict]:
     print(f"{args.dataset}: {len(data.train)} train goods, {len(data.test)} test images; backbone "
           f"{backbone.spec()} {backbone_ms:.1f} ms/view; augment {augment} x{aug_count}", flush=True)
     method_params = json.loads(args.method_params)
-    steps = _ints(args.steps)
+    steps = ints(args.steps)
     rows = []
-    for seed in _ints(args.seeds):
+    for seed in ints(args.seeds):
         order = list(data.train)
         random.Random(seed).shuffle(order)
         if data.val:
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-bank", default="knn", help="methods also run at the first step with bank_budget=0")
     p.add_argument("--no-refit", action="store_true", help="skip the full refits (no 'full refit s' column)")
     p.add_argument("--backbone", default="efficientnet-lite0")
-    p.add_argument("--layers", help="comma list (default: the dataset's, see pipelines.benchmark)")
+    p.add_argument("--layers", help="comma list (default: the dataset's, see benchmarks.harness.DATASET_SETTINGS)")
     p.add_argument("--image-size", type=int)
     p.add_argument("--augment")
     p.add_argument("--aug-count", type=int)
@@ -361,7 +361,7 @@ def main(argv=None) -> int:
     note = (f"{args.dataset}; backbone {args.backbone}, blocks {args.layers or own['layers'] or 'default'}, "
             f"augment {args.augment or own['augment']} x{own['aug_count'] if args.aug_count is None else args.aug_count}, "
             f"image score {top_note(args.top_fraction if args.top_fraction is not None else own['top_fraction'])}")
-    table, command, machine = markdown(summarise(rows), args, note), command_line("pipelines.growth", argv), machine_line()
+    table, command, machine = markdown(summarise(rows), args, note), command_line("growth", argv), machine_line()
     write_results(out, rows, table, command, machine)
     if args.update_docs:
         print(f"wrote {write_page('growth', 'Growth: updates vs full refits', ABOUT, table, command, machine=machine)}")

@@ -1,6 +1,6 @@
 """Growth through the product path: ``adreg.api.fit`` then ``adreg.api.update`` steps, each in its own process.
 
-    python -m pipelines.growth_product --methods rad,knn --steps 64,256,832 --seeds 0 --tall rad \
+    python -m benchmarks growth-product --methods rad,knn --steps 64,256,832 --seeds 0 --tall rad \
         --out bench-results/growth-product --update-docs
 
 MTD (the bundled seeded split): per seed the good training tiles are shuffled; ``adreg.api.fit`` fits
@@ -32,19 +32,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
-import os
 import random
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PAGE = ROOT / "docs" / "benchmarks" / "growth.md"
+from benchmarks.harness import (DOCS, child_result, command_line, fit_settings, ints, link_files, machine_line,
+                                replace_section, run_child, run_lines, today, write_csv)
+
+PAGE = DOCS / "growth.md"
 BEGIN, END = "<!-- growth-product:begin -->", "<!-- growth-product:end -->"
-MTD_SETTINGS = {"augment": "hflip,vflip", "aug_count": 8, "layers": [7, 10], "top_fraction": 0.001}
+MTD_SETTINGS = fit_settings("mtd")  # blocks 7+10, flips x8, top 0.1%
 TALL_SIZE = (500, 1263)  # width x height
 
 
@@ -98,35 +96,13 @@ def child(spec: dict) -> dict:
             "bank_views": r.method_report.get("bank_views_after")}
 
 
-def run_child(spec: dict) -> dict:
-    """``child(spec)`` in a fresh process; adds its peak RSS (MiB: that process's own high-water mark, VmHWM,
-    read by the child as it ends, so neither the parent nor earlier children count)."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.growth_product", "--child", json.dumps(spec)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "ADREG_PROGRESS": "0", "MLFLOW_DISABLE_TELEMETRY": "true"})
-    stdout, stderr = proc.communicate()
-    if proc.returncode:
-        raise RuntimeError(f"child failed ({proc.returncode}): {stderr[-3000:]}")
-    line = [x for x in stdout.splitlines() if x.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT "):])
-    res["peak_rss_mib"] = res.pop("_rss_mib")
-    return res
-
-
-def child_main(spec_json: str) -> None:
-    res = child(json.loads(spec_json))
-    # VmHWM: this process's own high-water mark (ru_maxrss survives exec and would carry a larger parent's)
-    res["_rss_mib"] = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")) / 1024
-    print("RESULT " + json.dumps(res), flush=True)
+def in_child(spec: dict) -> dict:
+    """``child(spec)`` in a fresh process, with its peak RSS (``peak_rss_mib``: that process's own high-water
+    mark, VmHWM, read by the child as it ends, so neither the parent nor earlier children count)."""
+    return run_child(["-m", "benchmarks.growth_product", "--child", json.dumps(spec)])
 
 
 # -- scenarios -----------------------------------------------------------------------------------------------
-def link_folder(paths: list[Path], folder: Path) -> str:
-    folder.mkdir(parents=True)
-    for p in paths:
-        (folder / p.name).symlink_to(p.resolve())
-    return str(folder)
-
 
 CONDITIONS = {"guard": {}, "suspects included": {"include_suspects": True}}
 
@@ -145,14 +121,14 @@ def grow_mtd(method: str, seed: int, steps: list[int], work: Path, log=print, co
     uri = f"sqlite:///{work / 'mlflow.db'}"
     base = {"category": "mtd", "method": method, "seed": seed, "uri": uri}
     rows = [{"step": "fit", "goods_offered": 8,
-             **run_child({**base, "kind": "fit", "train_dir": str(root), "k_shot": 8, "settings": MTD_SETTINGS})}]
+             **in_child({**base, "kind": "fit", "train_dir": str(root), "k_shot": 8, "settings": MTD_SETTINGS})}]
     log(rows[-1])
     offered = 8
     for target in steps:
         batch = rest[offered - 8:target - 8]
-        folder = link_folder(batch, work / f"add-{target}")
+        folder = str(link_files(batch, work / f"add-{target}"))
         rows.append({"step": f"update to {target}", "goods_offered": target,
-                     **run_child({**base, "kind": "update", "folders": [folder], "update": CONDITIONS[condition],
+                     **in_child({**base, "kind": "update", "folders": [folder], "update": CONDITIONS[condition],
                                   "from_version": rows[-1]["version"]})})
         log(rows[-1])
         offered = target
@@ -189,10 +165,10 @@ def grow_tall(method: str, seed: int, n_update: int, work: Path, log=print) -> l
     uri = f"sqlite:///{work / 'mlflow.db'}"
     base = {"category": "tall", "method": method, "seed": seed, "uri": uri}
     rows = [{"step": "fit", "goods_offered": 8,
-             **run_child({**base, "kind": "fit", "train_dir": str(folder), "k_shot": 8})}]
+             **in_child({**base, "kind": "fit", "train_dir": str(folder), "k_shot": 8})}]
     log(rows[-1])
     rows.append({"step": f"update +{n_update}", "goods_offered": 8 + n_update,
-                 **run_child({**base, "kind": "update", "folders": [str(folder / "new")],
+                 **in_child({**base, "kind": "update", "folders": [str(folder / "new")],
                               "from_version": rows[-1]["version"]})})
     log(rows[-1])
     return rows
@@ -269,18 +245,6 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def update_page(section: str, page: Path = PAGE, begin: str = BEGIN, end: str = END) -> None:
-    """Replace the section of the growth page between ``begin`` and ``end`` (the product path's by
-    default), or append it."""
-    text = page.read_text() if page.is_file() else "# Growth\n"
-    block = f"{begin}\n{section.strip()}\n{end}"
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    page.write_text(text)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -294,10 +258,10 @@ def main(argv=None) -> None:
     p.add_argument("--from-csv", help="re-render from a results.csv instead of running")
     p.add_argument("--out", default="bench-results/growth-product")
     p.add_argument("--update-docs", action="store_true")
-    p.add_argument("--date", default=datetime.date.today().isoformat())
+    p.add_argument("--date", default=today())
     args = p.parse_args(argv)
     if args.child:
-        return child_main(args.child)
+        return child_result(child(json.loads(args.child)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -307,8 +271,8 @@ def main(argv=None) -> None:
                 rows += [{k: (json.loads(v) if v not in ("",) and k not in ("product", "method", "step", "condition")
                               else v) for k, v in r.items()} for r in csv.DictReader(fh)]
     else:
-        steps = [int(x) for x in args.steps.split(",") if x]
-        for seed in [int(x) for x in args.seeds.split(",")]:
+        steps = ints(args.steps)
+        for seed in ints(args.seeds):
             for method in [m for m in args.methods.split(",") if m]:
                 with tempfile.TemporaryDirectory(prefix="adreg-growth-") as tmp:
                     rows += [{"product": "mtd", "method": method, "condition": args.condition, "seed": seed, **r}
@@ -326,23 +290,20 @@ def main(argv=None) -> None:
     (out / "results.md").write_text(md + "\n")
     print(md)
     if args.update_docs:
-        from pipelines.benchmark import machine_line
-
         notes = (out / "notes.md").read_text() if (out / "notes.md").is_file() else ""
-        update_page(f"## Product path: `adreg.api.fit` + `adreg.api.update`\n\n{__doc__.split(chr(10) * 2, 2)[2]}\n"
-                    f"- Machine: {machine_line('cpu')}\n- Command: `python -m pipelines.growth_product "
-                    f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n- Date: {args.date}\n\n{md}\n\n{notes}")
+        replace_section(PAGE, BEGIN, END, f"## Product path: `adreg.api.fit` + `adreg.api.update`\n\n"
+                        f"{__doc__.split(chr(10) * 2, 2)[2]}\n"
+                        + run_lines(machine_line("cpu"), command_line("growth-product", argv), args.date)
+                        + f"\n{md}\n\n{notes}", "Growth")
 
 
 def write_rows(rows: list[dict], out: Path) -> None:
+    """``out``/results.csv: every row, each value as JSON (strings as they are), columns in first-seen order."""
     if not rows:
         return
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows([{k: json.dumps(r.get(k)) if not isinstance(r.get(k), str) else r.get(k) for k in keys}
-                     for r in rows])
+    write_csv(out / "results.csv", [{k: json.dumps(r.get(k)) if not isinstance(r.get(k), str) else r.get(k)
+                                     for k in keys} for r in rows], keys)
 
 
 if __name__ == "__main__":
