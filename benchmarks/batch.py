@@ -29,11 +29,10 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.harness import (child_result, command_line, machine_line, peak_rss_mib, proc_status, run_child,
-                                status_bytes, write_page)
+from benchmarks.harness import (child_result, command_line, machine_line, peak_rss_mib, proc_status, quiet,
+                                run_child, status_bytes, write_page)
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("ADREG_PROGRESS", "0")
+quiet()
 
 GiB = 1024 ** 3
 ABOUT = (

@@ -160,6 +160,12 @@ def link_files(paths, folder: Path) -> Path:
 
 
 # -- processes --------------------------------------------------------------------------------------------
+def quiet() -> None:
+    """No progress bars and no MLflow telemetry in this process and the ones it starts, unless set otherwise."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("ADREG_PROGRESS", "0")
+
+
 def proc_status(pid: int | str = "self") -> dict[str, str]:
     """``/proc/<pid>/status`` as {field: value} (empty when the process is gone)."""
     out = {}

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import DOCS, fit_settings, ints, link_files, today, write_csv
+from benchmarks.harness import DOCS, fit_settings, ints, link_files, quiet, today, write_csv
 
 DOC = DOCS / "review-loop.md"
 FIT = dict(method="rad", k_shot=8, **fit_settings("mtd"), holdout=20, device="cpu")  # the README's MTD settings
@@ -305,8 +305,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench-results/review-loop")
     ap.add_argument("--update-docs", action="store_true")
     args = ap.parse_args(argv)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("ADREG_PROGRESS", "0")
+    quiet()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, t0 = [], time.perf_counter()

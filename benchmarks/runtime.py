@@ -39,7 +39,7 @@ from adreg.detector import AnomalyDetector
 from adreg.evaluation import evaluate
 from adreg.fitting import FitOptions, fit_category
 from adreg.images import load_image
-from benchmarks.harness import command_line, fit_settings, machine_line, write_page
+from benchmarks.harness import command_line, fit_settings, machine_line, quiet, write_page
 
 ABOUT = (
     "Backbone runtimes side by side on the CPU: torch eager, ONNX Runtime, OpenVINO f32 and OpenVINO INT8. Per "
@@ -89,7 +89,7 @@ def bench_dataset(dataset: str, args, tmp: Path) -> list[dict]:
     from adreg.images import file_to_b64
     from adreg.registry.export import training_views
 
-    os.environ.setdefault("ADREG_PROGRESS", "0")
+    quiet()
     opts = FitOptions(category=dataset, k_shot=1, seed=0, device="cpu", **fit_settings(dataset))  # the benchmarks' settings
     result = fit_category(opts, show_progress=False)
     folder = result.detector.save(tmp / dataset)

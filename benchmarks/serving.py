@@ -41,7 +41,8 @@ from pathlib import Path
 import requests
 
 from adreg.images import file_to_b64
-from benchmarks.harness import DOCS, command_line, ints, machine_line, replace_section, run_lines, today, write_page
+from benchmarks.harness import (DOCS, command_line, ints, machine_line, quiet, replace_section, run_lines, today,
+                                write_page)
 from serving.process import Server
 
 ABOUT = (
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
         return protocols_main(args, argv)
     if args.quick:
         args.cycles, args.requests, args.rounds = 3, 24, 1
-    os.environ.setdefault("ADREG_PROGRESS", "0")
+    quiet()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     store = Path(tempfile.mkdtemp(prefix="adreg-serving-bench-"))
@@ -313,7 +314,7 @@ def protocols_main(args, argv) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("ADREG_PROGRESS", "0")
+    quiet()
     store = Path(tempfile.mkdtemp(prefix="adreg-protocol-bench-"))
     prep = prepare(store, args.quick)
     test_dir = default_category_dir("bottle") / "test"

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from adreg.data import default_category_dir, resolve_dataset
-from benchmarks.harness import command_line, ints, machine_line, write_csv, write_page
+from benchmarks.harness import command_line, ints, machine_line, quiet, write_csv, write_page
 
 TARGETS = {"mtd": {"synthetic": 0.85, "labelled": 0.88}, "elpv": {"synthetic": 0.95, "labelled": 0.95}}
 ABOUT = (
@@ -286,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-timing", action="store_true",
                    help="leave the time column and target out (rows measured while the machine ran other work)")
     args = p.parse_args(argv)
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("ADREG_PROGRESS", "0")
+    quiet()
     out = Path(args.out)
     rows, cands = [], []
     for path in args.merge:
