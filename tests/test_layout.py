@@ -97,7 +97,10 @@ ONCE = {"free_port": "serving/process.py", "stop_process_group": "adreg/server.p
         "machine_line": "benchmarks/harness.py", "write_page": "benchmarks/harness.py",
         "write_csv": "benchmarks/harness.py", "ints": "benchmarks/harness.py", "command_line": "benchmarks/harness.py",
         "replace_section": "benchmarks/harness.py", "run_child": "benchmarks/harness.py",
-        "contamination_guard": "adreg/fitting.py"}
+        "child_result": "benchmarks/harness.py", "proc_status": "benchmarks/harness.py",
+        "link_files": "benchmarks/harness.py", "dataset_args": "benchmarks/harness.py",
+        "quiet": "benchmarks/harness.py", "signal_group": "adreg/server.py",
+        "reap_group": "adreg/server.py", "contamination_guard": "adreg/fitting.py"}
 
 
 def _repo_sources() -> dict[str, str]:
