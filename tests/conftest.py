@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -96,6 +97,34 @@ def registered_bottle(bottle_fit, tmp_path_factory):
     versions.promote("bottle", version, "production")
     yield {"uri": uri, "version": version, "logged": logged, "result": bottle_fit}
     mlflow.set_tracking_uri(None)
+
+
+@contextlib.contextmanager
+def registered_copy(registered_bottle, folder: Path):
+    """A copy of the session store in ``folder`` (its registered bottle version), this process pointed at it:
+    labels and aliases written there reach no other test. Yields the copy's tracking URI."""
+    import sqlite3
+
+    import mlflow
+
+    from adreg.registry import tracking
+
+    src = sqlite3.connect(registered_bottle["uri"][len("sqlite:///"):])
+    dst = sqlite3.connect(folder / "mlflow.db")
+    src.backup(dst)
+    src.close()
+    dst.close()
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("ADREG_HOME", str(folder / "home"))
+    mp.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    tracking.configure(uri)
+    try:
+        yield uri
+    finally:
+        mp.undo()
+        mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture()

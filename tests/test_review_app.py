@@ -10,12 +10,10 @@ import builtins
 import contextlib
 import io
 import json
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import requests
 
@@ -27,6 +25,7 @@ from adreg.review import queue as rq
 from adreg.review.app import build_app
 from adreg.review.selection import REASONS
 from serving.process import free_port
+from tests.conftest import registered_copy
 
 CHROMIUM = Path("/usr/bin/chromium")
 SOURCES = {"g0": "good/000.png", "g1": "good/001.png", "g2": "good/002.png",
@@ -38,21 +37,8 @@ CORRUPT = b"\x89PNG\r\n\x1a\n" + b"this is not the rest of a png " * 20
 @pytest.fixture(scope="module")
 def review_store(registered_bottle, tmp_path_factory):
     """A copy of the session store (its registered bottle version; labels written here reach no other test)."""
-    tmp = tmp_path_factory.mktemp("review-store")
-    src = sqlite3.connect(registered_bottle["uri"][len("sqlite:///"):])
-    dst = sqlite3.connect(tmp / "mlflow.db")
-    src.backup(dst)
-    src.close()
-    dst.close()
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.setenv("ADREG_HOME", str(tmp / "home"))
-    mp.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
-    tracking.configure(uri)
-    yield {"uri": uri, "version": str(registered_bottle["version"]), "detector": registered_bottle["result"].detector}
-    mp.undo()
-    mlflow.set_tracking_uri(None)
+    with registered_copy(registered_bottle, tmp_path_factory.mktemp("review-store")) as uri:
+        yield {"uri": uri, "version": str(registered_bottle["version"]), "detector": registered_bottle["result"].detector}
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ it."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
@@ -17,10 +16,11 @@ import pytest
 from adreg.errors import DataError
 from adreg.images import file_to_b64
 from adreg.integrity import sha256_file
-from adreg.registry import labels, tracking
+from adreg.registry import labels
 from adreg.review import selection
 from adreg.review.quality import production_quality
 from adreg.review.queue import ReviewQueue
+from tests.conftest import registered_copy
 
 DEFECTS = ["broken_large/000.png", "broken_large/001.png", "contamination/000.png", "contamination/001.png"]
 
@@ -28,20 +28,9 @@ DEFECTS = ["broken_large/000.png", "broken_large/001.png", "contamination/000.pn
 @pytest.fixture(scope="module")
 def store(registered_bottle, tmp_path_factory):
     """A copy of the session store (labels written here reach no other test)."""
-    tmp = tmp_path_factory.mktemp("selection-store")
-    src = sqlite3.connect(registered_bottle["uri"][len("sqlite:///"):])
-    dst = sqlite3.connect(tmp / "mlflow.db")
-    src.backup(dst)
-    src.close()
-    dst.close()
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.setenv("ADREG_HOME", str(tmp / "home"))
-    tracking.configure(uri)
-    yield {"uri": uri, "version": str(registered_bottle["version"]), "shot": Path(registered_bottle["result"].shots[0])}
-    mp.undo()
-    mlflow.set_tracking_uri(None)
+    with registered_copy(registered_bottle, tmp_path_factory.mktemp("selection-store")) as uri:
+        yield {"uri": uri, "version": str(registered_bottle["version"]),
+               "shot": Path(registered_bottle["result"].shots[0])}
 
 
 def _capture(model, paths: list[Path], folder: Path) -> None:
