@@ -143,8 +143,9 @@ def _start_postgres(base: Path):
     import glob
     import pwd
     import shutil
-    import socket
     import subprocess
+
+    from serving.process import free_port
 
     initdbs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or ([shutil.which("initdb")] if shutil.which("initdb") else [])
     if not initdbs:
@@ -155,9 +156,7 @@ def _start_postgres(base: Path):
         pw = pwd.getpwnam("postgres")
         os.chown(base, pw.pw_uid, pw.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     data = base / "data"
     subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
                    check=True, capture_output=True)
