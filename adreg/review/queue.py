@@ -14,16 +14,15 @@ by the labelled file's path for the queue's "n of m labelled" count (no hashing 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from adreg.errors import DataError
 from adreg.integrity import sha256_file
 from adreg.registry.labels import Verdict, read_sidecar
+from adreg.review.cache import BoundedCache
 from adreg.review.selection import (DEFAULT_RANDOM_SHARE, DEFAULT_STRATEGY, REASONS, check_share, check_strategy,
                                     covered_goods, in_random_slice, order, similar)
 
@@ -90,9 +89,7 @@ def _name_time(day: str, hms: str) -> str | None:
     return f"{day[:4]}-{day[4:6]}-{day[6:]}T{hms[:2]}:{hms[2:4]}:{hms[4:6]}.{hms[7:10]}+00:00"
 
 
-_sha_cache: dict[tuple[str, int, int], str] = {}
-_sha_lock = threading.Lock()
-_SHA_CACHE_MAX = 50_000
+_sha_cache: BoundedCache[str] = BoundedCache()
 
 
 def file_sha256(path: Path) -> str | None:
@@ -100,17 +97,9 @@ def file_sha256(path: Path) -> str | None:
     try:
         st = path.stat()
         key = (str(path), st.st_size, st.st_mtime_ns)
-        with _sha_lock:
-            if key in _sha_cache:
-                return _sha_cache[key]
-        digest = sha256_file(path)
+        return _sha_cache.get(key) or _sha_cache.put(key, sha256_file(path))
     except OSError:
         return None
-    with _sha_lock:
-        if len(_sha_cache) >= _SHA_CACHE_MAX:
-            _sha_cache.clear()
-        _sha_cache[key] = digest
-    return digest
 
 
 def _dirs(folder: Path) -> list[os.DirEntry]:

@@ -30,11 +30,11 @@ or scored without signals) ranks by ``score / threshold`` alone and is never tre
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from adreg.errors import DataError
+from adreg.review.cache import BoundedCache
 
 if TYPE_CHECKING:  # numpy is imported on use: the CLI's parser reads this module's constants
     import numpy as np
@@ -93,9 +93,7 @@ class Signals:
     embedding: np.ndarray | None
 
 
-_signal_cache: dict[str, Signals] = {}
-_signal_lock = threading.Lock()
-_SIGNAL_CACHE_MAX = 50_000
+_signal_cache: BoundedCache[Signals] = BoundedCache()
 
 
 def signals(entry) -> Signals:
@@ -105,8 +103,7 @@ def signals(entry) -> Signals:
     from adreg.pyfunc.capture import decode_embedding
 
     key = str(entry.path)
-    with _signal_lock:
-        got = _signal_cache.get(key)
+    got = _signal_cache.get(key)
     if got is not None:
         return got
     side = entry.load_sidecar()
@@ -116,11 +113,7 @@ def signals(entry) -> Signals:
                   decode_embedding(side.get("embedding")))
     if not side:  # the image is written before its sidecar: do not remember a half-written capture
         return got
-    with _signal_lock:
-        if len(_signal_cache) >= _SIGNAL_CACHE_MAX:
-            _signal_cache.clear()
-        _signal_cache[key] = got
-    return got
+    return _signal_cache.put(key, got)
 
 
 def _number(value) -> float | None:
