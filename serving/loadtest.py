@@ -54,9 +54,12 @@ def prepare_store(store: Path, n_categories: int) -> tuple[str, list[str]]:
     return uri, names
 
 
-def load(url: str, payloads: list[dict], clients: int, max_requests: int, max_seconds: float) -> dict:
-    """Send up to ``max_requests`` requests from ``clients`` threads (stops at ``max_seconds``)."""
+def drive(send, clients: int, max_requests: int, max_seconds: float) -> dict:
+    """Up to ``max_requests`` calls of ``send(session, i)`` from ``clients`` threads, each with its own HTTP
+    session (stops at ``max_seconds``). ``send`` returns an error text or None; an exception counts as an
+    error. Returns the latencies (s) of the calls without error, the errors and the wall time."""
     latencies: list[float] = []
+    errors: list[str] = []
     lock = threading.Lock()
     counter = iter(range(max_requests))
     deadline = time.monotonic() + max_seconds
@@ -69,10 +72,12 @@ def load(url: str, payloads: list[dict], clients: int, max_requests: int, max_se
             if i is None:
                 return
             t0 = time.perf_counter()
-            resp = session.post(f"{url}/invocations", json=payloads[i % len(payloads)], timeout=120)
-            resp.raise_for_status()
+            try:
+                err = send(session, i)
+            except Exception as exc:  # noqa: BLE001 - counted
+                err = repr(exc)
             with lock:
-                latencies.append(time.perf_counter() - t0)
+                (errors.append(err) if err else latencies.append(time.perf_counter() - t0))
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
@@ -80,10 +85,23 @@ def load(url: str, payloads: list[dict], clients: int, max_requests: int, max_se
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return {"latencies": latencies, "errors": errors, "wall_s": time.perf_counter() - t0}
+
+
+def load(url: str, payloads: list[dict], clients: int, max_requests: int, max_seconds: float) -> dict:
+    """Send up to ``max_requests`` requests from ``clients`` threads (stops at ``max_seconds``); a failed
+    request fails the measurement."""
+    def send(session, i):
+        resp = session.post(f"{url}/invocations", json=payloads[i % len(payloads)], timeout=120)
+        return None if resp.ok else f"HTTP {resp.status_code}: {resp.text[:200]}"
+
+    run = drive(send, clients, max_requests, max_seconds)
+    if run["errors"]:
+        raise RuntimeError(f"{len(run['errors'])} requests failed; the first: {run['errors'][0]}")
+    latencies = run["latencies"]
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
     return {"requests": len(latencies), "p50_ms": q[49] * 1000, "p95_ms": q[94] * 1000, "p99_ms": q[98] * 1000,
-            "throughput_rps": len(latencies) / wall}
+            "throughput_rps": len(latencies) / run["wall_s"]}
 
 
 def rest_overhead(url: str, category: str, batch: list[str], rounds: int = 10) -> dict:
@@ -156,38 +174,14 @@ def row_error(kind: str, resp) -> str | None:
 
 
 def load_kind(url: str, kind: str, spec: dict, clients: int, max_requests: int, max_seconds: float) -> dict:
-    """``load`` for one wire format of ``protocol_bodies``: latencies (s), wall time and errors."""
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
-    counter = iter(range(max_requests))
-    deadline = time.monotonic() + max_seconds
+    """``drive`` for one wire format of ``protocol_bodies``: latencies (s), errors and wall time."""
     bodies, headers = spec["bodies"], spec["headers"]
 
-    def worker():
-        session = requests.Session()
-        while time.monotonic() < deadline:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            h = headers[i % len(bodies)] if isinstance(headers, list) else headers
-            t0 = time.perf_counter()
-            try:
-                err = row_error(kind, session.post(url + spec["path"], data=bodies[i % len(bodies)], headers=h,
-                                                   timeout=120))
-            except Exception as exc:  # noqa: BLE001 - counted
-                err = repr(exc)
-            with lock:
-                (errors.append(err) if err else latencies.append(time.perf_counter() - t0))
+    def send(session, i):
+        h = headers[i % len(bodies)] if isinstance(headers, list) else headers
+        return row_error(kind, session.post(url + spec["path"], data=bodies[i % len(bodies)], headers=h, timeout=120))
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"latencies": latencies, "errors": errors, "wall_s": time.perf_counter() - t0}
+    return drive(send, clients, max_requests, max_seconds)
 
 
 def summarize(runs: list[dict]) -> dict:
