@@ -83,7 +83,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _fast_png(data: bytes, label: str, max_pixels: int) -> Image.Image | None:
+def _fast_png(data: bytes, max_pixels: int) -> Image.Image | None:
     """An 8-bit RGB or grayscale PNG decoded by libpng (imagecodecs), None for any other kind of PNG.
 
     The header is read here (IHDR: width, height, bit depth, colour type), so the pixel limit is checked before
@@ -108,7 +108,7 @@ def decode_image_bytes(data: bytes, label: str = "image", max_pixels: int = DEFA
     """Decode encoded image bytes (PNG, JPEG, ...) to RGB."""
     if not data:
         raise ImageDecodeError(f"{label}: empty image payload")
-    fast = _fast_png(data, label, max_pixels)
+    fast = _fast_png(data, max_pixels)
     if fast is not None:
         return fast
     return _rgb(_open(io.BytesIO(data), label, max_pixels))
